@@ -1,0 +1,305 @@
+//! The `ferry` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::plugin::{
+    DEFAULT_MEMORY_LIMIT, Hook, HookDeadlines, HookError, Plugin, PluginRuntime, RuntimeConfig, SnapshotMeta,
+    SnapshotPlan,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about = "Moves replicas of shards between nodes, for any storage engine")]
+pub struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `ferry=debug`.
+    #[arg(long, global = true, env = "FERRY_LOG", default_value = "warn")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Inspect and exercise engine plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginCommand {
+    /// Load a plugin through the production path and say what it is.
+    Check {
+        /// The plugin component (`.wasm`).
+        file: PathBuf,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one hook of a plugin against a directory and print its result.
+    RunHook {
+        /// The plugin component (`.wasm`).
+        file: PathBuf,
+        /// describe, shard-status, create-snapshot, term-check, validate or apply.
+        #[arg(value_parser = parse_hook)]
+        hook: Hook,
+        /// The shard directory the hook sees as `/shard` (not needed by describe).
+        #[arg(long)]
+        shard_dir: Option<PathBuf>,
+        /// Shard name passed to the hook (default: the directory's name).
+        #[arg(long)]
+        shard: Option<String>,
+        /// Snapshot meta for term-check, validate and apply: JSON of a meta or
+        /// of a whole plan (as printed by create-snapshot --json).
+        #[arg(long, conflicts_with = "meta_file")]
+        meta: Option<String>,
+        /// Like --meta, from a file.
+        #[arg(long)]
+        meta_file: Option<PathBuf>,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Plugin runtime settings shared by the commands that load plugins.
+#[derive(Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// Deadline of one hook, as HOOK=MILLISECONDS (repeatable).
+    #[arg(long = "deadline", value_parser = parse_deadline)]
+    pub deadlines: Vec<(Hook, Duration)>,
+    /// Memory limit of one plugin instance, in bytes (suffixes K, M, G).
+    #[arg(long, value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
+    /// Directory of compiled plugins (default: ~/.cache/ferry/compiled).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Compile every time; do not read or write the compiled cache.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+impl RuntimeArgs {
+    pub fn config(&self) -> anyhow::Result<RuntimeConfig> {
+        let mut deadlines = HookDeadlines::default();
+        for (hook, deadline) in &self.deadlines {
+            deadlines.set(*hook, *deadline);
+        }
+        let memory_limit = match self.memory_limit {
+            Some(bytes) => usize::try_from(bytes).context("--memory-limit is too large")?,
+            None => DEFAULT_MEMORY_LIMIT,
+        };
+        let cache_dir = if self.no_cache { None } else { self.cache_dir.clone().or_else(default_cache_dir) };
+        Ok(RuntimeConfig { deadlines, memory_limit, cache_dir, ..RuntimeConfig::default() })
+    }
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("ferry").join("compiled"))
+}
+
+fn parse_hook(s: &str) -> Result<Hook, String> {
+    Hook::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = Hook::ALL.iter().map(|h| h.name()).collect();
+        format!("unknown hook {s:?}; hooks are {}", names.join(", "))
+    })
+}
+
+fn parse_deadline(s: &str) -> Result<(Hook, Duration), String> {
+    let (hook, ms) = s.split_once('=').ok_or("expected HOOK=MILLISECONDS")?;
+    let ms: u64 = ms.parse().map_err(|_| format!("{ms:?} is not a number of milliseconds"))?;
+    if ms == 0 {
+        return Err("a deadline must be at least 1 ms".into());
+    }
+    Ok((parse_hook(hook)?, Duration::from_millis(ms)))
+}
+
+/// `123`, `64K`, `256M`, `1G` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.trim().to_ascii_uppercase() {
+        t if t.ends_with('K') => (t[..t.len() - 1].to_owned(), 10),
+        t if t.ends_with('M') => (t[..t.len() - 1].to_owned(), 20),
+        t if t.ends_with('G') => (t[..t.len() - 1].to_owned(), 30),
+        t => (t, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64K, 256M, 1G)"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Runs a parsed command line; the exit code says whether it worked.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Plugin(PluginCommand::Check { file, runtime, json }) => check(&file, &runtime, json).await,
+        Command::Plugin(PluginCommand::RunHook { file, hook, shard_dir, shard, meta, meta_file, runtime, json }) => {
+            let meta = match (meta, meta_file) {
+                (Some(text), _) => Some(parse_meta(&text)?),
+                (None, Some(path)) => {
+                    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                    Some(parse_meta(&text).with_context(|| format!("in {}", path.display()))?)
+                }
+                (None, None) => None,
+            };
+            run_hook(&file, hook, shard_dir.as_deref(), shard, meta, &runtime, json).await
+        }
+    }
+}
+
+async fn check(file: &Path, args: &RuntimeArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let runtime = PluginRuntime::new(args.config()?)?;
+    let plugin = runtime.load(file).await?;
+    let info = plugin.info();
+    let hooks: Vec<&str> = Hook::ALL.iter().map(|h| h.name()).collect();
+    if json {
+        let out = json!({
+            "path": file,
+            "engine": info.name,
+            "plugin_version": info.plugin_version,
+            "snapshot_format": info.snapshot_format,
+            "contract": plugin.contract().package(),
+            "hooks": hooks,
+            "compile_ms": plugin.compile_time().as_millis() as u64,
+            "from_cache": plugin.from_cache(),
+            "pooling": runtime.pooling(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("plugin           {}", file.display());
+        println!("engine           {}", info.name);
+        println!("plugin version   {}", info.plugin_version);
+        println!("contract         {}", plugin.contract().package());
+        println!("snapshot format  {}", info.snapshot_format);
+        println!("hooks            {}", hooks.join(", "));
+        println!(
+            "compiled in      {:.1?}{}",
+            plugin.compile_time(),
+            if plugin.from_cache() { " (from cache)" } else { "" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A meta, or a whole plan whose meta is taken.
+fn parse_meta(text: &str) -> anyhow::Result<SnapshotMeta> {
+    if let Ok(plan) = serde_json::from_str::<SnapshotPlan>(text) {
+        return Ok(plan.meta);
+    }
+    serde_json::from_str::<SnapshotMeta>(text)
+        .context("--meta is neither a snapshot meta {term, position, attributes} nor a plan")
+}
+
+async fn run_hook(
+    file: &Path,
+    hook: Hook,
+    shard_dir: Option<&Path>,
+    shard: Option<String>,
+    meta: Option<SnapshotMeta>,
+    args: &RuntimeArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let dir = match (hook, shard_dir) {
+        (Hook::Describe, _) => None,
+        (_, Some(dir)) => {
+            if !dir.is_dir() {
+                bail!("--shard-dir {} is not a directory", dir.display());
+            }
+            Some(dir)
+        }
+        (_, None) => bail!("{hook} needs --shard-dir"),
+    };
+    let shard = shard
+        .or_else(|| dir.and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let needs_meta = matches!(hook, Hook::TermCheck | Hook::Validate | Hook::Apply);
+    let meta = match meta {
+        Some(meta) => meta,
+        None if needs_meta => bail!("{hook} needs --meta or --meta-file"),
+        None => SnapshotMeta { term: 0, position: 0, attributes: Vec::new() },
+    };
+
+    let runtime = PluginRuntime::new(args.config()?)?;
+    let plugin = runtime.load(file).await?;
+    let result = call_hook(&plugin, hook, &shard, dir, &meta).await;
+    match result {
+        Ok(value) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&json!({ "hook": hook, "ok": value }))?);
+            } else {
+                println!("{hook}: ok");
+                if !value.is_null() {
+                    println!("{}", serde_json::to_string_pretty(&value)?);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if json {
+                let out = json!({ "hook": hook, "error": e.to_string(), "engine_error": e.engine_error() });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                eprintln!("error: {e}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+async fn call_hook(
+    plugin: &Plugin,
+    hook: Hook,
+    shard: &str,
+    dir: Option<&Path>,
+    meta: &SnapshotMeta,
+) -> Result<serde_json::Value, HookError> {
+    let dir = dir.unwrap_or(Path::new("."));
+    let value = match hook {
+        Hook::Describe => serde_json::to_value(plugin.describe().await?),
+        Hook::ShardStatus => serde_json::to_value(plugin.shard_status(shard, dir).await?),
+        Hook::CreateSnapshot => serde_json::to_value(plugin.create_snapshot(shard, dir).await?),
+        Hook::TermCheck => serde_json::to_value(plugin.term_check(shard, dir, meta).await?),
+        Hook::Validate => serde_json::to_value(plugin.validate(shard, dir, meta).await?),
+        Hook::Apply => serde_json::to_value(plugin.apply(shard, dir, meta).await?),
+    };
+    Ok(value.expect("hook results serialize to JSON"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
+
+    #[test]
+    fn deadlines() {
+        assert_eq!(parse_deadline("term-check=250").unwrap(), (Hook::TermCheck, Duration::from_millis(250)));
+        assert!(parse_deadline("nope=1").unwrap_err().contains("unknown hook"));
+        assert!(parse_deadline("apply=0").is_err());
+        assert!(parse_deadline("apply").is_err());
+    }
+
+    #[test]
+    fn meta_from_plan_or_meta() {
+        let meta = parse_meta(r#"{"term":3,"position":9,"attributes":[["a","b"]]}"#).unwrap();
+        assert_eq!(meta.term, 3);
+        let plan = parse_meta(r#"{"meta":{"term":4,"position":1,"attributes":[]},"entries":[]}"#).unwrap();
+        assert_eq!(plan.term, 4);
+        assert!(parse_meta("{}").is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! How operators and other nodes talk to Ferry.
+
+pub mod cli;

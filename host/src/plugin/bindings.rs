@@ -1,0 +1,84 @@
+//! Bindings of each supported contract version, and their conversion into
+//! the host's own types ([`super::types`]).
+//!
+//! One module per frozen `wit/vX.Y.Z/`. Adding a contract version means a new
+//! module here and a new arm in [`super::ContractVersion`]; old plugins keep
+//! loading.
+
+pub mod v0_1_0 {
+    wasmtime::component::bindgen!({
+        world: "engine",
+        path: "../wit/v0.1.0",
+        imports: { default: async },
+        exports: { default: async },
+    });
+
+    use crate::plugin::types::{self as host, RawEntry, ReplyError, clip_message};
+    use ferry::engine::types as wit;
+
+    /// The exported interface's name in a component of this version.
+    pub const HOOKS_INTERFACE: &str = "ferry:engine/hooks@0.1.0";
+
+    impl From<wit::EngineInfo> for host::EngineInfo {
+        fn from(v: wit::EngineInfo) -> Self {
+            host::EngineInfo {
+                name: v.name,
+                plugin_version: v.plugin_version,
+                snapshot_format: v.snapshot_format,
+            }
+        }
+    }
+
+    impl From<wit::ShardPosition> for host::ShardPosition {
+        fn from(v: wit::ShardPosition) -> Self {
+            host::ShardPosition { term: v.term, position: v.position }
+        }
+    }
+
+    impl From<wit::SnapshotMeta> for host::SnapshotMeta {
+        fn from(v: wit::SnapshotMeta) -> Self {
+            host::SnapshotMeta { term: v.term, position: v.position, attributes: v.attributes }
+        }
+    }
+
+    impl From<&host::SnapshotMeta> for wit::SnapshotMeta {
+        fn from(v: &host::SnapshotMeta) -> Self {
+            wit::SnapshotMeta { term: v.term, position: v.position, attributes: v.attributes.clone() }
+        }
+    }
+
+    impl From<wit::EngineError> for host::EngineError {
+        fn from(v: wit::EngineError) -> Self {
+            match v {
+                wit::EngineError::Invalid(m) => host::EngineError::Invalid(clip_message(m)),
+                wit::EngineError::Io(m) => host::EngineError::Io(clip_message(m)),
+                wit::EngineError::TermChanged(m) => host::EngineError::TermChanged(clip_message(m)),
+                wit::EngineError::Unsupported(m) => host::EngineError::Unsupported(clip_message(m)),
+                wit::EngineError::Other(m) => host::EngineError::Other(clip_message(m)),
+            }
+        }
+    }
+
+    pub fn plan(v: wit::SnapshotPlan) -> Result<host::SnapshotPlan, ReplyError> {
+        let entries = v
+            .entries
+            .into_iter()
+            .map(|e| match e {
+                wit::Entry::File(f) => RawEntry::File { path: f.path, offset: f.offset, length: f.length },
+                wit::Entry::Inline(i) => RawEntry::Inline { path: i.path, contents: i.contents },
+            })
+            .collect();
+        host::SnapshotPlan::from_guest(v.meta.into(), entries)
+    }
+
+    pub fn level(level: ferry::engine::log::Level) -> tracing::Level {
+        use ferry::engine::log::Level;
+        match level {
+            Level::Trace => tracing::Level::TRACE,
+            Level::Debug => tracing::Level::DEBUG,
+            Level::Info => tracing::Level::INFO,
+            Level::Warn => tracing::Level::WARN,
+            Level::Error => tracing::Level::ERROR,
+        }
+    }
+}

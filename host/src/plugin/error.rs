@@ -1,0 +1,123 @@
+//! Typed errors of loading a plugin and of calling its hooks.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::types::{EngineError, ReplyError};
+
+/// A hook of the contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hook {
+    Describe,
+    ShardStatus,
+    CreateSnapshot,
+    TermCheck,
+    Validate,
+    Apply,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 6] =
+        [Hook::Describe, Hook::ShardStatus, Hook::CreateSnapshot, Hook::TermCheck, Hook::Validate, Hook::Apply];
+
+    /// The hook's name in WIT.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Describe => "describe",
+            Hook::ShardStatus => "shard-status",
+            Hook::CreateSnapshot => "create-snapshot",
+            Hook::TermCheck => "term-check",
+            Hook::Validate => "validate",
+            Hook::Apply => "apply",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Hook> {
+        Hook::ALL.into_iter().find(|h| h.name() == name)
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A plugin file was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("plugin {}: {kind}", path.display())]
+pub struct LoadError {
+    pub path: PathBuf,
+    pub kind: LoadErrorKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadErrorKind {
+    #[error("cannot read it: {0}")]
+    Read(std::io::Error),
+    #[error("is not a WebAssembly file (no \\0asm header)")]
+    NotWasm,
+    #[error(
+        "is a core WebAssembly module, not a component: build the plugin for wasm32-wasip2 \
+         (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule,
+    #[error("has an unknown WebAssembly binary version {0:02x?}")]
+    UnknownBinaryVersion([u8; 4]),
+    #[error("is not a valid component: {0}")]
+    Compile(String),
+    #[error("exports no Ferry engine interface (want {want}); it exports: {exports}")]
+    NoHooks { want: &'static str, exports: String },
+    #[error("implements contract {found}, which this host does not support (supported: {supported})")]
+    UnsupportedVersion { found: String, supported: &'static str },
+    #[error("exports {interface} without {}", missing.join(", "))]
+    MissingExports { interface: String, missing: Vec<String> },
+    #[error("needs imports Ferry does not provide: {0}")]
+    Imports(String),
+    #[error("does not match the contract: {0}")]
+    Mismatch(String),
+    #[error("describe failed: {0}")]
+    Describe(Box<HookError>),
+    #[error("declares engine {name:?}, already loaded from {}", other.display())]
+    Duplicate { name: String, other: PathBuf },
+}
+
+/// A hook call failed. Names the plugin and the hook.
+#[derive(Debug, thiserror::Error)]
+#[error("plugin {plugin}: {hook}: {kind}")]
+pub struct HookError {
+    pub plugin: String,
+    pub hook: Hook,
+    pub kind: HookErrorKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HookErrorKind {
+    /// The engine said no, through the contract.
+    #[error("{0}")]
+    Engine(EngineError),
+    #[error("deadline of {0:?} exceeded")]
+    Deadline(Duration),
+    #[error("memory limit of {limit} bytes exceeded")]
+    MemoryLimit { limit: usize },
+    #[error("guest panicked: {0}")]
+    Panic(String),
+    #[error("guest trapped: {0}")]
+    Trap(String),
+    #[error("invalid reply: {0}")]
+    BadReply(ReplyError),
+    #[error("cannot prepare the sandbox: {0}")]
+    Sandbox(String),
+}
+
+impl HookError {
+    /// The engine's own error, if the engine reported one.
+    pub fn engine_error(&self) -> Option<&EngineError> {
+        match &self.kind {
+            HookErrorKind::Engine(e) => Some(e),
+            _ => None,
+        }
+    }
+}

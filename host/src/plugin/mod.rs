@@ -1,0 +1,29 @@
+//! Engine plugins: WebAssembly components that implement the WIT contract in
+//! `wit/` (`ferry:engine`).
+//!
+//! Lifecycle, explicitly:
+//! 1. [`PluginRuntime::new`] builds one wasmtime engine for the node (epoch
+//!    deadlines, pooling allocator where possible) and its linker.
+//! 2. [`PluginRuntime::load`] reads a file, compiles it (or takes it from the
+//!    compiled cache), finds which contract version it implements, checks its
+//!    exports and imports, pre-instantiates it and calls `describe`.
+//! 3. [`Registry`] maps engine names to loaded plugins.
+//! 4. Each hook call ([`Plugin::create_snapshot`], …) runs in a fresh instance
+//!    that sees only the call's directory, under a deadline and a memory limit.
+
+mod bindings;
+mod cache;
+mod error;
+#[allow(clippy::module_inception)]
+mod plugin;
+mod registry;
+mod runtime;
+mod sandbox;
+pub mod types;
+
+pub use error::{Hook, HookError, HookErrorKind, LoadError, LoadErrorKind};
+pub use plugin::{ContractVersion, Plugin};
+pub use registry::Registry;
+pub use runtime::{DEFAULT_MEMORY_LIMIT, EPOCH_TICK, HookDeadlines, PluginRuntime, RuntimeConfig, RuntimeError};
+pub use sandbox::GUEST_SHARD_DIR;
+pub use types::{EngineError, EngineInfo, PlanEntry, ShardPosition, SnapshotMeta, SnapshotPlan};

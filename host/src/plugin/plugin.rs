@@ -1,0 +1,264 @@
+//! A loaded plugin and its hook calls.
+//!
+//! Every call gets a fresh instance from the pre-instantiated component, so
+//! nothing leaks between shards or calls; the instance sees only the call's
+//! directory and dies with the call.
+//!
+//! # Cancel safety
+//! Every hook method is cancel safe: dropping its future drops the instance
+//! and its store. A hook that was writing (`apply`) may have written part of
+//! its files, which is why the host only ever runs it on a staging directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::Instrument;
+use wasmtime::{Store, Trap};
+
+use super::bindings::v0_1_0 as v0;
+use super::error::{Hook, HookError, HookErrorKind};
+use super::runtime::{EPOCH_TICK, RuntimeConfig, error_chain};
+use super::sandbox::{Access, CallState, MemoryLimitExceeded, panic_message};
+use super::types::{EngineInfo, ShardPosition, SnapshotMeta, SnapshotPlan};
+
+/// The contract versions this host implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContractVersion {
+    V0_1_0,
+}
+
+impl ContractVersion {
+    pub fn package(self) -> &'static str {
+        match self {
+            ContractVersion::V0_1_0 => "ferry:engine@0.1.0",
+        }
+    }
+}
+
+/// What every plugin of one runtime shares.
+pub(super) struct PluginShared {
+    pub engine: wasmtime::Engine,
+    pub config: RuntimeConfig,
+}
+
+/// A loaded, checked plugin. Cheap to share (`Arc`) across tasks.
+pub struct Plugin {
+    shared: Arc<PluginShared>,
+    path: PathBuf,
+    contract: ContractVersion,
+    pre: v0::EnginePre<CallState>,
+    info: Option<EngineInfo>,
+    compile_time: Duration,
+    cached: bool,
+}
+
+/// A live instance for one call.
+struct Call {
+    store: Store<CallState>,
+    bindings: v0::Engine,
+}
+
+impl Plugin {
+    pub(super) fn new(
+        shared: Arc<PluginShared>,
+        path: PathBuf,
+        contract: ContractVersion,
+        pre: v0::EnginePre<CallState>,
+        compile_time: Duration,
+        cached: bool,
+    ) -> Plugin {
+        Plugin { shared, path, contract, pre, info: None, compile_time, cached }
+    }
+
+    pub(super) fn with_info(mut self, info: EngineInfo) -> Plugin {
+        self.info = Some(info);
+        self
+    }
+
+    /// The plugin's identity, as `describe` returned it when loaded.
+    pub fn info(&self) -> &EngineInfo {
+        self.info.as_ref().expect("a loaded plugin has been described")
+    }
+
+    /// The engine name; during loading, the file name.
+    pub fn name(&self) -> String {
+        match &self.info {
+            Some(info) => info.name.clone(),
+            None => self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn contract(&self) -> ContractVersion {
+        self.contract
+    }
+
+    /// How long compiling (or loading from the cache) took.
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+
+    /// Whether the compiled component came from the on-disk cache.
+    pub fn from_cache(&self) -> bool {
+        self.cached
+    }
+
+    fn error(&self, hook: Hook, kind: HookErrorKind) -> HookError {
+        HookError { plugin: self.name(), hook, kind }
+    }
+
+    fn span(&self, hook: Hook, shard: &str) -> tracing::Span {
+        tracing::info_span!("plugin", plugin = %self.name(), hook = hook.name(), shard)
+    }
+
+    /// A fresh instance whose deadline covers instantiation and the call.
+    async fn instantiate(&self, hook: Hook, dir: Option<(&Path, Access)>) -> Result<Call, HookError> {
+        let config = &self.shared.config;
+        let state = CallState::new(dir, config.memory_limit)
+            .map_err(|e| self.error(hook, HookErrorKind::Sandbox(e.to_string())))?;
+        let mut store = Store::new(&self.shared.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        let deadline = config.deadlines.get(hook);
+        store.set_epoch_deadline(deadline_ticks(deadline));
+        store.epoch_deadline_trap();
+        match self.pre.instantiate_async(&mut store).await {
+            Ok(bindings) => Ok(Call { store, bindings }),
+            Err(e) => Err(self.trap(hook, &store, e)),
+        }
+    }
+
+    /// Turns a wasmtime error into what went wrong, in words an operator can use.
+    fn trap(&self, hook: Hook, store: &Store<CallState>, err: wasmtime::Error) -> HookError {
+        let state = store.data();
+        let limit = self.shared.config.memory_limit;
+        if err.downcast_ref::<MemoryLimitExceeded>().is_some() || state.limiter.exceeded.is_some() {
+            return self.error(hook, HookErrorKind::MemoryLimit { limit });
+        }
+        if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
+            return self.error(hook, HookErrorKind::Deadline(self.shared.config.deadlines.get(hook)));
+        }
+        let (stderr, _) = state.stderr.text();
+        if let Some(message) = panic_message(&stderr) {
+            return self.error(hook, HookErrorKind::Panic(message));
+        }
+        let mut message = error_chain(&err);
+        let last_lines: Vec<&str> = stderr.lines().rev().take(5).collect();
+        if !last_lines.is_empty() {
+            message.push_str("; stderr: ");
+            message.push_str(&last_lines.into_iter().rev().collect::<Vec<_>>().join(" | "));
+        }
+        self.error(hook, HookErrorKind::Trap(message))
+    }
+
+    /// Logs what the guest printed, then maps the call's outcome.
+    fn finish<T, R>(
+        &self,
+        hook: Hook,
+        call: Call,
+        result: wasmtime::Result<Result<T, v0::ferry::engine::types::EngineError>>,
+        convert: impl FnOnce(T) -> Result<R, HookErrorKind>,
+    ) -> Result<R, HookError> {
+        for (stream, tail) in [("stdout", &call.store.data().stdout), ("stderr", &call.store.data().stderr)] {
+            let (text, dropped) = tail.text();
+            if dropped > 0 {
+                tracing::info!(target: "ferry::guest", stream, "({dropped} earlier bytes dropped)");
+            }
+            for line in text.lines() {
+                tracing::info!(target: "ferry::guest", stream, "{line}");
+            }
+        }
+        match result {
+            Ok(Ok(value)) => convert(value).map_err(|kind| self.error(hook, kind)),
+            Ok(Err(engine_error)) => Err(self.error(hook, HookErrorKind::Engine(engine_error.into()))),
+            Err(e) => Err(self.trap(hook, &call.store, e)),
+        }
+    }
+
+    /// The plugin's identity.
+    pub async fn describe(&self) -> Result<EngineInfo, HookError> {
+        let hook = Hook::Describe;
+        async {
+            let mut call = self.instantiate(hook, None).await?;
+            let result = call.bindings.ferry_engine_hooks().call_describe(&mut call.store).await;
+            self.finish(hook, call, result.map(Ok), |info| {
+                EngineInfo::from(info).check().map_err(HookErrorKind::BadReply)
+            })
+        }
+        .instrument(self.span(hook, ""))
+        .await
+    }
+
+    /// The shard's current term and position; `dir` is the live shard.
+    pub async fn shard_status(&self, shard: &str, dir: &Path) -> Result<ShardPosition, HookError> {
+        let hook = Hook::ShardStatus;
+        async {
+            let mut call = self.instantiate(hook, Some((dir, Access::ReadOnly))).await?;
+            let result = call.bindings.ferry_engine_hooks().call_shard_status(&mut call.store, shard).await;
+            self.finish(hook, call, result, |p| Ok(p.into()))
+        }
+        .instrument(self.span(hook, shard))
+        .await
+    }
+
+    /// Plans a snapshot of the live shard in `dir`.
+    pub async fn create_snapshot(&self, shard: &str, dir: &Path) -> Result<SnapshotPlan, HookError> {
+        let hook = Hook::CreateSnapshot;
+        async {
+            let mut call = self.instantiate(hook, Some((dir, Access::ReadOnly))).await?;
+            let result = call.bindings.ferry_engine_hooks().call_create_snapshot(&mut call.store, shard).await;
+            self.finish(hook, call, result, |plan| v0::plan(plan).map_err(HookErrorKind::BadReply))
+        }
+        .instrument(self.span(hook, shard))
+        .await
+    }
+
+    /// Checks that the snapshot `meta` of the live shard in `dir` still holds.
+    pub async fn term_check(&self, shard: &str, dir: &Path, meta: &SnapshotMeta) -> Result<(), HookError> {
+        let hook = Hook::TermCheck;
+        async {
+            let mut call = self.instantiate(hook, Some((dir, Access::ReadOnly))).await?;
+            let meta = meta.into();
+            let result = call.bindings.ferry_engine_hooks().call_term_check(&mut call.store, shard, &meta).await;
+            self.finish(hook, call, result, Ok)
+        }
+        .instrument(self.span(hook, shard))
+        .await
+    }
+
+    /// Checks the received snapshot in the staging directory `dir`.
+    pub async fn validate(&self, shard: &str, dir: &Path, meta: &SnapshotMeta) -> Result<ShardPosition, HookError> {
+        let hook = Hook::Validate;
+        async {
+            let mut call = self.instantiate(hook, Some((dir, Access::ReadOnly))).await?;
+            let meta = meta.into();
+            let result = call.bindings.ferry_engine_hooks().call_validate(&mut call.store, shard, &meta).await;
+            self.finish(hook, call, result, |p| Ok(p.into()))
+        }
+        .instrument(self.span(hook, shard))
+        .await
+    }
+
+    /// Makes the validated staging directory `dir` ready to publish.
+    pub async fn apply(&self, shard: &str, dir: &Path, meta: &SnapshotMeta) -> Result<(), HookError> {
+        let hook = Hook::Apply;
+        async {
+            let mut call = self.instantiate(hook, Some((dir, Access::ReadWrite))).await?;
+            let meta = meta.into();
+            let result = call.bindings.ferry_engine_hooks().call_apply(&mut call.store, shard, &meta).await;
+            self.finish(hook, call, result, Ok)
+        }
+        .instrument(self.span(hook, shard))
+        .await
+    }
+}
+
+/// Epoch ticks for a deadline: rounded up, plus one because the current tick
+/// may be almost over.
+fn deadline_ticks(deadline: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_nanos();
+    (deadline.as_nanos().div_ceil(tick) as u64).saturating_add(1)
+}

@@ -1,0 +1,319 @@
+//! The wasmtime side of Ferry: one engine for all plugins, with epoch-based
+//! deadlines, the pooling allocator where the machine allows it, and a cache of
+//! compiled components. [`PluginRuntime::load`] turns a file into a [`Plugin`]
+//! or says precisely why not.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::bindings::v0_1_0 as v0;
+use super::cache::CompiledCache;
+use super::error::{Hook, LoadError, LoadErrorKind};
+use super::plugin::{ContractVersion, Plugin, PluginShared};
+use super::sandbox::CallState;
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Deadline of each hook call, instantiation included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HookDeadlines {
+    #[serde(with = "millis")]
+    pub describe: Duration,
+    #[serde(with = "millis")]
+    pub shard_status: Duration,
+    #[serde(with = "millis")]
+    pub create_snapshot: Duration,
+    /// Short: it runs while a receiver waits for the end of the archive.
+    #[serde(with = "millis")]
+    pub term_check: Duration,
+    /// Reads the whole received shard, so it scales with the shard's size.
+    #[serde(with = "millis")]
+    pub validate: Duration,
+    #[serde(with = "millis")]
+    pub apply: Duration,
+}
+
+impl Default for HookDeadlines {
+    fn default() -> Self {
+        HookDeadlines {
+            describe: Duration::from_secs(5),
+            shard_status: Duration::from_secs(10),
+            create_snapshot: Duration::from_secs(120),
+            term_check: Duration::from_secs(5),
+            validate: Duration::from_secs(1800),
+            apply: Duration::from_secs(600),
+        }
+    }
+}
+
+impl HookDeadlines {
+    pub fn get(&self, hook: Hook) -> Duration {
+        match hook {
+            Hook::Describe => self.describe,
+            Hook::ShardStatus => self.shard_status,
+            Hook::CreateSnapshot => self.create_snapshot,
+            Hook::TermCheck => self.term_check,
+            Hook::Validate => self.validate,
+            Hook::Apply => self.apply,
+        }
+    }
+
+    pub fn set(&mut self, hook: Hook, deadline: Duration) {
+        let slot = match hook {
+            Hook::Describe => &mut self.describe,
+            Hook::ShardStatus => &mut self.shard_status,
+            Hook::CreateSnapshot => &mut self.create_snapshot,
+            Hook::TermCheck => &mut self.term_check,
+            Hook::Validate => &mut self.validate,
+            Hook::Apply => &mut self.apply,
+        };
+        *slot = deadline;
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// Settings of the plugin runtime.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    pub deadlines: HookDeadlines,
+    /// Most linear memory one instance may grow to.
+    pub memory_limit: usize,
+    /// Where compiled components are kept; `None` compiles on every load.
+    pub cache_dir: Option<PathBuf>,
+    /// Use the pooling allocator when the machine allows it.
+    pub pooling: bool,
+    /// Instances that may be alive at once (pooling slots).
+    pub max_instances: u32,
+}
+
+pub const DEFAULT_MEMORY_LIMIT: usize = 256 << 20;
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            deadlines: HookDeadlines::default(),
+            memory_limit: DEFAULT_MEMORY_LIMIT,
+            cache_dir: None,
+            pooling: true,
+            max_instances: 64,
+        }
+    }
+}
+
+/// Hosts plugins: owns the wasmtime engine, the linker and the epoch ticker.
+pub struct PluginRuntime {
+    shared: Arc<PluginShared>,
+    linker: Arc<Linker<CallState>>,
+    cache: Option<Arc<CompiledCache>>,
+    pooling: bool,
+    _ticker: EpochTicker,
+}
+
+/// Why the runtime could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the plugin runtime: {0}")]
+pub struct RuntimeError(String);
+
+impl PluginRuntime {
+    pub fn new(config: RuntimeConfig) -> Result<PluginRuntime, RuntimeError> {
+        let (engine, pooling) = build_engine(&config)?;
+        let mut linker = Linker::<CallState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RuntimeError(e.to_string()))?;
+        v0::Engine::add_to_linker::<CallState, wasmtime::component::HasSelf<CallState>>(&mut linker, |s| s)
+            .map_err(|e| RuntimeError(e.to_string()))?;
+        let cache = config.cache_dir.clone().map(|dir| Arc::new(CompiledCache::new(dir, &engine)));
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(PluginRuntime {
+            shared: Arc::new(PluginShared { engine, config }),
+            linker: Arc::new(linker),
+            cache,
+            pooling,
+            _ticker: ticker,
+        })
+    }
+
+    /// Whether instances come from the pooling allocator.
+    pub fn pooling(&self) -> bool {
+        self.pooling
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.shared.config
+    }
+
+    /// Loads, checks and describes the plugin in `path`.
+    pub async fn load(&self, path: &Path) -> Result<Plugin, LoadError> {
+        let fail = |kind| LoadError { path: path.to_owned(), kind };
+        let wasm = tokio::fs::read(path).await.map_err(|e| fail(LoadErrorKind::Read(e)))?;
+        self.load_bytes(path, wasm).await
+    }
+
+    /// Like [`load`](Self::load), for bytes already in memory; `path` names
+    /// them in errors.
+    pub async fn load_bytes(&self, path: &Path, wasm: Vec<u8>) -> Result<Plugin, LoadError> {
+        let fail = |kind| LoadError { path: path.to_owned(), kind };
+        check_header(&wasm).map_err(fail)?;
+
+        let started = Instant::now();
+        let engine = self.shared.engine.clone();
+        let cache = self.cache.clone();
+        // Compiling takes a while; keep it off the async worker threads.
+        let compiled = tokio::task::spawn_blocking(move || match cache {
+            Some(cache) => cache.load_or_compile(&engine, &wasm),
+            None => Component::new(&engine, &wasm).map(|c| (c, false)),
+        })
+        .await
+        .map_err(|e| fail(LoadErrorKind::Compile(format!("compiler task failed: {e}"))))?;
+        let (component, cached) = compiled.map_err(|e| fail(LoadErrorKind::Compile(error_chain(&e))))?;
+        let engine = &self.shared.engine;
+        let compile_time = started.elapsed();
+
+        let contract = find_contract(engine, &component).map_err(fail)?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| fail(LoadErrorKind::Imports(error_chain(&e))))?;
+        let pre = v0::EnginePre::new(instance_pre).map_err(|e| fail(LoadErrorKind::Mismatch(error_chain(&e))))?;
+
+        let plugin = Plugin::new(self.shared.clone(), path.to_owned(), contract, pre, compile_time, cached);
+        let info = plugin
+            .describe()
+            .await
+            .map_err(|e| fail(LoadErrorKind::Describe(Box::new(e))))?;
+        Ok(plugin.with_info(info))
+    }
+}
+
+fn build_engine(config: &RuntimeConfig) -> Result<(Engine, bool), RuntimeError> {
+    let mut base = Config::new();
+    base.wasm_component_model(true);
+    base.epoch_interruption(true);
+    base.max_wasm_stack(1 << 20);
+    if config.pooling {
+        let mut pool = PoolingAllocationConfig::default();
+        let instances = config.max_instances.max(1);
+        // A component built by wasm-component-ld has a few core instances
+        // (the program, the WASI adapter, shims) and up to two memories.
+        pool.total_component_instances(instances)
+            .total_core_instances(instances * 8)
+            .max_core_instances_per_component(16)
+            .total_memories(instances * 2)
+            .max_memories_per_component(4)
+            .total_tables(instances * 4)
+            .max_tables_per_component(8)
+            .total_stacks(instances)
+            .max_memory_size(config.memory_limit);
+        let mut pooled = base.clone();
+        pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        match Engine::new(&pooled) {
+            Ok(engine) => return Ok((engine, true)),
+            Err(e) => tracing::warn!("pooling allocator unavailable, allocating instances on demand: {e}"),
+        }
+    }
+    let engine = Engine::new(&base).map_err(|e| RuntimeError(e.to_string()))?;
+    Ok((engine, false))
+}
+
+fn check_header(wasm: &[u8]) -> Result<(), LoadErrorKind> {
+    if wasm.len() < 8 || &wasm[0..4] != b"\0asm" {
+        return Err(LoadErrorKind::NotWasm);
+    }
+    let version: [u8; 4] = wasm[4..8].try_into().expect("length checked");
+    match version {
+        [0x0d, 0x00, 0x01, 0x00] => Ok(()),
+        [0x01, 0x00, 0x00, 0x00] => Err(LoadErrorKind::CoreModule),
+        other => Err(LoadErrorKind::UnknownBinaryVersion(other)),
+    }
+}
+
+/// Finds which contract version the component implements, and checks that
+/// every hook is exported.
+fn find_contract(engine: &Engine, component: &Component) -> Result<ContractVersion, LoadErrorKind> {
+    let ty = component.component_type();
+    let exports: Vec<(String, ComponentItem)> = ty.exports(engine).map(|(n, e)| (n.to_owned(), e.ty)).collect();
+    let Some((name, item)) = exports.iter().find(|(n, _)| n.starts_with("ferry:engine/hooks@")) else {
+        let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(LoadErrorKind::NoHooks {
+            want: v0::HOOKS_INTERFACE,
+            exports: if names.is_empty() { "nothing".into() } else { names.join(", ") },
+        });
+    };
+    let contract = match name.as_str() {
+        v0::HOOKS_INTERFACE => ContractVersion::V0_1_0,
+        found => {
+            return Err(LoadErrorKind::UnsupportedVersion {
+                found: found.to_owned(),
+                supported: v0::HOOKS_INTERFACE,
+            });
+        }
+    };
+    let ComponentItem::ComponentInstance(instance) = item else {
+        return Err(LoadErrorKind::Mismatch(format!("{name} is exported, but not as an instance")));
+    };
+    let have: Vec<&str> = instance.exports(engine).map(|(n, _)| n).collect();
+    let missing: Vec<String> =
+        Hook::ALL.iter().map(|h| h.name()).filter(|h| !have.contains(h)).map(str::to_owned).collect();
+    if !missing.is_empty() {
+        return Err(LoadErrorKind::MissingExports { interface: name.clone(), missing });
+    }
+    Ok(contract)
+}
+
+/// `outer: inner: innermost` of a wasmtime error.
+pub(crate) fn error_chain(e: &wasmtime::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> EpochTicker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::Builder::new()
+            .name("ferry-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        EpochTicker { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
