@@ -8,6 +8,8 @@
 //!   was denied, or a plan holding what it could read if anything got out;
 //! - `write`: tries to create a file in `/shard`;
 //! - `stderr-flood`: writes 10 MiB to stderr, then succeeds;
+//! - `count`: `shard-status` returns how many calls this instance has seen
+//!   (always 1 when every call gets a fresh instance);
 //! - `garbage-<kind>`: returns a plan the host must reject (`absolute`,
 //!   `dotdot`, `duplicate`, `empty-path`, `big-inline`, `many-entries`,
 //!   `backslash`, `dot`);
@@ -20,6 +22,7 @@ wit_bindgen::generate!({
 
 use std::fs;
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use exports::ferry::engine::hooks::Guest;
 use ferry::engine::log::{Level, log};
@@ -133,8 +136,10 @@ impl Guest for Misbehave {
     }
 
     fn shard_status(shard: String) -> Result<ShardPosition, EngineError> {
+        static CALLS: AtomicU64 = AtomicU64::new(0);
+        let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
         misbehave(&shard, "shard-status")?;
-        Ok(ShardPosition { term: 1, position: 1 })
+        Ok(ShardPosition { term: 1, position: calls })
     }
 
     fn create_snapshot(shard: String) -> Result<SnapshotPlan, EngineError> {

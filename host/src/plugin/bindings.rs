@@ -71,6 +71,47 @@ pub mod v0_1_0 {
         host::SnapshotPlan::from_guest(v.meta.into(), entries)
     }
 
+    /// Checks every hook's type on a live instance. Bindgen's pre-instance
+    /// resolves exports but checks types only at the first call; a plugin with
+    /// a wrong signature must be refused when loaded, not mid-transfer.
+    pub fn typecheck<T: 'static>(
+        store: &mut wasmtime::Store<T>,
+        instance: &wasmtime::component::Instance,
+    ) -> Result<(), String> {
+        let hooks = instance
+            .get_export_index(&mut *store, None, HOOKS_INTERFACE)
+            .ok_or_else(|| format!("{HOOKS_INTERFACE} is not exported"))?;
+        let mut lookup = |name: &str| {
+            instance
+                .get_export_index(&mut *store, Some(&hooks), name)
+                .ok_or_else(|| format!("{name} is not exported"))
+        };
+        let (describe, status, create, term, validate, apply) = (
+            lookup("describe")?,
+            lookup("shard-status")?,
+            lookup("create-snapshot")?,
+            lookup("term-check")?,
+            lookup("validate")?,
+            lookup("apply")?,
+        );
+        fn why(name: &'static str) -> impl Fn(wasmtime::Error) -> String {
+            move |e| format!("{name}: {}", crate::plugin::runtime::error_chain(&e))
+        }
+        type Status = (Result<wit::ShardPosition, wit::EngineError>,);
+        type Unit = (Result<(), wit::EngineError>,);
+        instance.get_typed_func::<(), (wit::EngineInfo,)>(&mut *store, &describe).map_err(why("describe"))?;
+        instance.get_typed_func::<(&str,), Status>(&mut *store, &status).map_err(why("shard-status"))?;
+        instance
+            .get_typed_func::<(&str,), (Result<wit::SnapshotPlan, wit::EngineError>,)>(&mut *store, &create)
+            .map_err(why("create-snapshot"))?;
+        instance.get_typed_func::<(&str, &wit::SnapshotMeta), Unit>(&mut *store, &term).map_err(why("term-check"))?;
+        instance
+            .get_typed_func::<(&str, &wit::SnapshotMeta), Status>(&mut *store, &validate)
+            .map_err(why("validate"))?;
+        instance.get_typed_func::<(&str, &wit::SnapshotMeta), Unit>(&mut *store, &apply).map_err(why("apply"))?;
+        Ok(())
+    }
+
     pub fn level(level: ferry::engine::log::Level) -> tracing::Level {
         use ferry::engine::log::Level;
         match level {

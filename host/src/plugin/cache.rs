@@ -51,13 +51,15 @@ impl CompiledCache {
     /// Returns the component and whether it came from the cache.
     pub fn load_or_compile(&self, engine: &Engine, wasm: &[u8]) -> wasmtime::Result<(Component, bool)> {
         let entry = self.entry(wasm);
-        if entry.exists() {
+        if let Ok(bytes) = fs::read(&entry) {
+            // Read, not mapped: a mapped file truncated by someone else would
+            // bring the node down with SIGBUS.
             // SAFETY: the entry was written by `Component::serialize` of this
             // cache (the key includes the engine's compatibility hash), under
             // the node's own state directory, which Ferry trusts like its
             // binary. A damaged entry fails wasmtime's header checks and is
             // recompiled below.
-            match unsafe { Component::deserialize_file(engine, &entry) } {
+            match unsafe { Component::deserialize(engine, &bytes) } {
                 Ok(component) => return Ok((component, true)),
                 Err(e) => tracing::warn!(entry = %entry.display(), "compiled cache entry unusable, recompiling: {e}"),
             }

@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::Instrument;
+use wasmtime::component::Instance;
 use wasmtime::{Store, Trap};
 
 use super::bindings::v0_1_0 as v0;
-use super::error::{Hook, HookError, HookErrorKind};
+use super::error::{Hook, HookError, HookErrorKind, LoadErrorKind};
 use super::runtime::{EPOCH_TICK, RuntimeConfig, error_chain};
 use super::sandbox::{Access, CallState, MemoryLimitExceeded, panic_message};
 use super::types::{EngineInfo, ShardPosition, SnapshotMeta, SnapshotPlan};
@@ -117,18 +118,50 @@ impl Plugin {
 
     /// A fresh instance whose deadline covers instantiation and the call.
     async fn instantiate(&self, hook: Hook, dir: Option<(&Path, Access)>) -> Result<Call, HookError> {
+        let (mut store, instance) = self.instantiate_raw(hook, dir).await?;
+        match v0::Engine::new(&mut store, &instance) {
+            Ok(bindings) => Ok(Call { store, bindings }),
+            Err(e) => Err(self.trap(hook, &store, e)),
+        }
+    }
+
+    async fn instantiate_raw(
+        &self,
+        hook: Hook,
+        dir: Option<(&Path, Access)>,
+    ) -> Result<(Store<CallState>, Instance), HookError> {
         let config = &self.shared.config;
         let state = CallState::new(dir, config.memory_limit)
             .map_err(|e| self.error(hook, HookErrorKind::Sandbox(e.to_string())))?;
         let mut store = Store::new(&self.shared.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let deadline = config.deadlines.get(hook);
-        store.set_epoch_deadline(deadline_ticks(deadline));
+        store.set_epoch_deadline(deadline_ticks(config.deadlines.get(hook)));
         store.epoch_deadline_trap();
-        match self.pre.instantiate_async(&mut store).await {
-            Ok(bindings) => Ok(Call { store, bindings }),
+        match self.pre.instance_pre().instantiate_async(&mut store).await {
+            Ok(instance) => Ok((store, instance)),
             Err(e) => Err(self.trap(hook, &store, e)),
         }
+    }
+
+    /// At load: checks every hook's signature on a probe instance, then asks
+    /// the plugin who it is.
+    pub(super) async fn probe(&self) -> Result<EngineInfo, LoadErrorKind> {
+        let hook = Hook::Describe;
+        let describe_failed = |e| LoadErrorKind::Describe(Box::new(e));
+        async {
+            let (mut store, instance) = self.instantiate_raw(hook, None).await.map_err(describe_failed)?;
+            v0::typecheck(&mut store, &instance).map_err(LoadErrorKind::Mismatch)?;
+            let bindings = v0::Engine::new(&mut store, &instance)
+                .map_err(|e| LoadErrorKind::Mismatch(error_chain(&e)))?;
+            let mut call = Call { store, bindings };
+            let result = call.bindings.ferry_engine_hooks().call_describe(&mut call.store).await;
+            self.finish(hook, call, result.map(Ok), |info| {
+                EngineInfo::from(info).check().map_err(HookErrorKind::BadReply)
+            })
+            .map_err(describe_failed)
+        }
+        .instrument(self.span(hook, ""))
+        .await
     }
 
     /// Turns a wasmtime error into what went wrong, in words an operator can use.

@@ -198,10 +198,7 @@ impl PluginRuntime {
         let pre = v0::EnginePre::new(instance_pre).map_err(|e| fail(LoadErrorKind::Mismatch(error_chain(&e))))?;
 
         let plugin = Plugin::new(self.shared.clone(), path.to_owned(), contract, pre, compile_time, cached);
-        let info = plugin
-            .describe()
-            .await
-            .map_err(|e| fail(LoadErrorKind::Describe(Box::new(e))))?;
+        let info = plugin.probe().await.map_err(fail)?;
         Ok(plugin.with_info(info))
     }
 }

@@ -1,0 +1,68 @@
+//! Makes sample shards for tests, demos and benchmarks.
+//!
+//! `shardgen segment-log DIR --size 64M [--segment-size 1M] [--term N]`
+//! `shardgen materialize --plan PLAN.json --from SHARD --to DIR`
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ferry::api::cli::parse_size;
+use ferry::plugin::SnapshotPlan;
+use ferry_tests::segment_log::Generator;
+
+#[derive(Parser)]
+#[command(about = "Makes sample shards for Ferry's tests and demos")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// A valid segment-log shard with at least SIZE bytes of log.
+    SegmentLog {
+        dir: PathBuf,
+        #[arg(long, value_parser = parse_size, default_value = "8M")]
+        size: u64,
+        #[arg(long, value_parser = parse_size, default_value = "1M")]
+        segment_size: u64,
+        #[arg(long, default_value_t = 1)]
+        term: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Copy what a plan (from `ferry plugin run-hook … create-snapshot --json`) names.
+    Materialize {
+        #[arg(long)]
+        plan: PathBuf,
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Cmd::SegmentLog { dir, size, segment_size, term, seed } => {
+            let control = Generator { segment_size, term, seed }.create(&dir, size)?;
+            println!(
+                "segment-log shard {}: term {} flush {} in {} segments",
+                dir.display(),
+                control.term,
+                control.flush,
+                control.segments().count()
+            );
+        }
+        Cmd::Materialize { plan, from, to } => {
+            let text = std::fs::read_to_string(&plan).with_context(|| plan.display().to_string())?;
+            let value: serde_json::Value = serde_json::from_str(&text)?;
+            // Accept the plan itself or `run-hook --json` output around it.
+            let plan: SnapshotPlan = serde_json::from_value(value.get("ok").cloned().unwrap_or(value))?;
+            ferry_tests::materialize(&plan, &from, &to)?;
+            println!("materialized {} entries into {}", plan.entries.len(), to.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! The sandbox holds against the misbehave guest: deadlines, memory limit,
+//! panics, path escapes, read-only preopens, output floods, garbage replies,
+//! and a fresh instance per call.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry::plugin::{EngineError, HookDeadlines, HookErrorKind, Plugin, PluginRuntime, RuntimeConfig};
+use ferry_tests::plugins;
+
+const DEADLINE: Duration = Duration::from_millis(400);
+/// Deadlines fire on a 10 ms epoch tick; this leaves room for a loaded machine.
+const SLACK: Duration = Duration::from_millis(1000);
+const MEMORY_LIMIT: usize = 64 << 20;
+
+fn config() -> RuntimeConfig {
+    let mut deadlines = HookDeadlines::default();
+    deadlines.create_snapshot = DEADLINE;
+    deadlines.shard_status = DEADLINE;
+    deadlines.term_check = Duration::from_millis(150);
+    RuntimeConfig { deadlines, memory_limit: MEMORY_LIMIT, ..RuntimeConfig::default() }
+}
+
+async fn misbehave(config: RuntimeConfig) -> (PluginRuntime, Arc<Plugin>) {
+    let runtime = PluginRuntime::new(config).unwrap();
+    let plugin = runtime.load(Path::new(plugins::MISBEHAVE)).await.unwrap();
+    (runtime, Arc::new(plugin))
+}
+
+#[tokio::test]
+async fn deadline_stops_an_endless_loop_and_the_host_keeps_serving() {
+    let (_rt, plugin) = misbehave(config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let err = plugin.create_snapshot("loop", dir.path()).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err.kind, HookErrorKind::Deadline(d) if d == DEADLINE), "{err}");
+    assert!(took >= DEADLINE, "fired early: {took:?}");
+    assert!(took < DEADLINE + SLACK, "fired late: {took:?}");
+    assert!(err.to_string().contains("misbehave") && err.to_string().contains("create-snapshot"), "{err}");
+
+    // term-check has its own, shorter deadline.
+    let meta = ferry::plugin::SnapshotMeta { term: 1, position: 1, attributes: vec![] };
+    let started = Instant::now();
+    let err = plugin.term_check("loop", dir.path(), &meta).await.unwrap_err();
+    assert!(matches!(err.kind, HookErrorKind::Deadline(d) if d == Duration::from_millis(150)), "{err}");
+    assert!(started.elapsed() < Duration::from_millis(150) + SLACK);
+
+    // The same plugin still serves, concurrently with another runaway.
+    let runaway = {
+        let plugin = plugin.clone();
+        let dir = dir.path().to_owned();
+        tokio::spawn(async move { plugin.shard_status("loop", &dir).await })
+    };
+    plugin.create_snapshot("fine", dir.path()).await.unwrap();
+    assert!(runaway.await.unwrap().is_err());
+}
+
+#[tokio::test]
+async fn memory_limit_traps_unbounded_allocation() {
+    let (_rt, plugin) = misbehave(config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let err = plugin.create_snapshot("alloc", dir.path()).await.unwrap_err();
+    assert!(matches!(err.kind, HookErrorKind::MemoryLimit { limit } if limit == MEMORY_LIMIT), "{err}");
+    assert!(err.to_string().contains("memory limit of 67108864 bytes"), "{err}");
+    plugin.create_snapshot("fine", dir.path()).await.unwrap();
+}
+
+#[tokio::test]
+async fn panic_shows_its_message() {
+    let (_rt, plugin) = misbehave(config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let err = plugin.validate("panic", dir.path(), &meta()).await.unwrap_err();
+    match &err.kind {
+        HookErrorKind::Panic(msg) => assert!(msg.contains("misbehave: deliberate panic in validate"), "{msg}"),
+        other => panic!("expected a panic, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn paths_outside_the_preopen_are_denied() {
+    let (_rt, plugin) = misbehave(config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let err = plugin.create_snapshot("escape", dir.path()).await.unwrap_err();
+    match &err.kind {
+        HookErrorKind::Engine(EngineError::Io(msg)) => {
+            assert!(msg.starts_with("denied:"), "{msg}");
+            assert!(msg.contains("/etc/passwd") && msg.contains("write /tmp"), "{msg}");
+        }
+        other => panic!("the guest got out: {other}"),
+    }
+    assert!(!Path::new("/tmp/ferry-misbehave-escape").exists());
+}
+
+#[tokio::test]
+async fn read_only_hooks_cannot_write_and_apply_can() {
+    let (_rt, plugin) = misbehave(config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    for result in [
+        plugin.create_snapshot("write", dir.path()).await.map(|_| ()),
+        plugin.term_check("write", dir.path(), &meta()).await,
+        plugin.validate("write", dir.path(), &meta()).await.map(|_| ()),
+    ] {
+        let err = result.unwrap_err();
+        assert!(matches!(&err.kind, HookErrorKind::Engine(EngineError::Io(m)) if m.contains("write denied")), "{err}");
+    }
+    assert!(ferry_tests::tree(dir.path()).is_empty());
+    // apply gets the directory read-write: the guest's write lands.
+    let err = plugin.apply("write", dir.path(), &meta()).await.unwrap_err();
+    assert!(matches!(&err.kind, HookErrorKind::Engine(EngineError::Other(m)) if m.contains("wrote")), "{err}");
+    assert_eq!(ferry_tests::tree(dir.path()), ["intruder"]);
+}
+
+#[tokio::test]
+async fn garbage_plans_are_refused() {
+    let (_rt, plugin) = misbehave(config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, want) in [
+        ("absolute", "is absolute"),
+        ("dotdot", "'..' component"),
+        ("dot", "'.' component"),
+        ("duplicate", "twice"),
+        ("empty-path", "is empty"),
+        ("backslash", "backslash"),
+        ("big-inline", "inline entry of 17825792 bytes"),
+        ("many-entries", "200000 entries"),
+    ] {
+        let err = plugin.create_snapshot(&format!("garbage-{kind}"), dir.path()).await.unwrap_err();
+        match &err.kind {
+            HookErrorKind::BadReply(reason) => assert!(reason.to_string().contains(want), "{kind}: {reason}"),
+            other => panic!("{kind}: expected a refused reply, got {other}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn output_flood_is_bounded_and_harmless() {
+    let (_rt, plugin) = misbehave(config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    plugin.create_snapshot("stderr-flood", dir.path()).await.unwrap();
+}
+
+#[tokio::test]
+async fn every_call_gets_a_fresh_instance() {
+    let (_rt, plugin) = misbehave(config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..3 {
+        let pos = plugin.shard_status("count", dir.path()).await.unwrap();
+        assert_eq!(pos.position, 1, "state leaked between calls");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_directory_is_a_sandbox_error() {
+    let (_rt, plugin) = misbehave(config()).await;
+    let err = plugin.shard_status("fine", Path::new("/nonexistent/ferry/shard")).await.unwrap_err();
+    assert!(matches!(err.kind, HookErrorKind::Sandbox(_)), "{err}");
+}
+
+#[tokio::test]
+async fn on_demand_allocation_enforces_the_same_limits() {
+    let (rt, plugin) = misbehave(RuntimeConfig { pooling: false, ..config() }).await;
+    assert!(!rt.pooling());
+    let dir = tempfile::tempdir().unwrap();
+    let err = plugin.create_snapshot("alloc", dir.path()).await.unwrap_err();
+    assert!(matches!(err.kind, HookErrorKind::MemoryLimit { .. }), "{err}");
+    let err = plugin.create_snapshot("loop", dir.path()).await.unwrap_err();
+    assert!(matches!(err.kind, HookErrorKind::Deadline(_)), "{err}");
+}
+
+fn meta() -> ferry::plugin::SnapshotMeta {
+    ferry::plugin::SnapshotMeta { term: 1, position: 1, attributes: vec![] }
+}
