@@ -136,7 +136,8 @@ async fn garbage_plans_are_refused() {
 
 #[tokio::test]
 async fn output_flood_is_bounded_and_harmless() {
-    let (_rt, plugin) = misbehave(config()).await;
+    // 10 MiB in 1 KiB writes: give it the default deadline, not the test's short one.
+    let (_rt, plugin) = misbehave(RuntimeConfig { memory_limit: MEMORY_LIMIT, ..RuntimeConfig::default() }).await;
     let dir = tempfile::tempdir().unwrap();
     plugin.create_snapshot("stderr-flood", dir.path()).await.unwrap();
 }

@@ -22,7 +22,7 @@ mod sandbox;
 pub mod types;
 
 pub use error::{Hook, HookError, HookErrorKind, LoadError, LoadErrorKind};
-pub use plugin::{ContractVersion, Plugin};
+pub use plugin::{BenchInstance, ContractVersion, Plugin};
 pub use registry::Registry;
 pub use runtime::{DEFAULT_MEMORY_LIMIT, EPOCH_TICK, HookDeadlines, PluginRuntime, RuntimeConfig, RuntimeError};
 pub use sandbox::GUEST_SHARD_DIR;

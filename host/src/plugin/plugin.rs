@@ -295,3 +295,22 @@ fn deadline_ticks(deadline: Duration) -> u64 {
     let tick = EPOCH_TICK.as_nanos();
     (deadline.as_nanos().div_ceil(tick) as u64).saturating_add(1)
 }
+
+/// A live instance kept across calls, for measuring call overhead apart from
+/// instantiation. Production code never reuses instances.
+#[doc(hidden)]
+pub struct BenchInstance(Call);
+
+impl BenchInstance {
+    /// Instantiates the plugin once (what every hook call pays first).
+    pub async fn new(plugin: &Plugin) -> Result<BenchInstance, HookError> {
+        Ok(BenchInstance(plugin.instantiate(Hook::Describe, None).await?))
+    }
+
+    /// One typed call of `describe` on this warm instance.
+    pub async fn describe(&mut self) -> wasmtime::Result<String> {
+        let Call { store, bindings } = &mut self.0;
+        store.set_epoch_deadline(deadline_ticks(Duration::from_secs(5)));
+        Ok(bindings.ferry_engine_hooks().call_describe(store).await?.name)
+    }
+}

@@ -1,0 +1,56 @@
+//! The segment-log on-disk format (guests/segment-log-format), tested from the
+//! host side: the guest workspace builds for wasm32 only, so its format tests
+//! run here.
+
+use std::fs;
+
+use ferry_tests::segment_log::*;
+
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("slf-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn generated_shard_checks() {
+    let dir = tempdir("gen");
+    let generator = Generator { segment_size: 8192, ..Generator::default() };
+    let control = generator.create(&dir, 50_000).unwrap();
+    let summary = check_shard(&dir).unwrap();
+    assert_eq!(summary.control, control);
+    assert!(summary.records > 10);
+    assert_eq!(summary.segments, control.flush.div_ceil(8192));
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn flipped_byte_is_found() {
+    let dir = tempdir("flip");
+    let generator = Generator { segment_size: 8192, ..Generator::default() };
+    generator.create(&dir, 20_000).unwrap();
+    let path = dir.join(segment_name(1));
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[100] ^= 0x40;
+    fs::write(&path, bytes).unwrap();
+    let err = check_shard(&dir).unwrap_err().to_string();
+    assert!(err.contains("segment-0000000000000001"), "{err}");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn control_roundtrip_and_corruption() {
+    let control = Control {
+        state: ShardState::Snapshot,
+        term: 7,
+        flush: 9000,
+        commit: 8000,
+        segment_size: 4096,
+        start: 4096,
+    };
+    assert_eq!(Control::decode(&control.encode()).unwrap(), control);
+    let mut bytes = control.encode();
+    bytes[20] ^= 1;
+    assert!(Control::decode(&bytes).unwrap_err().to_string().contains("checksum"));
+}
