@@ -10,7 +10,6 @@ use serde_json::json;
 
 use crate::plugin::{
     DEFAULT_MEMORY_LIMIT, Hook, HookDeadlines, HookError, Plugin, PluginRuntime, RuntimeConfig, SnapshotMeta,
-    SnapshotPlan,
 };
 
 #[derive(Parser, Debug)]
@@ -189,13 +188,18 @@ async fn check(file: &Path, args: &RuntimeArgs, json: bool) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-/// A meta, or a whole plan whose meta is taken.
+/// A meta, a whole plan whose meta is taken, or `run-hook --json` output
+/// around a plan.
 fn parse_meta(text: &str) -> anyhow::Result<SnapshotMeta> {
-    if let Ok(plan) = serde_json::from_str::<SnapshotPlan>(text) {
-        return Ok(plan.meta);
+    const WHAT: &str = "--meta is neither a snapshot meta {term, position, attributes} nor a plan";
+    let mut value: serde_json::Value = serde_json::from_str(text).context(WHAT)?;
+    if let Some(inner) = value.get_mut("ok") {
+        value = inner.take();
     }
-    serde_json::from_str::<SnapshotMeta>(text)
-        .context("--meta is neither a snapshot meta {term, position, attributes} nor a plan")
+    if let Some(meta) = value.get_mut("meta") {
+        value = meta.take();
+    }
+    serde_json::from_value::<SnapshotMeta>(value).context(WHAT)
 }
 
 async fn run_hook(
@@ -300,6 +304,8 @@ mod tests {
         assert_eq!(meta.term, 3);
         let plan = parse_meta(r#"{"meta":{"term":4,"position":1,"attributes":[]},"entries":[]}"#).unwrap();
         assert_eq!(plan.term, 4);
+        let wrapped = parse_meta(r#"{"hook":"create-snapshot","ok":{"meta":{"term":5,"position":1,"attributes":[]},"entries":[]}}"#).unwrap();
+        assert_eq!(wrapped.term, 5);
         assert!(parse_meta("{}").is_err());
     }
 }
