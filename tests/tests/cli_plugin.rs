@@ -8,12 +8,7 @@ use ferry_tests::{ferry_bin, plugins};
 use serde_json::Value;
 
 fn ferry(args: &[&str], cache: &Path) -> Output {
-    Command::new(ferry_bin())
-        .args(args)
-        .arg("--cache-dir")
-        .arg(cache)
-        .output()
-        .expect("running ferry")
+    Command::new(ferry_bin()).args(args).arg("--cache-dir").arg(cache).output().expect("running ferry")
 }
 
 fn stdout(out: &Output) -> String {
@@ -55,11 +50,7 @@ fn check_rejects_bad_files_with_a_clear_message() {
         ("text.wasm", b"hello".to_vec(), "is not a WebAssembly file"),
         ("core.wasm", wat::parse_str("(module)").unwrap(), "is a core WebAssembly module, not a component"),
         ("empty.wasm", wat::parse_str("(component)").unwrap(), "exports no Ferry engine interface"),
-        (
-            "half.wasm",
-            std::fs::read(plugins::SEGMENT_LOG).unwrap()[..4000].to_vec(),
-            "is not a valid component",
-        ),
+        ("half.wasm", std::fs::read(plugins::SEGMENT_LOG).unwrap()[..4000].to_vec(), "is not a valid component"),
     ];
     for (name, bytes, want) in cases {
         let path = dir.path().join(name);
@@ -142,8 +133,14 @@ fn run_hook_reports_sandbox_failures_and_usage_errors() {
     std::fs::create_dir(&loop_dir).unwrap();
     let out = ferry(
         &[
-            "plugin", "run-hook", plugins::MISBEHAVE, "create-snapshot",
-            "--shard-dir", loop_dir.to_str().unwrap(), "--deadline", "create-snapshot=200",
+            "plugin",
+            "run-hook",
+            plugins::MISBEHAVE,
+            "create-snapshot",
+            "--shard-dir",
+            loop_dir.to_str().unwrap(),
+            "--deadline",
+            "create-snapshot=200",
         ],
         cache.path(),
     );

@@ -6,7 +6,6 @@ use std::fs;
 
 use ferry_tests::segment_log::*;
 
-
 fn tempdir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("slf-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
@@ -41,14 +40,8 @@ fn flipped_byte_is_found() {
 
 #[test]
 fn control_roundtrip_and_corruption() {
-    let control = Control {
-        state: ShardState::Snapshot,
-        term: 7,
-        flush: 9000,
-        commit: 8000,
-        segment_size: 4096,
-        start: 4096,
-    };
+    let control =
+        Control { state: ShardState::Snapshot, term: 7, flush: 9000, commit: 8000, segment_size: 4096, start: 4096 };
     assert_eq!(Control::decode(&control.encode()).unwrap(), control);
     let mut bytes = control.encode();
     bytes[20] ^= 1;

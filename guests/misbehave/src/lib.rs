@@ -27,8 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use exports::ferry::engine::hooks::Guest;
 use ferry::engine::log::{Level, log};
 use ferry::engine::types::{
-    EngineError, EngineInfo, Entry, FileEntry, InlineEntry, ShardPosition, SnapshotMeta,
-    SnapshotPlan,
+    EngineError, EngineInfo, Entry, FileEntry, InlineEntry, ShardPosition, SnapshotMeta, SnapshotPlan,
 };
 
 struct Misbehave;
@@ -95,10 +94,8 @@ fn escape() -> Result<(), EngineError> {
             Err(e) => denied.push(format!("read {path}: {e}")),
         }
         if let Ok(entries) = fs::read_dir(path) {
-            let names: Vec<String> = entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
+            let names: Vec<String> =
+                entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
             if path != "/shard" && !names.is_empty() {
                 return Err(EngineError::Other(format!("ESCAPED: listed {path}: {names:?}")));
             }
@@ -128,11 +125,7 @@ fn garbage_plan(kind: &str) -> Option<SnapshotPlan> {
 
 impl Guest for Misbehave {
     fn describe() -> EngineInfo {
-        EngineInfo {
-            name: "misbehave".into(),
-            plugin_version: env!("CARGO_PKG_VERSION").into(),
-            snapshot_format: 1,
-        }
+        EngineInfo { name: "misbehave".into(), plugin_version: env!("CARGO_PKG_VERSION").into(), snapshot_format: 1 }
     }
 
     fn shard_status(shard: String) -> Result<ShardPosition, EngineError> {

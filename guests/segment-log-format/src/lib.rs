@@ -114,10 +114,7 @@ impl Control {
 
     pub fn decode(buf: &[u8]) -> Result<Control, FormatError> {
         if buf.len() != CONTROL_LEN {
-            return Err(invalid(format!(
-                "control file is {} bytes, expected {CONTROL_LEN}",
-                buf.len()
-            )));
+            return Err(invalid(format!("control file is {} bytes, expected {CONTROL_LEN}", buf.len())));
         }
         if &buf[0..8] != CONTROL_MAGIC {
             return Err(invalid("control file has a wrong magic"));
@@ -210,20 +207,12 @@ pub fn segment_index(name: &str) -> Option<u64> {
 /// Reads the used part of segment `index` and checks its records: each CRC,
 /// that records end exactly at the used length or at an end marker, and that
 /// the file is `expected_len` bytes long.
-pub fn check_segment(
-    dir: &Path,
-    control: &Control,
-    index: u64,
-    expected_len: u64,
-) -> Result<u64, FormatError> {
+pub fn check_segment(dir: &Path, control: &Control, index: u64, expected_len: u64) -> Result<u64, FormatError> {
     let path = dir.join(segment_name(index));
     let mut file = fs::File::open(&path).map_err(io_err(&path))?;
     let len = file.metadata().map_err(io_err(&path))?.len();
     if len != expected_len {
-        return Err(invalid(format!(
-            "{} is {len} bytes, expected {expected_len}",
-            segment_name(index)
-        )));
+        return Err(invalid(format!("{} is {len} bytes, expected {expected_len}", segment_name(index))));
     }
     let used = control.used_bytes(index);
     let mut reader = io::BufReader::with_capacity(256 * 1024, &mut file);
@@ -240,10 +229,7 @@ pub fn check_segment(
                     return Ok(records);
                 }
             }
-            return Err(invalid(format!(
-                "{}: truncated record header at offset {offset}",
-                segment_name(index)
-            )));
+            return Err(invalid(format!("{}: truncated record header at offset {offset}", segment_name(index))));
         }
         let mut header = [0u8; RECORD_HEADER_LEN as usize];
         reader.read_exact(&mut header).map_err(io_err(&path))?;
@@ -371,16 +357,11 @@ impl Generator {
             let index = control.flush / control.segment_size;
             let seg_start = index * control.segment_size;
             let path = dir.join(segment_name(index));
-            let mut file = fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(io_err(&path))?;
+            let mut file =
+                fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path).map_err(io_err(&path))?;
             file.set_len(control.segment_size).map_err(io_err(&path))?;
             let mut out = io::BufWriter::with_capacity(1 << 20, &mut file);
-            io::Seek::seek(&mut out, io::SeekFrom::Start(control.flush - seg_start))
-                .map_err(io_err(&path))?;
+            io::Seek::seek(&mut out, io::SeekFrom::Start(control.flush - seg_start)).map_err(io_err(&path))?;
             loop {
                 let room = seg_start + control.segment_size - control.flush;
                 if control.flush >= target || room < RECORD_HEADER_LEN + 1 {

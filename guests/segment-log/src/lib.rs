@@ -21,12 +21,9 @@ use std::path::Path;
 use exports::ferry::engine::hooks::Guest;
 use ferry::engine::log::{Level, log};
 use ferry::engine::types::{
-    EngineError, EngineInfo, Entry, FileEntry, InlineEntry, ShardPosition, SnapshotMeta,
-    SnapshotPlan,
+    EngineError, EngineInfo, Entry, FileEntry, InlineEntry, ShardPosition, SnapshotMeta, SnapshotPlan,
 };
-use segment_log_format::{
-    CONTROL_FILE, Control, FormatError, ShardState, check_shard, segment_name,
-};
+use segment_log_format::{CONTROL_FILE, Control, FormatError, ShardState, check_shard, segment_name};
 
 const SHARD: &str = "/shard";
 
@@ -60,9 +57,7 @@ fn check_meta(control: &Control, meta: &SnapshotMeta) -> Result<(), EngineError>
         )));
     }
     if meta.attributes != attributes(control) {
-        return Err(EngineError::Invalid(
-            "snapshot attributes disagree with the control file".into(),
-        ));
+        return Err(EngineError::Invalid("snapshot attributes disagree with the control file".into()));
     }
     Ok(())
 }
@@ -84,9 +79,7 @@ impl Guest for SegmentLog {
     fn create_snapshot(shard: String) -> Result<SnapshotPlan, EngineError> {
         let control = read_control()?;
         if control.state != ShardState::Active {
-            return Err(EngineError::Invalid(format!(
-                "shard {shard} is a received snapshot that was never applied"
-            )));
+            return Err(EngineError::Invalid(format!("shard {shard} is a received snapshot that was never applied")));
         }
         let snapshot_control = Control { state: ShardState::Snapshot, ..control };
         let mut entries = vec![Entry::Inline(InlineEntry {
@@ -96,14 +89,11 @@ impl Guest for SegmentLog {
         let segments = control.segments();
         for index in segments.clone() {
             let name = segment_name(index);
-            let len = fs::metadata(Path::new(SHARD).join(&name))
-                .map_err(|e| EngineError::Io(format!("{name}: {e}")))?
-                .len();
+            let len =
+                fs::metadata(Path::new(SHARD).join(&name)).map_err(|e| EngineError::Io(format!("{name}: {e}")))?.len();
             let used = control.used_bytes(index);
             if len < used {
-                return Err(EngineError::Invalid(format!(
-                    "{name} is {len} bytes, shorter than its {used} used bytes"
-                )));
+                return Err(EngineError::Invalid(format!("{name} is {len} bytes, shorter than its {used} used bytes")));
             }
             entries.push(Entry::File(FileEntry { path: name, offset: 0, length: Some(used) }));
         }
@@ -117,11 +107,7 @@ impl Guest for SegmentLog {
             ),
         );
         Ok(SnapshotPlan {
-            meta: SnapshotMeta {
-                term: control.term,
-                position: control.flush,
-                attributes: attributes(&control),
-            },
+            meta: SnapshotMeta { term: control.term, position: control.flush, attributes: attributes(&control) },
             entries,
         })
     }
@@ -150,10 +136,7 @@ impl Guest for SegmentLog {
             return Err(EngineError::Invalid("control file is not in snapshot state".into()));
         }
         check_meta(&control, &meta)?;
-        log(
-            Level::Info,
-            &format!("validated {} segments, {} records", summary.segments, summary.records),
-        );
+        log(Level::Info, &format!("validated {} segments, {} records", summary.segments, summary.records));
         Ok(ShardPosition { term: control.term, position: control.flush })
     }
 
@@ -171,8 +154,7 @@ impl Guest for SegmentLog {
                 .write(true)
                 .open(dir.join(&name))
                 .map_err(|e| EngineError::Io(format!("{name}: {e}")))?;
-            file.set_len(control.segment_size)
-                .map_err(|e| EngineError::Io(format!("{name}: {e}")))?;
+            file.set_len(control.segment_size).map_err(|e| EngineError::Io(format!("{name}: {e}")))?;
             file.sync_all().map_err(|e| EngineError::Io(format!("{name}: {e}")))?;
         }
         Control { state: ShardState::Active, ..control }.write(dir).map_err(to_engine_error)

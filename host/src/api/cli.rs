@@ -8,9 +8,13 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+use crate::api::client::ApiClient;
+use crate::node::Node;
+use crate::node::config::{Config, read_token};
 use crate::plugin::{
     DEFAULT_MEMORY_LIMIT, Hook, HookDeadlines, HookError, Plugin, PluginRuntime, RuntimeConfig, SnapshotMeta,
 };
+use crate::transfer::{State, TransferStatus};
 
 #[derive(Parser, Debug)]
 #[command(name = "ferry", version, about = "Moves replicas of shards between nodes, for any storage engine")]
@@ -24,9 +28,104 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run a node: the HTTP API, snapshot streaming and transfers.
+    Serve(ServeArgs),
+    /// Start, watch and cancel transfers on a node.
+    #[command(subcommand)]
+    Transfer(TransferCommand),
     /// Inspect and exercise engine plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML configuration file; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Address to listen on (port 0: any free port; the bound address is printed).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub plugins_dir: Option<PathBuf>,
+    /// File holding the API token (default: <data-dir>/state/token, created if missing).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Node-wide byte rate limit per second, in and out (e.g. 100M; 0: unlimited).
+    #[arg(long, value_parser = parse_size)]
+    pub rate_limit: Option<u64>,
+    /// Incoming transfers at once.
+    #[arg(long)]
+    pub max_incoming: Option<usize>,
+    /// Outgoing snapshot streams at once.
+    #[arg(long)]
+    pub max_outgoing: Option<usize>,
+}
+
+/// Where a node's API is, and its token.
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// Base URL of the node, e.g. http://127.0.0.1:7070.
+    #[arg(long, env = "FERRY_NODE", default_value = "http://127.0.0.1:7070")]
+    pub node: String,
+    /// File holding the API token.
+    #[arg(long, env = "FERRY_TOKEN_FILE")]
+    pub token_file: PathBuf,
+}
+
+impl NodeArgs {
+    fn client(&self) -> anyhow::Result<ApiClient> {
+        let token = read_token(&self.token_file, false)?;
+        Ok(ApiClient::new(&self.node, token))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TransferCommand {
+    /// Pull a shard from a source node into --node.
+    Start {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        engine: String,
+        #[arg(long)]
+        shard: String,
+        /// Base URL of the source node.
+        #[arg(long)]
+        source: String,
+        /// Wait for the end, with a progress bar; exit 0 only on success.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one transfer.
+    Status {
+        #[command(flatten)]
+        node: NodeArgs,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the node's transfers.
+    List {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a transfer.
+    Cancel {
+        #[command(flatten)]
+        node: NodeArgs,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -139,6 +238,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// Runs a parsed command line; the exit code says whether it worked.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Transfer(command) => transfer(command).await,
         Command::Plugin(PluginCommand::Check { file, runtime, json }) => check(&file, &runtime, json).await,
         Command::Plugin(PluginCommand::RunHook { file, hook, shard_dir, shard, meta, meta_file, runtime, json }) => {
             let meta = match (meta, meta_file) {
@@ -188,6 +289,147 @@ async fn check(file: &Path, args: &RuntimeArgs, json: bool) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = args.node_id {
+        config.node_id = v;
+    }
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    if let Some(v) = args.plugins_dir {
+        config.plugins_dir = Some(v);
+    }
+    if let Some(v) = args.token_file {
+        config.token_file = Some(v);
+    }
+    if let Some(v) = args.rate_limit {
+        config.rate_limit = Some(v);
+    }
+    if let Some(v) = args.max_incoming {
+        config.max_incoming = v;
+    }
+    if let Some(v) = args.max_outgoing {
+        config.max_outgoing = v;
+    }
+
+    let node = std::sync::Arc::new(Node::open(config).await?);
+    let listener = tokio::net::TcpListener::bind(node.config.listen)
+        .await
+        .with_context(|| format!("listening on {}", node.config.listen))?;
+    let addr = listener.local_addr()?;
+    let engines: Vec<String> = node.plugins.iter().map(|p| p.info().name.clone()).collect();
+    // One line on stdout when ready: scripts and tests wait for it.
+    println!("ferry node {} listening on http://{addr} (engines: {})", node.config.node_id, engines.join(", "));
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        signals.cancel();
+    });
+    crate::api::server::serve(node, listener, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn transfer(command: TransferCommand) -> anyhow::Result<ExitCode> {
+    use hyper::Method;
+    match command {
+        TransferCommand::Start { node, engine, shard, source, wait, json } => {
+            let api = node.client()?;
+            let body = json!({ "engine": engine, "shard": shard, "source": source });
+            let status: TransferStatus = api.call(Method::POST, "/v1/transfers", Some(&body)).await?;
+            if !wait {
+                print_status(&status, json)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let status = watch(&api, &status.id, !json).await?;
+            print_status(&status, json)?;
+            Ok(if status.state == State::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        TransferCommand::Status { node, id, json } => {
+            let status: TransferStatus = node.client()?.call(Method::GET, &format!("/v1/transfers/{id}"), None).await?;
+            print_status(&status, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TransferCommand::List { node, json } => {
+            let list: Vec<TransferStatus> = node.client()?.call(Method::GET, "/v1/transfers", None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for status in &list {
+                    println!("{}", status_line(status));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TransferCommand::Cancel { node, id, json } => {
+            let status: TransferStatus =
+                node.client()?.call(Method::DELETE, &format!("/v1/transfers/{id}"), None).await?;
+            print_status(&status, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Polls a transfer until it ends, drawing a progress bar when asked.
+async fn watch(api: &ApiClient, id: &str, bar: bool) -> anyhow::Result<TransferStatus> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let progress = if bar { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    progress.set_style(
+        ProgressStyle::with_template("{prefix} {msg:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    loop {
+        let status: TransferStatus = api.call(hyper::Method::GET, &format!("/v1/transfers/{id}"), None).await?;
+        progress.set_prefix(format!("{}/{}", status.engine, status.shard));
+        progress.set_length(status.bytes_total);
+        progress.set_position(status.bytes_done);
+        progress.set_message(status.stage.to_string());
+        if status.state.is_final() {
+            progress.finish_and_clear();
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn status_line(s: &TransferStatus) -> String {
+    let mut line = format!(
+        "{}  {}/{}  {} ({})  {}/{} bytes  {}/{} files  from {}",
+        s.id, s.engine, s.shard, s.state, s.stage, s.bytes_done, s.bytes_total, s.files_done, s.files_total, s.source
+    );
+    if s.resumed_files > 0 {
+        line.push_str(&format!("  resumed {} files", s.resumed_files));
+    }
+    if let Some(error) = &s.error {
+        line.push_str(&format!("\n  error: {error}"));
+    }
+    line
+}
+
+fn print_status(status: &TransferStatus, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(status)?);
+    } else {
+        println!("{}", status_line(status));
+    }
+    Ok(())
+}
+
 /// A meta, a whole plan whose meta is taken, or `run-hook --json` output
 /// around a plan.
 fn parse_meta(text: &str) -> anyhow::Result<SnapshotMeta> {
@@ -221,9 +463,8 @@ async fn run_hook(
         }
         (_, None) => bail!("{hook} needs --shard-dir"),
     };
-    let shard = shard
-        .or_else(|| dir.and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_default();
+    let shard =
+        shard.or_else(|| dir.and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned())).unwrap_or_default();
     let needs_meta = matches!(hook, Hook::TermCheck | Hook::Validate | Hook::Apply);
     let meta = match meta {
         Some(meta) => meta,
@@ -304,7 +545,10 @@ mod tests {
         assert_eq!(meta.term, 3);
         let plan = parse_meta(r#"{"meta":{"term":4,"position":1,"attributes":[]},"entries":[]}"#).unwrap();
         assert_eq!(plan.term, 4);
-        let wrapped = parse_meta(r#"{"hook":"create-snapshot","ok":{"meta":{"term":5,"position":1,"attributes":[]},"entries":[]}}"#).unwrap();
+        let wrapped = parse_meta(
+            r#"{"hook":"create-snapshot","ok":{"meta":{"term":5,"position":1,"attributes":[]},"entries":[]}}"#,
+        )
+        .unwrap();
         assert_eq!(wrapped.term, 5);
         assert!(parse_meta("{}").is_err());
     }

@@ -21,11 +21,7 @@ pub mod v0_1_0 {
 
     impl From<wit::EngineInfo> for host::EngineInfo {
         fn from(v: wit::EngineInfo) -> Self {
-            host::EngineInfo {
-                name: v.name,
-                plugin_version: v.plugin_version,
-                snapshot_format: v.snapshot_format,
-            }
+            host::EngineInfo { name: v.name, plugin_version: v.plugin_version, snapshot_format: v.snapshot_format }
         }
     }
 
@@ -82,9 +78,7 @@ pub mod v0_1_0 {
             .get_export_index(&mut *store, None, HOOKS_INTERFACE)
             .ok_or_else(|| format!("{HOOKS_INTERFACE} is not exported"))?;
         let mut lookup = |name: &str| {
-            instance
-                .get_export_index(&mut *store, Some(&hooks), name)
-                .ok_or_else(|| format!("{name} is not exported"))
+            instance.get_export_index(&mut *store, Some(&hooks), name).ok_or_else(|| format!("{name} is not exported"))
         };
         let (describe, status, create, term, validate, apply) = (
             lookup("describe")?,

@@ -151,8 +151,8 @@ impl Plugin {
         async {
             let (mut store, instance) = self.instantiate_raw(hook, None).await.map_err(describe_failed)?;
             v0::typecheck(&mut store, &instance).map_err(LoadErrorKind::Mismatch)?;
-            let bindings = v0::Engine::new(&mut store, &instance)
-                .map_err(|e| LoadErrorKind::Mismatch(error_chain(&e)))?;
+            let bindings =
+                v0::Engine::new(&mut store, &instance).map_err(|e| LoadErrorKind::Mismatch(error_chain(&e)))?;
             let mut call = Call { store, bindings };
             let result = call.bindings.ferry_engine_hooks().call_describe(&mut call.store).await;
             self.finish(hook, call, result.map(Ok), |info| {

@@ -191,10 +191,8 @@ impl PluginRuntime {
         let compile_time = started.elapsed();
 
         let contract = find_contract(engine, &component).map_err(fail)?;
-        let instance_pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| fail(LoadErrorKind::Imports(error_chain(&e))))?;
+        let instance_pre =
+            self.linker.instantiate_pre(&component).map_err(|e| fail(LoadErrorKind::Imports(error_chain(&e))))?;
         let pre = v0::EnginePre::new(instance_pre).map_err(|e| fail(LoadErrorKind::Mismatch(error_chain(&e))))?;
 
         let plugin = Plugin::new(self.shared.clone(), path.to_owned(), contract, pre, compile_time, cached);
@@ -260,10 +258,7 @@ fn find_contract(engine: &Engine, component: &Component) -> Result<ContractVersi
     let contract = match name.as_str() {
         v0::HOOKS_INTERFACE => ContractVersion::V0_1_0,
         found => {
-            return Err(LoadErrorKind::UnsupportedVersion {
-                found: found.to_owned(),
-                supported: v0::HOOKS_INTERFACE,
-            });
+            return Err(LoadErrorKind::UnsupportedVersion { found: found.to_owned(), supported: v0::HOOKS_INTERFACE });
         }
     };
     let ComponentItem::ComponentInstance(instance) = item else {

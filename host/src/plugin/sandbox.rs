@@ -188,10 +188,8 @@ pub fn panic_message(stderr: &str) -> Option<String> {
     let start = stderr.rfind("panicked at ")?;
     let rest = &stderr[start..];
     let body = rest.split_once('\n').map(|(_, body)| body).unwrap_or("");
-    let message: Vec<&str> = body
-        .lines()
-        .take_while(|line| !line.starts_with("note: ") && !line.starts_with("stack backtrace"))
-        .collect();
+    let message: Vec<&str> =
+        body.lines().take_while(|line| !line.starts_with("note: ") && !line.starts_with("stack backtrace")).collect();
     let message = message.join("\n").trim().to_owned();
     let location = rest.lines().next().unwrap_or("").trim_start_matches("panicked at ").trim_end_matches(':');
     Some(if message.is_empty() { format!("at {location}") } else { format!("{message} (at {location})") })
@@ -219,10 +217,7 @@ mod tests {
     #[test]
     fn panic_message_is_found() {
         let stderr = "noise\nthread '<unnamed>' panicked at src/lib.rs:63:20:\nmisbehave: deliberate panic\nnote: run with `RUST_BACKTRACE=1`\n";
-        assert_eq!(
-            panic_message(stderr).unwrap(),
-            "misbehave: deliberate panic (at src/lib.rs:63:20)"
-        );
+        assert_eq!(panic_message(stderr).unwrap(), "misbehave: deliberate panic (at src/lib.rs:63:20)");
         assert_eq!(panic_message("no panic here"), None);
     }
 }

@@ -116,7 +116,10 @@ impl EngineInfo {
             || self.plugin_version.len() > 64
             || self.plugin_version.chars().any(char::is_control)
         {
-            return refuse(format!("plugin version {:?} is not 1-64 printable characters", clip_message(self.plugin_version)));
+            return refuse(format!(
+                "plugin version {:?} is not 1-64 printable characters",
+                clip_message(self.plugin_version)
+            ));
         }
         Ok(self)
     }

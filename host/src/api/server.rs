@@ -1,0 +1,240 @@
+//! The node's HTTP API (hyper 1, HTTP/1.1). Every endpoint needs
+//! `Authorization: Bearer <token>`; anything else gets 401 and no work.
+//!
+//! | method | path | |
+//! | --- | --- | --- |
+//! | GET | `/v1/health` | node id |
+//! | GET | `/v1/plugins` | loaded plugins |
+//! | GET | `/v1/shards` | live replicas on this node |
+//! | GET, POST | `/v1/engines/{engine}/shards/{shard}/snapshot` | stream a snapshot (POST: resume) |
+//! | POST | `/v1/transfers` | start pulling `{engine, shard, source}` |
+//! | GET | `/v1/transfers`, `/v1/transfers/{id}` | status |
+//! | DELETE | `/v1/transfers/{id}` | cancel |
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{Body, SNAPSHOT_ID_HEADER, error_response, json_response};
+use crate::install::layout::check_shard_id;
+use crate::node::Node;
+use crate::stream::ResumeRequest;
+use crate::stream::source::{self, StreamContext};
+use crate::transfer::{StartError, TransferRequest};
+
+/// Largest request body (a resume request lists up to 100,000 files).
+const MAX_REQUEST_BODY: usize = 64 << 20;
+
+/// Serves the API on `listener` until `shutdown` fires, then stops accepting,
+/// cancels transfers (they clean up their staging) and lets open requests
+/// finish for a few seconds.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let service = service_fn(move |req| {
+            let node = node.clone();
+            async move { Ok::<_, Infallible>(handle(&node, req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, "connection: {e}");
+            }
+        });
+    }
+    tracing::info!("shutting down");
+    node.transfers.shutdown(Duration::from_secs(10)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+    Ok(())
+}
+
+async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
+    if !authorized(node, &req) {
+        return error_response(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token");
+    }
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["v1", "health"]) => json_response(StatusCode::OK, &json!({ "node_id": node.config.node_id })),
+        (&Method::GET, ["v1", "plugins"]) => plugins(node),
+        (&Method::GET, ["v1", "shards"]) => shards(node).await,
+        (&Method::GET | &Method::POST, ["v1", "engines", engine, "shards", shard, "snapshot"]) => {
+            let (engine, shard) = (engine.to_string(), shard.to_string());
+            snapshot(node, &engine, &shard, req).await
+        }
+        (&Method::POST, ["v1", "transfers"]) => start_transfer(node, req).await,
+        (&Method::GET, ["v1", "transfers"]) => json_response(StatusCode::OK, &node.transfers.list()),
+        (&Method::GET, ["v1", "transfers", id]) => match node.transfers.get(id) {
+            Some(status) => json_response(StatusCode::OK, &status),
+            None => not_found(format!("no transfer {id}")),
+        },
+        (&Method::DELETE, ["v1", "transfers", id]) => match node.transfers.cancel(id) {
+            Some(status) => json_response(StatusCode::ACCEPTED, &status),
+            None => not_found(format!("no transfer {id}")),
+        },
+        _ => not_found(format!("no endpoint {method} {path}")),
+    }
+}
+
+fn authorized(node: &Node, req: &Request<Incoming>) -> bool {
+    let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) else { return false };
+    let Some(token) = value.as_bytes().strip_prefix(b"Bearer ") else { return false };
+    constant_time_eq::constant_time_eq(token, node.token.as_bytes())
+}
+
+fn not_found(message: String) -> Response<Body> {
+    error_response(StatusCode::NOT_FOUND, "not-found", message)
+}
+
+fn bad_request(message: impl Into<String>) -> Response<Body> {
+    error_response(StatusCode::BAD_REQUEST, "bad-request", message)
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<Option<T>, Response<Body>> {
+    let body = Limited::new(req.into_body(), MAX_REQUEST_BODY)
+        .collect()
+        .await
+        .map_err(|e| error_response(StatusCode::PAYLOAD_TOO_LARGE, "bad-body", format!("request body: {e}")))?
+        .to_bytes();
+    if body.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_slice(&body).map(Some).map_err(|e| bad_request(format!("request body: {e}")))
+}
+
+fn plugins(node: &Node) -> Response<Body> {
+    let list: Vec<_> = node
+        .plugins
+        .iter()
+        .map(|p| {
+            json!({
+                "engine": p.info().name,
+                "plugin_version": p.info().plugin_version,
+                "snapshot_format": p.info().snapshot_format,
+                "contract": p.contract().package(),
+                "path": p.path(),
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &list)
+}
+
+async fn shards(node: &Node) -> Response<Body> {
+    let root = node.data.shards_root();
+    let found = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<serde_json::Value>> {
+        let mut out = Vec::new();
+        for engine in std::fs::read_dir(&root)? {
+            let engine = engine?;
+            if !engine.file_type()?.is_dir() {
+                continue;
+            }
+            for shard in std::fs::read_dir(engine.path())? {
+                let shard = shard?;
+                if shard.file_type()?.is_dir() {
+                    out.push(json!({
+                        "engine": engine.file_name().to_string_lossy(),
+                        "shard": shard.file_name().to_string_lossy(),
+                    }));
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await;
+    match found {
+        Ok(Ok(mut list)) => {
+            list.sort_by_key(|v| v.to_string());
+            json_response(StatusCode::OK, &list)
+        }
+        Ok(Err(e)) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()),
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()),
+    }
+}
+
+async fn snapshot(node: &Node, engine: &str, shard: &str, req: Request<Incoming>) -> Response<Body> {
+    let Some(plugin) = node.plugins.get(engine).cloned() else {
+        return not_found(format!("no plugin for engine {engine:?} on node {}", node.config.node_id));
+    };
+    if let Err(e) = check_shard_id(shard) {
+        return bad_request(e);
+    }
+    let dir = node.data.shard(engine, shard);
+    if !dir.is_dir() {
+        return not_found(format!("no shard {engine}/{shard} on node {}", node.config.node_id));
+    }
+    let resume: ResumeRequest = match read_json(req).await {
+        Ok(resume) => resume.unwrap_or_default(),
+        Err(response) => return response,
+    };
+    let Ok(permit) = node.outgoing.clone().try_acquire_owned() else {
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("node {} is already sending {} snapshots", node.config.node_id, node.config.max_outgoing),
+        );
+        response.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+        return response;
+    };
+    let prepared = match source::prepare(&plugin, engine, shard, &dir, &resume).await {
+        Ok(prepared) => prepared,
+        Err(failure) => {
+            return error_response(StatusCode::UNPROCESSABLE_ENTITY, "snapshot-failed", failure.to_string());
+        }
+    };
+    let snapshot_id = prepared.preamble.snapshot_id.clone();
+    tracing::info!(engine, shard, snapshot_id, skipped = prepared.preamble.skipped.len(), "sending snapshot");
+    let chunks = source::stream(
+        prepared,
+        StreamContext { plugin, shard: shard.to_owned(), dir, rate: node.rate.clone(), permit: Some(permit) },
+    );
+    let body = StreamBody::new(ReceiverStream::new(chunks).map(|chunk| chunk.map(Frame::data)));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(hyper::header::CONTENT_TYPE, "application/x-tar")
+        .header(SNAPSHOT_ID_HEADER, snapshot_id)
+        .body(BodyExt::boxed(body))
+        .expect("valid response")
+}
+
+async fn start_transfer(node: &Node, req: Request<Incoming>) -> Response<Body> {
+    let request: TransferRequest = match read_json(req).await {
+        Ok(Some(request)) => request,
+        Ok(None) => return bad_request("expected {\"engine\", \"shard\", \"source\"}"),
+        Err(response) => return response,
+    };
+    match node.transfers.start(request) {
+        Ok(status) => json_response(StatusCode::CREATED, &status),
+        Err(e @ StartError::Invalid(_)) => bad_request(e.to_string()),
+        Err(e @ StartError::UnknownEngine(_)) => not_found(e.to_string()),
+        Err(e @ StartError::Busy { .. }) => error_response(StatusCode::CONFLICT, "busy", e.to_string()),
+    }
+}

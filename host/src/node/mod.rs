@@ -1,0 +1,82 @@
+//! A Ferry node: its data directory, plugins, limits and transfers.
+
+pub mod config;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::Semaphore;
+
+pub use config::Config;
+
+use crate::install::DataDir;
+use crate::plugin::{PluginRuntime, Registry};
+use crate::stream::RateLimiter;
+use crate::transfer::{RetryPolicy, Shared, TransferManager};
+
+pub struct Node {
+    pub config: Config,
+    pub data: DataDir,
+    pub plugins: Arc<Registry>,
+    pub transfers: TransferManager,
+    pub token: Arc<str>,
+    pub rate: Arc<RateLimiter>,
+    /// Outgoing snapshot streams this node serves at once.
+    pub outgoing: Arc<Semaphore>,
+    /// Owns the wasmtime engine and its epoch ticker.
+    _runtime: PluginRuntime,
+}
+
+impl Node {
+    /// Opens the data directory, loads every plugin, and removes staging
+    /// directories that no live transfer owns (a crash leaves them behind).
+    pub async fn open(config: Config) -> anyhow::Result<Node> {
+        config.check()?;
+        let data = DataDir::open(&config.data_dir)
+            .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
+        let token: Arc<str> = config::read_token(&config.token_file(), config.token_file.is_none())?.into();
+        let removed = remove_stale_staging(&data)?;
+        if removed > 0 {
+            tracing::info!(removed, "removed staging directories left by an earlier run");
+        }
+        let runtime = PluginRuntime::new(config.runtime_config())?;
+        let plugins_dir = config.plugins_dir();
+        std::fs::create_dir_all(&plugins_dir)
+            .with_context(|| format!("creating plugins dir {}", plugins_dir.display()))?;
+        let plugins = Arc::new(Registry::load_dir(&runtime, &plugins_dir).await?);
+        for plugin in plugins.iter() {
+            tracing::info!(engine = %plugin.info().name, path = %plugin.path().display(), "plugin loaded");
+        }
+        let rate = Arc::new(RateLimiter::new(config.rate_limit));
+        let transfers = TransferManager::new(Shared {
+            data: data.clone(),
+            plugins: plugins.clone(),
+            client: crate::http::client(),
+            token: token.clone(),
+            rate: rate.clone(),
+            incoming: Arc::new(Semaphore::new(config.max_incoming)),
+            retry: RetryPolicy { max_attempts: config.max_attempts, ..RetryPolicy::default() },
+        });
+        Ok(Node {
+            outgoing: Arc::new(Semaphore::new(config.max_outgoing)),
+            config,
+            data,
+            plugins,
+            transfers,
+            token,
+            rate,
+            _runtime: runtime,
+        })
+    }
+}
+
+fn remove_stale_staging(data: &DataDir) -> anyhow::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(data.staging_root())? {
+        let path = entry?.path();
+        let result = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        result.with_context(|| format!("removing {}", path.display()))?;
+        removed += 1;
+    }
+    Ok(removed)
+}

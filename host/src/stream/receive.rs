@@ -1,0 +1,507 @@
+//! Receiver side: unpack a snapshot archive into a staging directory.
+//!
+//! Every entry is untrusted. Accepted: regular files whose relative,
+//! normalised path the preamble announced, once each, with the announced
+//! size. Refused (the transfer fails): absolute paths, `..`, symlinks, hard
+//! links, devices, directories, duplicates, unannounced entries, sizes that
+//! disagree, anything after the manifest. Nothing is written outside the
+//! staging directory: paths are [`RelPath`]s and staging never holds a symlink.
+//!
+//! Writes run on a writer thread fed by a bounded channel, so the network and
+//! the disk work in parallel with bounded memory. Files of [`FSYNC_EACH`]
+//! bytes or more are fsynced as they complete, on a second thread; the rest,
+//! and every directory, by one `syncfs` when the archive is complete.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+use tokio_tar::EntryType;
+use tokio_util::sync::CancellationToken;
+
+use super::manifest::{
+    ARCHIVE_FORMAT, Checksum, ERROR_PATH, FileRecord, MANIFEST_PATH, MAX_CONTROL_ENTRY, Manifest, PREAMBLE_PATH,
+    Preamble, SourceFailure,
+};
+use super::ratelimit::RateLimiter;
+use crate::install::sync::syncfs;
+use crate::plugin::types::MAX_PLAN_ENTRIES;
+use crate::relpath::RelPath;
+
+/// Files at least this large are fsynced on their own as soon as complete.
+pub const FSYNC_EACH: u64 = 1 << 20;
+const CHUNK: usize = 1 << 20;
+const WRITE_QUEUE: usize = 8;
+
+/// Counters a transfer's status is read from.
+#[derive(Default, Debug)]
+pub struct Progress {
+    pub bytes_total: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub files_total: AtomicU64,
+    pub files_done: AtomicU64,
+    /// Bytes actually received over the network, over all attempts.
+    pub received: AtomicU64,
+}
+
+impl Progress {
+    fn reset(&self, preamble: &Preamble, held: u64, held_files: u64) {
+        self.bytes_total.store(preamble.total_bytes(), Ordering::Relaxed);
+        self.files_total.store(preamble.entries.len() as u64, Ordering::Relaxed);
+        self.bytes_done.store(held, Ordering::Relaxed);
+        self.files_done.store(held_files, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The stream broke off; worth another attempt.
+    #[error("stream interrupted: {0}")]
+    Interrupted(String),
+    /// The source gave up and said why.
+    #[error("{0}")]
+    Source(SourceFailure),
+    /// The archive breaks the rules.
+    #[error("bad archive: {0}")]
+    Refused(String),
+    /// A received file does not match the source's checksum.
+    #[error("checksum mismatch: {0}")]
+    Mismatch(String),
+    /// Our own disk failed.
+    #[error("writing: {0}")]
+    Local(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// What a complete archive delivered.
+pub struct Complete {
+    pub preamble: Preamble,
+    pub manifest: Manifest,
+}
+
+/// What one receiver remembers between attempts of one transfer.
+#[derive(Default)]
+pub struct Held {
+    /// Snapshot the held files belong to.
+    pub snapshot_id: Option<String>,
+    /// Files complete in the data directory, with the checksum of what we wrote.
+    pub files: HashMap<RelPath, FileRecord>,
+}
+
+/// Unpacks one attempt's archive from `reader` into `data_dir`.
+///
+/// On success every file is durable and matches the manifest. On failure
+/// complete files stay (listed in `held`) so a retry can resume; partial files
+/// are removed.
+///
+/// # Cancel safety
+/// Pass a token instead of dropping the future: on cancel, the writer thread
+/// is stopped and joined before this returns, so the caller may remove the
+/// directory without racing a write.
+pub async fn receive(
+    reader: impl AsyncRead + Unpin,
+    engine: &str,
+    shard: &str,
+    data_dir: &Path,
+    held: &mut Held,
+    rate: &RateLimiter,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<Complete, ReceiveError> {
+    let mut writer = FileWriter::start(data_dir.to_owned(), progress.clone());
+    let result = tokio::select! {
+        r = unpack(reader, engine, shard, data_dir, held, rate, progress, &mut writer) => r,
+        _ = cancel.cancelled() => Err(ReceiveError::Cancelled),
+    };
+    let outcome = writer.finish().await;
+    for record in outcome.records {
+        held.files.insert(record.path.clone(), record);
+    }
+    let (preamble, manifest) = match (result, outcome.error) {
+        (Err(ReceiveError::Cancelled), _) => return Err(ReceiveError::Cancelled),
+        (_, Some(e)) => return Err(ReceiveError::Local(e)),
+        (Err(e), None) => return Err(e),
+        (Ok(done), None) => done,
+    };
+    verify(&manifest, held)?;
+    let dir = data_dir.to_owned();
+    tokio::task::spawn_blocking(move || syncfs(&dir))
+        .await
+        .map_err(|e| ReceiveError::Local(e.to_string()))?
+        .map_err(|e| ReceiveError::Local(format!("syncfs: {e}")))?;
+    Ok(Complete { preamble, manifest })
+}
+
+fn refused<T>(msg: impl Into<String>) -> Result<T, ReceiveError> {
+    Err(ReceiveError::Refused(msg.into()))
+}
+
+fn interrupted(e: io::Error) -> ReceiveError {
+    ReceiveError::Interrupted(crate::http::error_chain(&e))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn unpack(
+    reader: impl AsyncRead + Unpin,
+    engine: &str,
+    shard: &str,
+    data_dir: &Path,
+    held: &mut Held,
+    rate: &RateLimiter,
+    progress: &Progress,
+    writer: &mut FileWriter,
+) -> Result<(Preamble, Manifest), ReceiveError> {
+    let mut archive = tokio_tar::Archive::new(reader);
+    let mut entries = archive.entries().map_err(interrupted)?;
+
+    // 1. The preamble.
+    let Some(first) = entries.next().await else {
+        return Err(ReceiveError::Interrupted("the archive ended before its preamble".into()));
+    };
+    let mut first = first.map_err(interrupted)?;
+    let path = entry_path(&first)?;
+    if path == ERROR_PATH {
+        return Err(ReceiveError::Source(read_json(&mut first, ERROR_PATH).await?));
+    }
+    if path != PREAMBLE_PATH {
+        return refused(format!("first entry is {path:?}, not the preamble"));
+    }
+    let preamble: Preamble = read_json(&mut first, PREAMBLE_PATH).await?;
+    drop(first);
+    let announced = check_preamble(&preamble, engine, shard)?;
+
+    // A different snapshot than the one we hold files of: start over from zero.
+    if held.snapshot_id.as_deref() != Some(preamble.snapshot_id.as_str()) {
+        if !preamble.skipped.is_empty() {
+            return refused("the source skips files of a snapshot we do not hold");
+        }
+        if !held.files.is_empty() {
+            tracing::info!(shard, "snapshot changed since the last attempt; starting over");
+        }
+        clear_dir(data_dir).map_err(|e| ReceiveError::Local(format!("clearing staging: {e}")))?;
+        held.files.clear();
+        held.snapshot_id = Some(preamble.snapshot_id.clone());
+    }
+    let skipped: HashSet<&RelPath> = preamble.skipped.iter().collect();
+    for path in &skipped {
+        match held.files.get(*path) {
+            Some(record) if record.size == announced[*path] => {}
+            _ => return refused(format!("the source skips {path}, which we do not hold")),
+        }
+    }
+    // Held files the source sends again are replaced.
+    let resent: Vec<RelPath> = held.files.keys().filter(|p| !skipped.contains(p)).cloned().collect();
+    for path in resent {
+        held.files.remove(&path);
+        remove_file_if_exists(&path.join_to(data_dir)).map_err(|e| ReceiveError::Local(e.to_string()))?;
+    }
+    let held_bytes: u64 = preamble.skipped.iter().map(|p| announced[p]).sum();
+    progress.reset(&preamble, held_bytes, preamble.skipped.len() as u64);
+
+    // 2. Data entries, then the manifest.
+    let mut seen: HashSet<RelPath> = HashSet::new();
+    let manifest = loop {
+        let Some(entry) = entries.next().await else {
+            return Err(ReceiveError::Interrupted("the archive ended before its manifest".into()));
+        };
+        let mut entry = entry.map_err(interrupted)?;
+        let path = entry_path(&entry)?;
+        match path.as_str() {
+            MANIFEST_PATH => break read_json::<Manifest>(&mut entry, MANIFEST_PATH).await?,
+            ERROR_PATH => return Err(ReceiveError::Source(read_json(&mut entry, ERROR_PATH).await?)),
+            _ => {}
+        }
+        let kind = entry.header().entry_type();
+        if kind != EntryType::Regular {
+            return refused(format!("entry {path:?} is a {}, not a regular file", kind_name(kind)));
+        }
+        let path = RelPath::new(&path).map_err(|e| ReceiveError::Refused(format!("entry {e}")))?;
+        let Some(&size) = announced.get(&path) else {
+            return refused(format!("entry {path} was not announced in the preamble"));
+        };
+        if skipped.contains(&path) {
+            return refused(format!("entry {path} was announced as skipped"));
+        }
+        if !seen.insert(path.clone()) {
+            return refused(format!("entry {path} appears twice"));
+        }
+        // The size the reader will deliver (PAX `size` overrides included).
+        let header_size = entry.effective_size();
+        if header_size != size {
+            return refused(format!("entry {path} is {header_size} bytes, the preamble said {size}"));
+        }
+        writer.begin(path.clone(), size).await?;
+        let mut left = size;
+        while left > 0 {
+            let want = CHUNK.min(left as usize);
+            let mut buf = BytesMut::with_capacity(want);
+            while buf.len() < want {
+                let n = entry.read_buf(&mut buf).await.map_err(interrupted)?;
+                if n == 0 {
+                    return Err(ReceiveError::Interrupted(format!("{path} ended {left} bytes short")));
+                }
+            }
+            left -= buf.len() as u64;
+            rate.acquire(buf.len() as u64).await;
+            writer.data(buf.freeze()).await?;
+        }
+        writer.end().await?;
+    };
+
+    // 3. Nothing may follow the manifest.
+    if let Some(next) = entries.next().await {
+        return match next {
+            Ok(entry) => refused(format!("entry {:?} follows the manifest", entry_path(&entry)?)),
+            Err(e) => Err(interrupted(e)),
+        };
+    }
+    if manifest.format != ARCHIVE_FORMAT
+        || manifest.snapshot_id != preamble.snapshot_id
+        || manifest.meta != preamble.meta
+    {
+        return refused("the manifest does not describe the announced snapshot");
+    }
+    let listed: Vec<(&RelPath, u64)> = manifest.entries.iter().map(|r| (&r.path, r.size)).collect();
+    let expected: Vec<(&RelPath, u64)> = preamble.entries.iter().map(|e| (&e.path, e.size)).collect();
+    if listed != expected {
+        return refused("the manifest lists other entries than the preamble");
+    }
+    if seen.len() + skipped.len() != preamble.entries.len() {
+        return refused(format!(
+            "the archive holds {} of {} announced entries",
+            seen.len() + skipped.len(),
+            preamble.entries.len()
+        ));
+    }
+    Ok((preamble, manifest))
+}
+
+/// Every file we hold must match the source's checksum.
+fn verify(manifest: &Manifest, held: &Held) -> Result<(), ReceiveError> {
+    for record in &manifest.entries {
+        match held.files.get(&record.path) {
+            Some(ours) if ours.size == record.size && ours.blake3 == record.blake3 => {}
+            Some(ours) => {
+                return Err(ReceiveError::Mismatch(format!(
+                    "{}: received {} bytes with BLAKE3 {}, the source sent {} bytes with {}",
+                    record.path, ours.size, ours.blake3, record.size, record.blake3
+                )));
+            }
+            None => return Err(ReceiveError::Mismatch(format!("{} was never received", record.path))),
+        }
+    }
+    Ok(())
+}
+
+fn check_preamble(p: &Preamble, engine: &str, shard: &str) -> Result<HashMap<RelPath, u64>, ReceiveError> {
+    if p.format != ARCHIVE_FORMAT {
+        return refused(format!("archive format {} is not supported (want {ARCHIVE_FORMAT})", p.format));
+    }
+    if p.engine != engine || p.shard != shard {
+        return refused(format!("the archive is of {}/{}, not {engine}/{shard}", p.engine, p.shard));
+    }
+    if p.entries.len() > MAX_PLAN_ENTRIES {
+        return refused(format!("{} entries, at most {MAX_PLAN_ENTRIES}", p.entries.len()));
+    }
+    let mut announced = HashMap::with_capacity(p.entries.len());
+    for entry in &p.entries {
+        if entry.path.as_str().starts_with(".ferry/") || entry.path.as_str() == ".ferry" {
+            return refused(format!("entry {} is in Ferry's own namespace", entry.path));
+        }
+        if announced.insert(entry.path.clone(), entry.size).is_some() {
+            return refused(format!("entry {} is announced twice", entry.path));
+        }
+    }
+    for entry in &p.entries {
+        if let Some(parent) = entry.path.parents().find(|p| announced.contains_key(*p)) {
+            return refused(format!("entry {} is inside file {parent}", entry.path));
+        }
+    }
+    if let Some(unknown) = p.skipped.iter().find(|s| !announced.contains_key(*s)) {
+        return refused(format!("skipped entry {unknown} was not announced"));
+    }
+    Ok(announced)
+}
+
+fn entry_path<R: AsyncRead + Unpin>(entry: &tokio_tar::Entry<R>) -> Result<String, ReceiveError> {
+    let bytes = entry.path_bytes().map_err(|e| ReceiveError::Refused(format!("entry path: {e}")))?;
+    String::from_utf8(bytes.into_owned()).map_err(|_| ReceiveError::Refused("entry path is not UTF-8".into()))
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    entry: &mut (impl AsyncRead + Unpin),
+    name: &str,
+) -> Result<T, ReceiveError> {
+    let mut buf = Vec::new();
+    let n = entry.take(MAX_CONTROL_ENTRY + 1).read_to_end(&mut buf).await.map_err(interrupted)?;
+    if n as u64 > MAX_CONTROL_ENTRY {
+        return refused(format!("{name} is larger than {MAX_CONTROL_ENTRY} bytes"));
+    }
+    serde_json::from_slice(&buf).map_err(|e| ReceiveError::Refused(format!("{name}: {e}")))
+}
+
+fn kind_name(kind: EntryType) -> &'static str {
+    match kind {
+        EntryType::Symlink => "symlink",
+        EntryType::Link => "hard link",
+        EntryType::Char | EntryType::Block => "device",
+        EntryType::Directory => "directory",
+        EntryType::Fifo => "fifo",
+        EntryType::GNUSparse => "sparse file",
+        _ => "special entry",
+    }
+}
+
+fn remove_file_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Empties `dir` (creating it if missing).
+fn clear_dir(dir: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    fs::create_dir_all(dir)
+}
+
+enum WriteMsg {
+    Begin(RelPath, u64),
+    Data(Bytes),
+    End,
+}
+
+struct WriterOutcome {
+    records: Vec<FileRecord>,
+    error: Option<String>,
+}
+
+/// Owns the writer thread of one attempt.
+struct FileWriter {
+    tx: Option<mpsc::Sender<WriteMsg>>,
+    thread: Option<thread::JoinHandle<WriterOutcome>>,
+}
+
+impl FileWriter {
+    fn start(dir: PathBuf, progress: Arc<Progress>) -> FileWriter {
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let thread = thread::Builder::new()
+            .name("ferry-writer".into())
+            .spawn(move || write_files(&dir, rx, &progress))
+            .expect("spawning the writer thread");
+        FileWriter { tx: Some(tx), thread: Some(thread) }
+    }
+
+    async fn send(&self, msg: WriteMsg) -> Result<(), ReceiveError> {
+        let tx = self.tx.as_ref().expect("writer is running");
+        // A closed channel means the thread stopped on an error; `finish`
+        // reports it.
+        tx.send(msg).await.map_err(|_| ReceiveError::Local("the writer stopped".into()))
+    }
+
+    async fn begin(&self, path: RelPath, size: u64) -> Result<(), ReceiveError> {
+        self.send(WriteMsg::Begin(path, size)).await
+    }
+
+    async fn data(&self, bytes: Bytes) -> Result<(), ReceiveError> {
+        self.send(WriteMsg::Data(bytes)).await
+    }
+
+    async fn end(&self) -> Result<(), ReceiveError> {
+        self.send(WriteMsg::End).await
+    }
+
+    /// Stops the thread (a file not yet ended is removed) and collects what
+    /// it completed.
+    async fn finish(&mut self) -> WriterOutcome {
+        self.tx.take();
+        let thread = self.thread.take().expect("finish is called once");
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| WriterOutcome { records: Vec::new(), error: Some("the writer thread panicked".into()) })
+    }
+}
+
+fn write_files(dir: &Path, mut rx: mpsc::Receiver<WriteMsg>, progress: &Progress) -> WriterOutcome {
+    let (fsync_tx, fsync_rx) = std::sync::mpsc::channel::<(RelPath, File)>();
+    let fsyncer = thread::Builder::new()
+        .name("ferry-fsync".into())
+        .spawn(move || {
+            for (path, file) in fsync_rx {
+                if let Err(e) = file.sync_all() {
+                    return Err(format!("fsync {path}: {e}"));
+                }
+            }
+            Ok(())
+        })
+        .expect("spawning the fsync thread");
+
+    let mut records = Vec::new();
+    let mut error = None;
+    let mut current: Option<(RelPath, u64, File, blake3::Hasher, u64)> = None;
+    while let Some(msg) = rx.blocking_recv() {
+        let step = match msg {
+            WriteMsg::Begin(path, size) => open_new(dir, &path).map(|file| {
+                current = Some((path, size, file, blake3::Hasher::new(), 0));
+            }),
+            WriteMsg::Data(bytes) => {
+                let (path, _, file, hasher, written) = current.as_mut().expect("data follows begin");
+                file.write_all(&bytes).map_err(|e| format!("{path}: {e}")).map(|()| {
+                    hasher.update(&bytes);
+                    *written += bytes.len() as u64;
+                    progress.bytes_done.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    progress.received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                })
+            }
+            WriteMsg::End => {
+                let (path, size, file, hasher, written) = current.take().expect("end follows begin");
+                debug_assert_eq!(size, written);
+                records.push(FileRecord { path: path.clone(), size, blake3: Checksum::of(&hasher) });
+                progress.files_done.fetch_add(1, Ordering::Relaxed);
+                if size >= FSYNC_EACH {
+                    let _ = fsync_tx.send((path, file));
+                }
+                Ok(())
+            }
+        };
+        if let Err(e) = step {
+            error = Some(e);
+            break;
+        }
+    }
+    // A file begun but not ended is incomplete: it must not stay.
+    if let Some((path, ..)) = current.take() {
+        let _ = fs::remove_file(path.join_to(dir));
+    }
+    drop(fsync_tx);
+    match fsyncer.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error = error.or(Some(e)),
+        Err(_) => error = error.or(Some("the fsync thread panicked".into())),
+    }
+    WriterOutcome { records, error }
+}
+
+/// Creates `path` under `dir`, with its parent directories. Never follows or
+/// replaces anything: the file must not exist yet.
+fn open_new(dir: &Path, path: &RelPath) -> Result<File, String> {
+    let target = path.join_to(dir);
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).map_err(|e| format!("{path}: {e}"))?;
+    }
+    fs::OpenOptions::new().write(true).create_new(true).open(&target).map_err(|e| format!("{path}: {e}"))
+}

@@ -1,0 +1,150 @@
+//! Incoming transfers: pull a shard's snapshot from a source node, verify,
+//! validate, apply and publish it.
+//!
+//! A transfer's life: `queued` (waiting for an incoming slot, before the
+//! source is even asked, so a busy receiver never makes a source snapshot for
+//! nothing) → `running` through the stages connecting, streaming, verifying,
+//! validating, applying, publishing → `succeeded`, `failed` (with the step
+//! that failed) or `cancelled`. Whatever the end, the staging directory is
+//! removed and the live replica is either untouched or atomically replaced.
+
+mod status;
+mod task;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+pub use status::{Stage, State, TransferStatus};
+pub use task::Transfer;
+
+use crate::http::Client;
+use crate::install::DataDir;
+use crate::install::layout::check_shard_id;
+use crate::plugin::Registry;
+use crate::stream::RateLimiter;
+
+/// What to pull.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferRequest {
+    pub engine: String,
+    pub shard: String,
+    /// Base URL of the source node, e.g. `http://127.0.0.1:7070`.
+    pub source: String,
+}
+
+/// How hard to try before giving up.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Failed attempts in a row (no new file received) before the transfer fails.
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 8,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a transfer could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no plugin for engine {0:?} on this node")]
+    UnknownEngine(String),
+    #[error("transfer {id} of {engine}/{shard} is already {state}")]
+    Busy { id: String, engine: String, shard: String, state: State },
+}
+
+/// Everything a transfer task needs from its node.
+pub struct Shared {
+    pub data: DataDir,
+    pub plugins: Arc<Registry>,
+    pub client: Client,
+    pub token: Arc<str>,
+    pub rate: Arc<RateLimiter>,
+    pub incoming: Arc<Semaphore>,
+    pub retry: RetryPolicy,
+}
+
+/// The node's incoming transfers.
+pub struct TransferManager {
+    shared: Arc<Shared>,
+    transfers: Mutex<BTreeMap<String, Arc<Transfer>>>,
+}
+
+impl TransferManager {
+    pub fn new(shared: Shared) -> TransferManager {
+        TransferManager { shared: Arc::new(shared), transfers: Mutex::new(BTreeMap::new()) }
+    }
+
+    pub fn start(&self, request: TransferRequest) -> Result<TransferStatus, StartError> {
+        check_shard_id(&request.shard).map_err(StartError::Invalid)?;
+        if self.shared.plugins.get(&request.engine).is_none() {
+            return Err(StartError::UnknownEngine(request.engine));
+        }
+        let uri: hyper::Uri =
+            request.source.parse().map_err(|e| StartError::Invalid(format!("source {:?}: {e}", request.source)))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() || uri.path().trim_end_matches('/') != "" {
+            return Err(StartError::Invalid(format!(
+                "source {:?} is not a base URL like http://host:port",
+                request.source
+            )));
+        }
+        let mut transfers = self.transfers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(active) = transfers.values().find(|t| {
+            t.request.engine == request.engine && t.request.shard == request.shard && !t.status().state.is_final()
+        }) {
+            let status = active.status();
+            return Err(StartError::Busy {
+                id: status.id,
+                engine: request.engine,
+                shard: request.shard,
+                state: status.state,
+            });
+        }
+        let transfer = Arc::new(Transfer::new(request));
+        transfers.insert(transfer.id.clone(), transfer.clone());
+        drop(transfers);
+        tokio::spawn(task::run(self.shared.clone(), transfer.clone()));
+        Ok(transfer.status())
+    }
+
+    pub fn get(&self, id: &str) -> Option<TransferStatus> {
+        self.transfers.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|t| t.status())
+    }
+
+    pub fn list(&self) -> Vec<TransferStatus> {
+        self.transfers.lock().unwrap_or_else(|e| e.into_inner()).values().map(|t| t.status()).collect()
+    }
+
+    /// Asks a transfer to stop; it cleans up and ends `cancelled`.
+    pub fn cancel(&self, id: &str) -> Option<TransferStatus> {
+        let transfer = self.transfers.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()?;
+        transfer.cancel.cancel();
+        Some(transfer.status())
+    }
+
+    /// Cancels every transfer and waits (bounded) until they have cleaned up.
+    pub async fn shutdown(&self, within: Duration) {
+        let all: Vec<Arc<Transfer>> =
+            self.transfers.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for transfer in &all {
+            transfer.cancel.cancel();
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        for transfer in all {
+            let _ = tokio::time::timeout_at(deadline, transfer.finished()).await;
+        }
+    }
+}

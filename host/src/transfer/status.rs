@@ -1,0 +1,81 @@
+//! What a transfer reports.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl State {
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Succeeded | State::Failed | State::Cancelled)
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            State::Queued => "queued",
+            State::Running => "running",
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    Queued,
+    Connecting,
+    Streaming,
+    Verifying,
+    Validating,
+    Applying,
+    Publishing,
+    Done,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        f.write_str(&name)
+    }
+}
+
+/// A transfer as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TransferStatus {
+    pub id: String,
+    pub engine: String,
+    pub shard: String,
+    pub source: String,
+    pub state: State,
+    pub stage: Stage,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub files_done: u64,
+    pub files_total: u64,
+    /// Received bytes per second while streaming.
+    pub rate_bytes_per_sec: u64,
+    pub eta_secs: Option<u64>,
+    /// Connection attempts so far (1 when nothing broke).
+    pub attempts: u32,
+    /// Files not sent again because a previous attempt had received them.
+    pub resumed_files: u64,
+    pub snapshot_id: Option<String>,
+    /// Why it failed, naming the step.
+    pub error: Option<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub updated_at: u64,
+}

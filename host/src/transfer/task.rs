@@ -1,0 +1,286 @@
+//! One incoming transfer, from queue to publish.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::status::{Stage, State, TransferStatus};
+use super::{Shared, TransferRequest};
+use crate::install::publish;
+use crate::install::sync::syncfs;
+use crate::stream::client::{FetchError, fetch_snapshot};
+use crate::stream::receive::{Held, Progress, ReceiveError, receive};
+use crate::stream::{FileRecord, ResumeRequest};
+
+pub struct Transfer {
+    pub id: String,
+    pub request: TransferRequest,
+    pub cancel: CancellationToken,
+    progress: Arc<Progress>,
+    inner: Mutex<Inner>,
+    done: watch::Sender<bool>,
+}
+
+struct Inner {
+    state: State,
+    stage: Stage,
+    error: Option<String>,
+    attempts: u32,
+    resumed_files: u64,
+    snapshot_id: Option<String>,
+    streaming_since: Option<Instant>,
+    created_at: u64,
+    updated_at: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// How a transfer ended, if not by success.
+enum Ended {
+    Failed(String),
+    Cancelled,
+}
+
+impl Transfer {
+    pub fn new(request: TransferRequest) -> Transfer {
+        let now = unix_now();
+        Transfer {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            request,
+            cancel: CancellationToken::new(),
+            progress: Arc::new(Progress::default()),
+            inner: Mutex::new(Inner {
+                state: State::Queued,
+                stage: Stage::Queued,
+                error: None,
+                attempts: 0,
+                resumed_files: 0,
+                snapshot_id: None,
+                streaming_since: None,
+                created_at: now,
+                updated_at: now,
+            }),
+            done: watch::channel(false).0,
+        }
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_stage(&self, stage: Stage) {
+        let mut inner = self.inner();
+        inner.state = State::Running;
+        inner.stage = stage;
+        if stage == Stage::Streaming && inner.streaming_since.is_none() {
+            inner.streaming_since = Some(Instant::now());
+        }
+        inner.updated_at = unix_now();
+        tracing::info!(transfer = %self.id, shard = %self.request.shard, %stage, "stage");
+    }
+
+    /// Resolves once the transfer has ended and cleaned up.
+    pub async fn finished(&self) {
+        let mut rx = self.done.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    pub fn status(&self) -> TransferStatus {
+        let inner = self.inner();
+        let p = &self.progress;
+        let (bytes_done, bytes_total) = (p.bytes_done.load(Ordering::Relaxed), p.bytes_total.load(Ordering::Relaxed));
+        let rate = match inner.streaming_since {
+            Some(since) if !inner.state.is_final() || inner.state == State::Succeeded => {
+                let secs = since.elapsed().as_secs_f64();
+                if secs > 0.0 { (p.received.load(Ordering::Relaxed) as f64 / secs) as u64 } else { 0 }
+            }
+            _ => 0,
+        };
+        let eta_secs =
+            (inner.state == State::Running && rate > 0).then(|| bytes_total.saturating_sub(bytes_done) / rate);
+        TransferStatus {
+            id: self.id.clone(),
+            engine: self.request.engine.clone(),
+            shard: self.request.shard.clone(),
+            source: self.request.source.clone(),
+            state: inner.state,
+            stage: inner.stage,
+            bytes_done,
+            bytes_total,
+            files_done: p.files_done.load(Ordering::Relaxed),
+            files_total: p.files_total.load(Ordering::Relaxed),
+            rate_bytes_per_sec: rate,
+            eta_secs,
+            attempts: inner.attempts,
+            resumed_files: inner.resumed_files,
+            snapshot_id: inner.snapshot_id.clone(),
+            error: inner.error.clone(),
+            created_at: inner.created_at,
+            updated_at: inner.updated_at,
+        }
+    }
+}
+
+/// Runs a transfer to its end, then removes its staging directory.
+pub async fn run(shared: Arc<Shared>, transfer: Arc<Transfer>) {
+    let staging = shared.data.staging(&transfer.id);
+    let outcome = tokio::select! {
+        permit = shared.incoming.clone().acquire_owned() => match permit {
+            Ok(permit) => {
+                let outcome = pipeline(&shared, &transfer).await;
+                drop(permit);
+                outcome
+            }
+            Err(_) => Err(Ended::Failed("the node is shutting down".into())),
+        },
+        _ = transfer.cancel.cancelled() => Err(Ended::Cancelled),
+    };
+    let cleanup = {
+        let staging = staging.clone();
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&staging) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
+        .await
+    };
+    if let Ok(Err(e)) | Err(e) = cleanup.map_err(std::io::Error::other) {
+        tracing::error!(transfer = %transfer.id, "cannot remove {}: {e}", staging.display());
+    }
+    {
+        let mut inner = transfer.inner();
+        inner.updated_at = unix_now();
+        match outcome {
+            Ok(()) => {
+                inner.state = State::Succeeded;
+                inner.stage = Stage::Done;
+            }
+            Err(Ended::Failed(error)) => {
+                tracing::warn!(transfer = %transfer.id, shard = %transfer.request.shard, "failed: {error}");
+                inner.state = State::Failed;
+                inner.error = Some(error);
+            }
+            Err(Ended::Cancelled) => inner.state = State::Cancelled,
+        }
+    }
+    transfer.done.send_replace(true);
+}
+
+async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
+    let request = &transfer.request;
+    let plugin = shared.plugins.get(&request.engine).ok_or_else(|| Ended::Failed("plugin unloaded".into()))?;
+    let data_dir = shared.data.staging(&transfer.id).join("data");
+    let cancel = &transfer.cancel;
+
+    // Connect and stream, resuming after interruptions.
+    let mut held = Held::default();
+    let mut failures = 0u32;
+    let complete = loop {
+        transfer.set_stage(Stage::Connecting);
+        transfer.inner().attempts += 1;
+        let resume = ResumeRequest {
+            snapshot_id: held.snapshot_id.clone(),
+            have: held.files.values().cloned().collect::<Vec<FileRecord>>(),
+        };
+        let fetched = tokio::select! {
+            r = fetch_snapshot(&shared.client, &request.source, &shared.token, &request.engine, &request.shard, &resume, &[]) => r,
+            _ = cancel.cancelled() => return Err(Ended::Cancelled),
+        };
+        let interruption = match fetched {
+            Ok(response) => {
+                transfer.set_stage(Stage::Streaming);
+                let files_before = held.files.len();
+                let result = receive(
+                    response.body,
+                    &request.engine,
+                    &request.shard,
+                    &data_dir,
+                    &mut held,
+                    &shared.rate,
+                    &transfer.progress,
+                    cancel,
+                )
+                .await;
+                transfer.inner().snapshot_id = held.snapshot_id.clone();
+                match result {
+                    Ok(complete) => {
+                        transfer.inner().resumed_files = complete.preamble.skipped.len() as u64;
+                        break complete;
+                    }
+                    Err(ReceiveError::Interrupted(why)) => {
+                        if held.files.len() > files_before {
+                            failures = 0; // progress was made
+                        }
+                        format!("streaming: {why}")
+                    }
+                    Err(ReceiveError::Cancelled) => return Err(Ended::Cancelled),
+                    Err(ReceiveError::Source(failure)) => return Err(Ended::Failed(failure.to_string())),
+                    Err(ReceiveError::Mismatch(why)) => {
+                        return Err(Ended::Failed(format!("verifying: checksum mismatch: {why}")));
+                    }
+                    Err(e @ ReceiveError::Refused(_)) => return Err(Ended::Failed(format!("streaming: {e}"))),
+                    Err(ReceiveError::Local(why)) => return Err(Ended::Failed(format!("streaming: writing: {why}"))),
+                }
+            }
+            Err(FetchError::Refused(why)) => return Err(Ended::Failed(format!("connecting: {why}"))),
+            Err(FetchError::Transient(why)) => format!("connecting: {why}"),
+        };
+        failures += 1;
+        if failures >= shared.retry.max_attempts {
+            return Err(Ended::Failed(format!("{interruption} (gave up after {failures} failed attempts)")));
+        }
+        let backoff =
+            shared.retry.initial_backoff.saturating_mul(1 << (failures - 1).min(16)).min(shared.retry.max_backoff);
+        tracing::info!(transfer = %transfer.id, "{interruption}; retrying in {backoff:?}");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = cancel.cancelled() => return Err(Ended::Cancelled),
+        }
+    };
+
+    transfer.set_stage(Stage::Verifying);
+    // `receive` verified every checksum against the manifest and made the
+    // files durable; the stage is reported for operators.
+    let meta = &complete.preamble.meta;
+    if complete.preamble.snapshot_format != plugin.info().snapshot_format {
+        return Err(Ended::Failed(format!(
+            "verifying: snapshot format {} is not the local plugin's {}",
+            complete.preamble.snapshot_format,
+            plugin.info().snapshot_format
+        )));
+    }
+
+    transfer.set_stage(Stage::Validating);
+    let validated = tokio::select! {
+        r = plugin.validate(&request.shard, &data_dir, meta) => r,
+        _ = cancel.cancelled() => return Err(Ended::Cancelled),
+    };
+    validated.map_err(|e| Ended::Failed(format!("validating: {e}")))?;
+
+    transfer.set_stage(Stage::Applying);
+    let applied = tokio::select! {
+        r = plugin.apply(&request.shard, &data_dir, meta) => r,
+        _ = cancel.cancelled() => return Err(Ended::Cancelled),
+    };
+    applied.map_err(|e| Ended::Failed(format!("applying: {e}")))?;
+    let dir = data_dir.clone();
+    blocking(move || syncfs(&dir)).await.map_err(|e| Ended::Failed(format!("applying: syncfs: {e}")))?;
+
+    if cancel.is_cancelled() {
+        return Err(Ended::Cancelled);
+    }
+    transfer.set_stage(Stage::Publishing);
+    let live = shared.data.shard(&request.engine, &request.shard);
+    let replaced =
+        blocking(move || publish(&data_dir, &live)).await.map_err(|e| Ended::Failed(format!("publishing: {e}")))?;
+    tracing::info!(transfer = %transfer.id, shard = %request.shard, replaced, "published");
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(std::io::Error::other)?
+}
