@@ -15,13 +15,20 @@ pub mod plugins {
 
 pub use segment_log_format as segment_log;
 
-/// The `ferry` binary of this build (`cargo test --workspace` builds it).
+pub mod engines;
+pub mod fake_source;
+pub mod node;
+pub mod proxy;
+
+/// The `ferry` binary under test: this package's `ferry-e2e` bin, which
+/// cargo builds before running this package's tests (same entry point as
+/// the real `ferry`), so it is never stale.
 pub fn ferry_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> → target/<profile>/ferry
+    // target/<profile>/deps/<test> → target/<profile>/ferry-e2e
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("ferry");
-    assert!(bin.exists(), "{} is missing: build it with `cargo build -p ferry`", bin.display());
+    let bin = dir.join("ferry-e2e");
+    assert!(bin.exists(), "{} is missing: run the tests through cargo", bin.display());
     bin
 }
 

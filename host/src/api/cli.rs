@@ -64,6 +64,9 @@ pub struct ServeArgs {
     /// Outgoing snapshot streams at once.
     #[arg(long)]
     pub max_outgoing: Option<usize>,
+    /// Failed attempts in a row before an incoming transfer gives up.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
 }
 
 /// Where a node's API is, and its token.
@@ -235,6 +238,30 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// The `ferry` binary: parses the command line, sets up logging, runs.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
+        eprintln!("warning: bad --log filter {:?} ({e}); using \"warn\"", cli.log);
+        tracing_subscriber::EnvFilter::new("warn")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs a parsed command line; the exit code says whether it worked.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -317,6 +344,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(v) = args.max_outgoing {
         config.max_outgoing = v;
+    }
+    if let Some(v) = args.max_attempts {
+        config.max_attempts = v;
     }
 
     let node = std::sync::Arc::new(Node::open(config).await?);

@@ -11,9 +11,9 @@
 //! 5. The end-of-archive blocks.
 //!
 //! A source that fails mid-way (term changed, read error) writes
-//! `.ferry/error.json` if it still can and aborts the HTTP response without
-//! finishing it: a receiver never sees a manifest, so it can never mistake a
-//! cut stream for a complete snapshot (Neon #7944).
+//! `.ferry/error.json` saying why and stops: no manifest, no end-of-archive.
+//! A receiver accepts a snapshot only after its manifest, so it can never
+//! mistake a cut or aborted stream for a complete snapshot (Neon #7944).
 
 pub mod client;
 pub mod manifest;

@@ -160,14 +160,21 @@ async fn unpack(
     progress: &Progress,
     writer: &mut FileWriter,
 ) -> Result<(Preamble, Manifest), ReceiveError> {
-    let mut archive = tokio_tar::Archive::new(reader);
-    let mut entries = archive.entries().map_err(interrupted)?;
+    let transport = TransportWatch::new(reader);
+    let broke = transport.failed.clone();
+    // An error while reading entries is the network's if the transport
+    // failed, else the archive's own (a malformed header).
+    let read_err = |e: io::Error| {
+        if broke.load(Ordering::Relaxed) { interrupted(e) } else { ReceiveError::Refused(e.to_string()) }
+    };
+    let mut archive = tokio_tar::Archive::new(transport);
+    let mut entries = archive.entries().map_err(&read_err)?;
 
     // 1. The preamble.
     let Some(first) = entries.next().await else {
         return Err(ReceiveError::Interrupted("the archive ended before its preamble".into()));
     };
-    let mut first = first.map_err(interrupted)?;
+    let mut first = first.map_err(&read_err)?;
     let path = entry_path(&first)?;
     if path == ERROR_PATH {
         return Err(ReceiveError::Source(read_json(&mut first, ERROR_PATH).await?));
@@ -213,7 +220,7 @@ async fn unpack(
         let Some(entry) = entries.next().await else {
             return Err(ReceiveError::Interrupted("the archive ended before its manifest".into()));
         };
-        let mut entry = entry.map_err(interrupted)?;
+        let mut entry = entry.map_err(&read_err)?;
         let path = entry_path(&entry)?;
         match path.as_str() {
             MANIFEST_PATH => break read_json::<Manifest>(&mut entry, MANIFEST_PATH).await?,
@@ -245,7 +252,7 @@ async fn unpack(
             let want = CHUNK.min(left as usize);
             let mut buf = BytesMut::with_capacity(want);
             while buf.len() < want {
-                let n = entry.read_buf(&mut buf).await.map_err(interrupted)?;
+                let n = entry.read_buf(&mut buf).await.map_err(&read_err)?;
                 if n == 0 {
                     return Err(ReceiveError::Interrupted(format!("{path} ended {left} bytes short")));
                 }
@@ -261,7 +268,7 @@ async fn unpack(
     if let Some(next) = entries.next().await {
         return match next {
             Ok(entry) => refused(format!("entry {:?} follows the manifest", entry_path(&entry)?)),
-            Err(e) => Err(interrupted(e)),
+            Err(e) => Err(read_err(e)),
         };
     }
     if manifest.format != ARCHIVE_FORMAT
@@ -375,6 +382,32 @@ fn clear_dir(dir: &Path) -> io::Result<()> {
         _ => {}
     }
     fs::create_dir_all(dir)
+}
+
+/// Passes reads through and remembers whether the transport itself failed.
+struct TransportWatch<R> {
+    inner: R,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<R> TransportWatch<R> {
+    fn new(inner: R) -> Self {
+        TransportWatch { inner, failed: Arc::default() }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for TransportWatch<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Err(_)) = &poll {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        poll
+    }
 }
 
 enum WriteMsg {

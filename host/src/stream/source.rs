@@ -202,11 +202,13 @@ pub fn stream(prepared: PreparedSnapshot, ctx: StreamContext) -> mpsc::Receiver<
             Err(Produce::Gone) => tracing::info!(shard, "receiver went away; snapshot stopped"),
             Err(Produce::Failed(failure)) => {
                 tracing::warn!(shard, "snapshot aborted: {failure}");
-                // Say why, then cut the response short: no manifest, no end.
+                // Say why, then stop: no manifest and no end-of-archive, so
+                // the archive can never pass for a complete snapshot. The HTTP
+                // body itself ends normally: a body that ends in an error makes
+                // hyper drop what it has not flushed, the reason included.
                 if let Ok(json) = serde_json::to_vec(&failure) {
                     let _ = send_entry(&tx, ERROR_PATH, Bytes::from(json), None).await;
                 }
-                let _ = tx.send(Err(io::Error::other(failure.to_string()))).await;
             }
         }
         drop(ctx.permit);

@@ -1,0 +1,193 @@
+//! Real `ferry serve` processes on 127.0.0.1, for end-to-end tests.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ferry::api::client::ApiClient;
+use ferry::transfer::TransferStatus;
+use hyper::Method;
+use serde_json::json;
+
+use crate::ferry_bin;
+
+pub const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// Options of one test node.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOptions {
+    /// Extra `ferry serve` flags.
+    pub args: Vec<String>,
+    /// Data directory to use instead of a fresh one (for restarts).
+    pub data_dir: Option<PathBuf>,
+    /// Run the node with a file-size limit (RLIMIT_FSIZE) of this many bytes,
+    /// SIGXFSZ ignored: writes past it fail with EFBIG, like a full disk.
+    pub file_size_limit: Option<u64>,
+}
+
+/// A running node. Killed (SIGKILL) when dropped.
+pub struct TestNode {
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub token_file: PathBuf,
+    pub plugins_dir: PathBuf,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestNode {
+    /// Starts a node with every built guest in its plugins dir.
+    pub fn start(name: &str, options: NodeOptions) -> TestNode {
+        let dir = tempfile::Builder::new().prefix(&format!("ferry-{name}-")).tempdir().unwrap();
+        let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.path().join("data"));
+        let plugins_dir = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugins_dir).unwrap();
+        for plugin in [crate::plugins::SEGMENT_LOG, crate::plugins::SQLITE] {
+            std::fs::copy(plugin, plugins_dir.join(Path::new(plugin).file_name().unwrap())).unwrap();
+        }
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, TOKEN).unwrap();
+        let mut node = TestNode { url: String::new(), data_dir, token_file, plugins_dir, child: None, _dir: dir };
+        node.spawn(name, &options);
+        node
+    }
+
+    fn spawn(&mut self, name: &str, options: &NodeOptions) {
+        let mut cmd = Command::new(ferry_bin());
+        cmd.arg("serve")
+            .args(["--node-id", name, "--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--plugins-dir")
+            .arg(&self.plugins_dir)
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .args(&options.args)
+            .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(limit) = options.file_size_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc_setrlimit_fsize(limit);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("starting ferry serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("node {name} did not start: {:?}", child.wait());
+            }
+        };
+        let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("ready line has the URL");
+        self.url = url.to_owned();
+        self.child = Some(child);
+    }
+
+    /// Kills the node with SIGKILL and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the node with SIGTERM and waits for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("node is running");
+        // SAFETY: kill(2) on our own, not yet reaped, child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+
+    /// Starts the node again on the same data directory (a new port).
+    pub fn restart(&mut self, name: &str, options: NodeOptions) {
+        self.kill();
+        self.spawn(name, &options);
+    }
+
+    pub fn api(&self) -> ApiClient {
+        ApiClient::new(&self.url, TOKEN.into())
+    }
+
+    pub fn shard_dir(&self, engine: &str, shard: &str) -> PathBuf {
+        self.data_dir.join("shards").join(engine).join(shard)
+    }
+
+    pub fn staging(&self) -> PathBuf {
+        self.data_dir.join("staging")
+    }
+
+    pub async fn start_transfer(&self, engine: &str, shard: &str, source: &str) -> anyhow::Result<TransferStatus> {
+        let body = json!({ "engine": engine, "shard": shard, "source": source });
+        self.api().call(Method::POST, "/v1/transfers", Some(&body)).await
+    }
+
+    pub async fn transfer(&self, id: &str) -> TransferStatus {
+        self.api().call(Method::GET, &format!("/v1/transfers/{id}"), None).await.unwrap()
+    }
+
+    /// Polls until the transfer ends.
+    pub async fn wait_transfer(&self, id: &str, within: Duration) -> TransferStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.transfer(id).await;
+            if status.state.is_final() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "transfer did not end in {within:?}: {status:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls until `check` holds for the transfer's status.
+    pub async fn wait_until(
+        &self,
+        id: &str,
+        within: Duration,
+        check: impl Fn(&TransferStatus) -> bool,
+    ) -> TransferStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.transfer(id).await;
+            if check(&status) {
+                return status;
+            }
+            assert!(!status.state.is_final(), "transfer ended first: {status:?}");
+            assert!(Instant::now() < deadline, "condition not reached in {within:?}: {status:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Between fork and exec: ignore SIGXFSZ and cap file sizes.
+fn libc_setrlimit_fsize(limit: u64) {
+    let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+    // SAFETY: async-signal-safe libc calls with valid arguments.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit);
+    }
+}
