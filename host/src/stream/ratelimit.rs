@@ -1,7 +1,9 @@
 //! A node-wide byte-rate limit, shared by every transfer in and out.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// A token bucket. `None` rate: unlimited, and `acquire` returns at once.
 pub struct RateLimiter {
