@@ -71,10 +71,10 @@ impl TestEngine for Sqlite {
             &dir.join("main.db"),
             &format!(
                 "PRAGMA journal_mode=DELETE; PRAGMA page_size=4096;
-                 CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB NOT NULL);
+                 CREATE TABLE t(id INTEGER PRIMARY KEY, k INTEGER NOT NULL, v BLOB NOT NULL);
                  WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows})
-                 INSERT INTO t(v) SELECT randomblob(1000) FROM n;
-                 CREATE INDEX t_v ON t(v);"
+                 INSERT INTO t(k, v) SELECT random(), randomblob(1000) FROM n;
+                 CREATE INDEX t_k ON t(k);"
             ),
         );
         sqlite3(
@@ -87,7 +87,7 @@ impl TestEngine for Sqlite {
 
     fn assert_same(&self, original: &Path, copy: &Path) {
         for (db, query) in
-            [("main.db", "SELECT id, hex(v) FROM t ORDER BY id"), ("users.db", "SELECT * FROM users ORDER BY name")]
+            [("main.db", "SELECT id, k, hex(v) FROM t ORDER BY id"), ("users.db", "SELECT * FROM users ORDER BY name")]
         {
             assert_eq!(sqlite3(&copy.join(db), "PRAGMA integrity_check").trim(), "ok", "{db}");
             let (a, b) = (sqlite3(&original.join(db), query), sqlite3(&copy.join(db), query));

@@ -11,15 +11,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 use wasmtime::component::Instance;
-use wasmtime::{Store, Trap};
+use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::bindings::v0_1_0 as v0;
 use super::error::{Hook, HookError, HookErrorKind, LoadErrorKind};
-use super::runtime::{EPOCH_TICK, RuntimeConfig, error_chain};
+use super::runtime::{RuntimeConfig, error_chain};
 use super::sandbox::{Access, CallState, MemoryLimitExceeded, panic_message};
 use super::types::{EngineInfo, ShardPosition, SnapshotMeta, SnapshotPlan};
 
@@ -135,8 +135,14 @@ impl Plugin {
             .map_err(|e| self.error(hook, HookErrorKind::Sandbox(e.to_string())))?;
         let mut store = Store::new(&self.shared.engine, state);
         store.limiter(|state| &mut state.limiter);
-        store.set_epoch_deadline(deadline_ticks(config.deadlines.get(hook)));
-        store.epoch_deadline_trap();
+        // Every epoch tick the guest yields to the async runtime (so a long
+        // validate never holds a worker thread), until the deadline passes;
+        // then it traps.
+        let deadline = Instant::now() + config.deadlines.get(hook);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+        });
         match self.pre.instance_pre().instantiate_async(&mut store).await {
             Ok(instance) => Ok((store, instance)),
             Err(e) => Err(self.trap(hook, &store, e)),
@@ -289,13 +295,6 @@ impl Plugin {
     }
 }
 
-/// Epoch ticks for a deadline: rounded up, plus one because the current tick
-/// may be almost over.
-fn deadline_ticks(deadline: Duration) -> u64 {
-    let tick = EPOCH_TICK.as_nanos();
-    (deadline.as_nanos().div_ceil(tick) as u64).saturating_add(1)
-}
-
 /// A live instance kept across calls, for measuring call overhead apart from
 /// instantiation. Production code never reuses instances.
 #[doc(hidden)]
@@ -310,7 +309,6 @@ impl BenchInstance {
     /// One typed call of `describe` on this warm instance.
     pub async fn describe(&mut self) -> wasmtime::Result<String> {
         let Call { store, bindings } = &mut self.0;
-        store.set_epoch_deadline(deadline_ticks(Duration::from_secs(5)));
         Ok(bindings.ferry_engine_hooks().call_describe(store).await?.name)
     }
 }

@@ -48,7 +48,11 @@ impl CallState {
             .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false);
+            .allow_ip_name_lookup(false)
+            // File operations run on the calling thread instead of a hop to
+            // tokio's blocking pool each: far cheaper for many small files.
+            // Must be set before the preopen, which captures it.
+            .allow_blocking_current_thread(true);
         if let Some((path, access)) = dir {
             let perms = match access {
                 Access::ReadOnly => FsPerms::ReadOnly,

@@ -8,9 +8,12 @@
 //! staging directory: paths are [`RelPath`]s and staging never holds a symlink.
 //!
 //! Writes run on a writer thread fed by a bounded channel, so the network and
-//! the disk work in parallel with bounded memory. Files of [`FSYNC_EACH`]
-//! bytes or more are fsynced as they complete, on a second thread; the rest,
-//! and every directory, by one `syncfs` when the archive is complete.
+//! the disk work in parallel with bounded memory. Durability comes from one
+//! `syncfs` of the staging file system once the archive is complete and
+//! verified, before any hook sees it: it flushes every file and directory in
+//! one call (measured faster than an fsync per file for both many small files
+//! and a few large ones, whose early fsyncs compete with the source's reads)
+//! and reports writeback errors (Linux ≥ 5.8).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -36,8 +39,6 @@ use crate::install::sync::syncfs;
 use crate::plugin::types::MAX_PLAN_ENTRIES;
 use crate::relpath::RelPath;
 
-/// Files at least this large are fsynced on their own as soon as complete.
-pub const FSYNC_EACH: u64 = 1 << 20;
 const CHUNK: usize = 1 << 20;
 const WRITE_QUEUE: usize = 8;
 
@@ -470,19 +471,6 @@ impl FileWriter {
 }
 
 fn write_files(dir: &Path, mut rx: mpsc::Receiver<WriteMsg>, progress: &Progress) -> WriterOutcome {
-    let (fsync_tx, fsync_rx) = std::sync::mpsc::channel::<(RelPath, File)>();
-    let fsyncer = thread::Builder::new()
-        .name("ferry-fsync".into())
-        .spawn(move || {
-            for (path, file) in fsync_rx {
-                if let Err(e) = file.sync_all() {
-                    return Err(format!("fsync {path}: {e}"));
-                }
-            }
-            Ok(())
-        })
-        .expect("spawning the fsync thread");
-
     let mut records = Vec::new();
     let mut error = None;
     let mut current: Option<(RelPath, u64, File, blake3::Hasher, u64)> = None;
@@ -501,13 +489,10 @@ fn write_files(dir: &Path, mut rx: mpsc::Receiver<WriteMsg>, progress: &Progress
                 })
             }
             WriteMsg::End => {
-                let (path, size, file, hasher, written) = current.take().expect("end follows begin");
+                let (path, size, _file, hasher, written) = current.take().expect("end follows begin");
                 debug_assert_eq!(size, written);
-                records.push(FileRecord { path: path.clone(), size, blake3: Checksum::of(&hasher) });
+                records.push(FileRecord { path, size, blake3: Checksum::of(&hasher) });
                 progress.files_done.fetch_add(1, Ordering::Relaxed);
-                if size >= FSYNC_EACH {
-                    let _ = fsync_tx.send((path, file));
-                }
                 Ok(())
             }
         };
@@ -519,12 +504,6 @@ fn write_files(dir: &Path, mut rx: mpsc::Receiver<WriteMsg>, progress: &Progress
     // A file begun but not ended is incomplete: it must not stay.
     if let Some((path, ..)) = current.take() {
         let _ = fs::remove_file(path.join_to(dir));
-    }
-    drop(fsync_tx);
-    match fsyncer.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => error = error.or(Some(e)),
-        Err(_) => error = error.or(Some("the fsync thread panicked".into())),
     }
     WriterOutcome { records, error }
 }

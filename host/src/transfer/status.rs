@@ -75,6 +75,8 @@ pub struct TransferStatus {
     pub snapshot_id: Option<String>,
     /// Why it failed, naming the step.
     pub error: Option<String>,
+    /// Time spent in each stage so far, in milliseconds, in order.
+    pub stage_ms: Vec<(Stage, u64)>,
     /// Unix seconds.
     pub created_at: u64,
     pub updated_at: u64,

@@ -32,8 +32,22 @@ struct Inner {
     resumed_files: u64,
     snapshot_id: Option<String>,
     streaming_since: Option<Instant>,
+    stage_since: Instant,
+    stage_ms: Vec<(Stage, u64)>,
     created_at: u64,
     updated_at: u64,
+}
+
+impl Inner {
+    /// Adds the time since the last stage change to the current stage.
+    fn close_stage(&mut self) {
+        let ms = self.stage_since.elapsed().as_millis() as u64;
+        self.stage_since = Instant::now();
+        match self.stage_ms.last_mut() {
+            Some((stage, total)) if *stage == self.stage => *total += ms,
+            _ => self.stage_ms.push((self.stage, ms)),
+        }
+    }
 }
 
 fn unix_now() -> u64 {
@@ -62,6 +76,8 @@ impl Transfer {
                 resumed_files: 0,
                 snapshot_id: None,
                 streaming_since: None,
+                stage_since: Instant::now(),
+                stage_ms: Vec::new(),
                 created_at: now,
                 updated_at: now,
             }),
@@ -75,6 +91,7 @@ impl Transfer {
 
     fn set_stage(&self, stage: Stage) {
         let mut inner = self.inner();
+        inner.close_stage();
         inner.state = State::Running;
         inner.stage = stage;
         if stage == Stage::Streaming && inner.streaming_since.is_none() {
@@ -120,6 +137,7 @@ impl Transfer {
             resumed_files: inner.resumed_files,
             snapshot_id: inner.snapshot_id.clone(),
             error: inner.error.clone(),
+            stage_ms: inner.stage_ms.clone(),
             created_at: inner.created_at,
             updated_at: inner.updated_at,
         }
@@ -153,6 +171,7 @@ pub async fn run(shared: Arc<Shared>, transfer: Arc<Transfer>) {
     }
     {
         let mut inner = transfer.inner();
+        inner.close_stage();
         inner.updated_at = unix_now();
         match outcome {
             Ok(()) => {

@@ -1,6 +1,8 @@
 //! Makes sample shards for tests, demos and benchmarks.
 //!
 //! `shardgen segment-log DIR --size 64M [--segment-size 1M] [--term N]`
+//! `shardgen sqlite DIR --size 8M` (needs Debian's `sqlite3`)
+//! `shardgen same ENGINE ORIGINAL COPY` (the engine's own oracle; exit 1 if not)
 //! `shardgen materialize --plan PLAN.json --from SHARD --to DIR`
 
 use std::path::PathBuf;
@@ -9,6 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry::api::cli::parse_size;
 use ferry::plugin::SnapshotPlan;
+use ferry_tests::engines::TestEngine;
 use ferry_tests::segment_log::Generator;
 
 #[derive(Parser)]
@@ -32,6 +35,14 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// SQLite databases (main.db with SIZE bytes of rows, users.db), made by `sqlite3`.
+    Sqlite {
+        dir: PathBuf,
+        #[arg(long, value_parser = parse_size, default_value = "8M")]
+        size: u64,
+    },
+    /// Check that COPY holds what ORIGINAL holds, by the engine's own oracle.
+    Same { engine: String, original: PathBuf, copy: PathBuf },
     /// Copy what a plan (from `ferry plugin run-hook … create-snapshot --json`) names.
     Materialize {
         #[arg(long)]
@@ -54,6 +65,18 @@ fn main() -> anyhow::Result<()> {
                 control.flush,
                 control.segments().count()
             );
+        }
+        Cmd::Sqlite { dir, size } => {
+            ferry_tests::engines::Sqlite.create(&dir, size);
+            println!("sqlite shard {}: main.db, users.db", dir.display());
+        }
+        Cmd::Same { engine, original, copy } => {
+            let adapter = ferry_tests::engines::all()
+                .into_iter()
+                .find(|e| e.name() == engine)
+                .ok_or_else(|| anyhow::anyhow!("unknown engine {engine:?}"))?;
+            adapter.assert_same(&original, &copy);
+            println!("{engine}: {} holds what {} holds", copy.display(), original.display());
         }
         Cmd::Materialize { plan, from, to } => {
             let text = std::fs::read_to_string(&plan).with_context(|| plan.display().to_string())?;

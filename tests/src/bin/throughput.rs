@@ -1,0 +1,162 @@
+//! Throughput harness: Ferry between two local nodes against `cp -r` and
+//! `tar | tar` on the same data, in one run on this machine.
+//!
+//! Workloads (segment-log shards):
+//! - large: ~2 GiB in 64 MiB segment files;
+//! - small: 20,000 segment files of 4 KiB.
+//!
+//! Every measurement starts with the page cache dropped when the machine
+//! allows it (else everything runs warm alike) and ends durable: the
+//! baselines include a `sync`, Ferry its own fsync/syncfs. Prints one final
+//! line: `large_ratio=<ferry/cp> small_ratio=<ferry/tar> peak_rss_mib=<max
+//! of both nodes>`.
+//!
+//! Run: `tests/bench.sh` (builds release binaries, then runs this).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use ferry::api::cli::parse_size;
+use ferry::transfer::State;
+use ferry_tests::node::{NodeOptions, TestNode};
+use ferry_tests::segment_log::Generator;
+
+#[derive(Parser)]
+struct Args {
+    /// Scratch directory (default: a temporary one).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    #[arg(long, value_parser = parse_size, default_value = "2G")]
+    large_size: u64,
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    large_file: u64,
+    #[arg(long, default_value_t = 20_000)]
+    small_count: u64,
+    #[arg(long, value_parser = parse_size, default_value = "4K")]
+    small_file: u64,
+    /// Runs of each contender, interleaved; the median counts.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn sh(script: &str) -> anyhow::Result<()> {
+    let status = Command::new("bash").args(["-c", script]).status()?;
+    if !status.success() {
+        bail!("`{script}` failed: {status}");
+    }
+    Ok(())
+}
+
+/// Drops the page cache if allowed; says whether it did.
+fn drop_caches() -> bool {
+    sh("sync").ok();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+fn timed(label: &str, script: &str) -> anyhow::Result<Duration> {
+    drop_caches();
+    let start = Instant::now();
+    sh(script)?;
+    let took = start.elapsed();
+    println!("  {label:<28} {:>8.2} s", took.as_secs_f64());
+    Ok(took)
+}
+
+async fn ferry_run(source: &TestNode, target: &TestNode, shard: &str) -> anyhow::Result<Duration> {
+    let _ = std::fs::remove_dir_all(target.shard_dir("segment-log", shard));
+    drop_caches();
+    let start = Instant::now();
+    let started = target.start_transfer("segment-log", shard, &source.url).await?;
+    let done = target.wait_transfer(&started.id, Duration::from_secs(3600)).await;
+    let took = start.elapsed();
+    if done.state != State::Succeeded {
+        bail!("transfer failed: {:?}", done.error);
+    }
+    let stages: Vec<String> = done.stage_ms.iter().map(|(stage, ms)| format!("{stage} {ms} ms")).collect();
+    println!(
+        "  {:<28} {:>8.2} s  ({:.0} MiB/s; {})",
+        "ferry",
+        took.as_secs_f64(),
+        done.bytes_total as f64 / (1 << 20) as f64 / took.as_secs_f64(),
+        stages.join(", ")
+    );
+    Ok(took)
+}
+
+fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
+    Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
+}
+
+fn size_of(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let scratch = match &args.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            tempfile::tempdir_in(dir)?
+        }
+        None => tempfile::tempdir()?,
+    };
+    let base = scratch.path();
+    let source = TestNode::start("bench-source", NodeOptions { data_dir: Some(base.join("a")), ..Default::default() });
+    let target = TestNode::start("bench-target", NodeOptions { data_dir: Some(base.join("b")), ..Default::default() });
+    println!("page cache dropped before each run: {}", drop_caches());
+
+    let large = source.shard_dir("segment-log", "large");
+    Generator { segment_size: args.large_file, term: 1, seed: 1 }.create(&large, args.large_size)?;
+    let small = source.shard_dir("segment-log", "small");
+    Generator { segment_size: args.small_file, term: 1, seed: 2 }
+        .create(&small, args.small_count * args.small_file - 64)?;
+    sh("sync")?;
+    println!(
+        "large: {} files, {} MiB; small: {} files, {} MiB",
+        std::fs::read_dir(&large)?.count(),
+        size_of(&large) >> 20,
+        std::fs::read_dir(&small)?.count(),
+        size_of(&small) >> 20
+    );
+
+    let mut ratios = Vec::new();
+    for (shard, dir, baseline) in [("large", &large, "cp"), ("small", &small, "tar")] {
+        println!("{shard}:");
+        let dst = base.join(format!("copy-{shard}"));
+        let (src, dst) = (dir.display(), dst.display());
+        let (mut cp, mut tar, mut ferry) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.runs.max(1) {
+            cp.push(timed("cp -r + sync", &format!("rm -rf {dst} && cp -r {src} {dst} && sync"))?);
+            tar.push(timed(
+                "tar -c | tar -x + sync",
+                &format!("rm -rf {dst} && mkdir {dst} && tar -C {src} -cf - . | tar -C {dst} -xf - && sync"),
+            )?);
+            sh(&format!("rm -rf {dst}"))?;
+            ferry.push(ferry_run(&source, &target, shard).await?);
+        }
+        let (cp, tar, ferry) = (median(cp), median(tar), median(ferry));
+        println!(
+            "  medians: cp {:.2} s, tar {:.2} s, ferry {:.2} s",
+            cp.as_secs_f64(),
+            tar.as_secs_f64(),
+            ferry.as_secs_f64()
+        );
+        let reference = if baseline == "cp" { cp } else { tar };
+        ratios.push(ferry.as_secs_f64() / reference.as_secs_f64());
+    }
+
+    let rss = peak_rss_kib(source.pid())?.max(peak_rss_kib(target.pid())?);
+    println!("large_ratio={:.2} small_ratio={:.2} peak_rss_mib={}", ratios[0], ratios[1], rss / 1024);
+    Ok(())
+}
