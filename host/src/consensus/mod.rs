@@ -1,0 +1,3 @@
+//! Consensus: an openraft cluster of Ferry nodes and the replicated state.
+
+pub mod state;
