@@ -1,3 +1,520 @@
-//! Consensus: an openraft cluster of Ferry nodes and the replicated state.
+//! Consensus: Ferry nodes form an openraft cluster that replicates the
+//! cluster state ([`state`]): members, the replica table and transfers.
+//!
+//! - A node that starts with empty Raft storage initializes a one-member
+//!   cluster of itself: `ferry serve` alone needs no configuration.
+//! - `join` makes a node leave its own one-member cluster (its Raft storage is
+//!   wiped; its shards are registered again afterwards) and become a voter of
+//!   another; `leave` does the reverse.
+//! - Writes go to the leader: any node forwards a proposal to the leader it
+//!   knows, retrying through elections.
 
+pub mod network;
 pub mod state;
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use self::network::Network;
+use self::state::{Applied, ClusterState, Command, Member, NodeId};
+use self::store::{Db, LogStore, StateMachine};
+use crate::http::{self, Client};
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+        NodeId = NodeId,
+        Node = BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+        Responder = openraft::impls::OneshotResponder<TypeConfig>,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// How long a proposal keeps retrying through elections and forwarding.
+const PROPOSE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The Raft id of a node: derived from its name, so it is stable across
+/// restarts and address changes.
+pub fn raft_id(name: &str) -> NodeId {
+    let hash = blake3::hash(name.as_bytes());
+    u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap()) | 1
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    #[error("no leader reachable: {0}")]
+    NoLeader(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+/// A member as `ferry cluster status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: NodeId,
+    pub name: String,
+    pub addr: String,
+    pub voter: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node: String,
+    pub id: NodeId,
+    pub state: String,
+    pub leader: Option<MemberStatus>,
+    pub term: u64,
+    pub last_applied: u64,
+    pub last_log_index: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+/// A node's request to join, sent to any member.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub id: NodeId,
+    pub name: String,
+    pub addr: String,
+}
+
+pub struct Consensus {
+    pub id: NodeId,
+    pub name: String,
+    pub addr: String,
+    raft: RwLock<Raft>,
+    db: Db,
+    sm: StateMachine,
+    network: Network,
+    config: Arc<openraft::Config>,
+    /// Serializes join, leave and reset.
+    membership_lock: Mutex<()>,
+}
+
+fn raft_config() -> Arc<openraft::Config> {
+    let config = openraft::Config {
+        cluster_name: "ferry".into(),
+        heartbeat_interval: 200,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
+        max_in_snapshot_log_to_keep: 100,
+        ..Default::default()
+    };
+    Arc::new(config.validate().expect("valid raft config"))
+}
+
+impl Consensus {
+    /// Opens the Raft storage in `state_dir` and starts Raft; initializes a
+    /// one-member cluster if the storage is empty.
+    pub async fn open(
+        state_dir: &Path,
+        name: &str,
+        addr: &str,
+        client: Client,
+        token: Arc<str>,
+    ) -> Result<Consensus, ConsensusError> {
+        let db = Db::open(&state_dir.join("raft.redb")).map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        let sm = StateMachine::load(db.clone()).await.map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        let network = Network { client, token };
+        let config = raft_config();
+        let id = raft_id(name);
+        let raft = Raft::new(id, config.clone(), network.clone(), LogStore::new(db.clone()), sm.clone())
+            .await
+            .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        let consensus = Consensus {
+            id,
+            name: name.to_owned(),
+            addr: addr.to_owned(),
+            raft: RwLock::new(raft),
+            db,
+            sm,
+            network,
+            config,
+            membership_lock: Mutex::new(()),
+        };
+        consensus.initialize_if_new().await?;
+        Ok(consensus)
+    }
+
+    async fn initialize_if_new(&self) -> Result<(), ConsensusError> {
+        let raft = self.raft();
+        if !raft.is_initialized().await.map_err(|e| ConsensusError::Raft(e.to_string()))? {
+            let members = BTreeMap::from([(self.id, BasicNode::new(&self.addr))]);
+            raft.initialize(members).await.map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    pub fn raft(&self) -> Raft {
+        self.raft.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A copy of the replicated state as this node has applied it.
+    pub fn state(&self) -> ClusterState {
+        self.sm.data.read().unwrap_or_else(|e| e.into_inner()).state.clone()
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        *self.sm.applied.borrow()
+    }
+
+    /// Waits until this node has applied `index`.
+    pub async fn wait_applied(&self, index: u64, within: Duration) -> Result<(), ConsensusError> {
+        let mut rx = self.sm.applied.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|applied| *applied >= index))
+            .await
+            .map_err(|_| ConsensusError::Raft(format!("index {index} not applied here within {within:?}")))?
+            .map(|_| ())
+            .map_err(|e| ConsensusError::Raft(e.to_string()))
+    }
+
+    /// Commits `command` through the leader, wherever it is. Returns where it
+    /// was applied; a refused command is an error with the reason.
+    pub async fn propose(&self, command: Command) -> Result<Applied, ConsensusError> {
+        let command = &command;
+        let applied = self
+            .leader_call(|leader| async move {
+                match leader {
+                    None => {
+                        let response = self.raft().client_write(command.clone()).await;
+                        response.map(|r| r.data).map_err(|e| self.classify(e))
+                    }
+                    Some(addr) => self.forward(&addr, "/v1/raft/propose", hyper::Method::POST, Some(command)).await,
+                }
+            })
+            .await?;
+        match applied.error {
+            Some(reason) => Err(ConsensusError::Refused(reason)),
+            None => Ok(applied),
+        }
+    }
+
+    /// Runs `op` on the leader: `None` means "this node, try locally",
+    /// `Some(addr)` means "forward to that leader". Retries through elections.
+    async fn leader_call<T, F, Fut>(&self, op: F) -> Result<T, ConsensusError>
+    where
+        F: Fn(Option<String>) -> Fut,
+        Fut: Future<Output = Result<T, Attempt>>,
+    {
+        let deadline = tokio::time::Instant::now() + PROPOSE_PATIENCE;
+        let mut target: Option<String> = None;
+        let mut last = String::from("no attempt");
+        loop {
+            match op(target.clone()).await {
+                Ok(value) => return Ok(value),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Forward(addr)) if addr != self.addr => target = Some(addr),
+                Err(Attempt::Forward(_)) => target = None,
+                Err(Attempt::Retry(why)) => {
+                    last = why;
+                    target = None;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ConsensusError::NoLeader(last));
+            }
+            if target.is_none() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    fn classify(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Attempt {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => match f.leader_node {
+                Some(node) => Attempt::Forward(node.addr),
+                None => Attempt::Retry("no leader known yet".into()),
+            },
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                Attempt::Fatal(ConsensusError::Refused(e.to_string()))
+            }
+            RaftError::Fatal(e) => Attempt::Fatal(ConsensusError::Raft(e.to_string())),
+        }
+    }
+
+    /// Sends a request to another node's API (one hop: the receiver runs it
+    /// locally or answers where the leader is).
+    async fn forward<B: Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        method: hyper::Method,
+        body: Option<&B>,
+    ) -> Result<T, Attempt> {
+        let url = format!("{}{path}", addr.trim_end_matches('/'));
+        let body = body.map(|b| Bytes::from(serde_json::to_vec(b).expect("serializes")));
+        let request = http::request(method, &url, &self.network.token, body).map_err(|e| Attempt::Retry(e))?;
+        let response = tokio::time::timeout(Duration::from_secs(60), self.network.client.request(request))
+            .await
+            .map_err(|_| Attempt::Retry(format!("{url}: timed out")))?
+            .map_err(|e| Attempt::Retry(format!("{url}: {}", http::error_chain(&e))))?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.map_err(|e| Attempt::Retry(e.to_string()))?.to_bytes();
+        if status == hyper::StatusCode::MISDIRECTED_REQUEST {
+            // Not the leader (any more): it says who is, or that it does not know.
+            return match serde_json::from_slice::<NotLeader>(&bytes) {
+                Ok(NotLeader { leader: Some(addr) }) => Err(Attempt::Forward(addr)),
+                _ => Err(Attempt::Retry(format!("{url}: not the leader"))),
+            };
+        }
+        if status.is_server_error() {
+            return Err(Attempt::Retry(format!("{url}: {status}: {}", http::ApiError::message_of(&bytes))));
+        }
+        if !status.is_success() {
+            return Err(Attempt::Fatal(ConsensusError::Refused(http::ApiError::message_of(&bytes))));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| Attempt::Retry(format!("{url}: {e}")))
+    }
+
+    /// Commits `command` if this node is the leader; else says who is.
+    pub async fn propose_here(&self, command: Command) -> Result<Applied, NotLeaderOr> {
+        match self.raft().client_write(command).await {
+            Ok(response) => Ok(response.data),
+            Err(e) => Err(self.not_leader_or(e)),
+        }
+    }
+
+    fn not_leader_or(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> NotLeaderOr {
+        match self.classify(e) {
+            Attempt::Forward(addr) => NotLeaderOr::NotLeader(NotLeader { leader: Some(addr) }),
+            Attempt::Retry(_) => NotLeaderOr::NotLeader(NotLeader { leader: None }),
+            Attempt::Fatal(e) => NotLeaderOr::Error(e),
+        }
+    }
+
+    /// Leader side of a join: learner first (it catches up), then voter, then
+    /// its name and address in the state.
+    pub async fn add_member(&self, join: &JoinRequest) -> Result<Applied, NotLeaderOr> {
+        let raft = self.raft();
+        let node = BasicNode::new(&join.addr);
+        raft.add_learner(join.id, node, true).await.map_err(|e| self.not_leader_or(e))?;
+        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([join.id])), false)
+            .await
+            .map_err(|e| self.not_leader_or(e))?;
+        let member = Member { name: join.name.clone(), addr: join.addr.clone() };
+        self.propose_here(Command::SetMember { id: join.id, member }).await
+    }
+
+    /// Leader side of a leave.
+    pub async fn remove_member(&self, id: NodeId) -> Result<Applied, NotLeaderOr> {
+        let applied = self.propose_here(Command::RemoveMember { id }).await?;
+        if let Some(reason) = &applied.error {
+            return Err(NotLeaderOr::Error(ConsensusError::Refused(reason.clone())));
+        }
+        let raft = self.raft();
+        let voters = self.voters();
+        if voters.contains(&id) {
+            raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| self.not_leader_or(e))?;
+        }
+        raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| self.not_leader_or(e))?;
+        Ok(applied)
+    }
+
+    fn voters(&self) -> BTreeSet<NodeId> {
+        let metrics = self.raft().metrics().borrow().clone();
+        metrics.membership_config.voter_ids().collect()
+    }
+
+    /// Makes this node a member of the cluster that `to` belongs to.
+    pub async fn join(&self, to: &str) -> Result<(), ConsensusError> {
+        let _guard = self.membership_lock.lock().await;
+        let others: Vec<NodeId> = self.voters().into_iter().filter(|v| *v != self.id).collect();
+        if !others.is_empty() {
+            return Err(ConsensusError::Refused(format!(
+                "node {} is already in a cluster of {} members; leave it first",
+                self.name,
+                others.len() + 1
+            )));
+        }
+        // Check the other side answers before giving up our own cluster.
+        let status: ClusterStatus = self
+            .forward::<(), _>(to, "/v1/cluster", hyper::Method::GET, None)
+            .await
+            .map_err(|e| ConsensusError::NoLeader(e.describe(to)))?;
+        if status.members.iter().any(|m| m.id == self.id) {
+            return Err(ConsensusError::Refused(format!("node {} is already a member of that cluster", self.name)));
+        }
+        self.reset(false).await?;
+        let join = JoinRequest { id: self.id, name: self.name.clone(), addr: self.addr.clone() };
+        let result = self
+            .leader_call(|leader| {
+                let join = join.clone();
+                let addr = leader.unwrap_or_else(|| to.to_owned());
+                async move {
+                    self.forward::<_, Applied>(&addr, "/v1/cluster/members", hyper::Method::POST, Some(&join)).await
+                }
+            })
+            .await;
+        if let Err(e) = result {
+            // Do not stay without a cluster: back to a one-member cluster.
+            tracing::warn!("join failed ({e}); re-initializing a one-member cluster");
+            self.reset(true).await?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Takes this node out of its cluster; it becomes a one-member cluster.
+    pub async fn leave(&self) -> Result<(), ConsensusError> {
+        let _guard = self.membership_lock.lock().await;
+        if self.voters().iter().all(|v| *v == self.id) {
+            return Err(ConsensusError::Refused(format!("node {} is alone in its cluster", self.name)));
+        }
+        let id = self.id;
+        self.leader_call(|leader| async move {
+            match leader {
+                None => self.remove_member(id).await.map_err(NotLeaderOr::into_attempt),
+                Some(addr) => {
+                    self.forward::<(), Applied>(
+                        &addr,
+                        &format!("/v1/cluster/members/{id}"),
+                        hyper::Method::DELETE,
+                        None,
+                    )
+                    .await
+                }
+            }
+        })
+        .await?;
+        self.reset(true).await
+    }
+
+    /// Replaces Raft with a fresh one on wiped storage.
+    async fn reset(&self, initialize: bool) -> Result<(), ConsensusError> {
+        let old = self.raft();
+        old.shutdown().await.map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.wipe())
+            .await
+            .map_err(|e| ConsensusError::Storage(e.to_string()))?
+            .map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        *self.sm.data.write().unwrap_or_else(|e| e.into_inner()) = Default::default();
+        self.sm.applied.send_replace(0);
+        let raft = Raft::new(
+            self.id,
+            self.config.clone(),
+            self.network.clone(),
+            LogStore::new(self.db.clone()),
+            self.sm.clone(),
+        )
+        .await
+        .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        *self.raft.write().unwrap_or_else(|e| e.into_inner()) = raft;
+        if initialize {
+            self.initialize_if_new().await?;
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let metrics = self.raft().metrics().borrow().clone();
+        let state = self.state();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members: Vec<MemberStatus> = membership
+            .nodes()
+            .map(|(id, node)| MemberStatus {
+                id: *id,
+                name: state.members.get(id).map(|m| m.name.clone()).unwrap_or_default(),
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        let leader = metrics.current_leader.and_then(|l| members.iter().find(|m| m.id == l).cloned());
+        ClusterStatus {
+            node: self.name.clone(),
+            id: self.id,
+            state: match metrics.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            }
+            .into(),
+            leader,
+            term: metrics.current_term,
+            last_applied: metrics.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            members,
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.raft().shutdown().await;
+    }
+}
+
+/// One attempt of a leader-bound operation.
+pub enum Attempt {
+    Forward(String),
+    Retry(String),
+    Fatal(ConsensusError),
+}
+
+impl Attempt {
+    fn describe(&self, to: &str) -> String {
+        match self {
+            Attempt::Forward(addr) => format!("{to} points to {addr}"),
+            Attempt::Retry(why) => why.clone(),
+            Attempt::Fatal(e) => e.to_string(),
+        }
+    }
+}
+
+/// The body of a 421 answer: this node is not the leader.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NotLeader {
+    pub leader: Option<String>,
+}
+
+pub enum NotLeaderOr {
+    NotLeader(NotLeader),
+    Error(ConsensusError),
+}
+
+impl NotLeaderOr {
+    fn into_attempt(self) -> Attempt {
+        match self {
+            NotLeaderOr::NotLeader(NotLeader { leader: Some(addr) }) => Attempt::Forward(addr),
+            NotLeaderOr::NotLeader(NotLeader { leader: None }) => Attempt::Retry("no leader known yet".into()),
+            NotLeaderOr::Error(e) => Attempt::Fatal(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raft_ids_are_stable_and_nonzero() {
+        assert_eq!(raft_id("node-1"), raft_id("node-1"));
+        assert_ne!(raft_id("node-1"), raft_id("node-2"));
+        assert_ne!(raft_id(""), 0);
+    }
+}
