@@ -22,6 +22,9 @@ pub struct NodeOptions {
     pub args: Vec<String>,
     /// Data directory to use instead of a fresh one (for restarts).
     pub data_dir: Option<PathBuf>,
+    /// Listen on this port (a cluster member keeps its address across
+    /// restarts); default: a free port chosen now.
+    pub port: Option<u16>,
     /// Run the node with a file-size limit (RLIMIT_FSIZE) of this many bytes,
     /// SIGXFSZ ignored: writes past it fail with EFBIG, like a full disk.
     pub file_size_limit: Option<u64>,
@@ -29,7 +32,9 @@ pub struct NodeOptions {
 
 /// A running node. Killed (SIGKILL) when dropped.
 pub struct TestNode {
+    pub name: String,
     pub url: String,
+    pub port: u16,
     pub data_dir: PathBuf,
     pub token_file: PathBuf,
     pub plugins_dir: PathBuf,
@@ -49,15 +54,26 @@ impl TestNode {
         }
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, TOKEN).unwrap();
-        let mut node = TestNode { url: String::new(), data_dir, token_file, plugins_dir, child: None, _dir: dir };
-        node.spawn(name, &options);
+        let port = options.port.unwrap_or_else(free_port);
+        let mut node = TestNode {
+            name: name.to_owned(),
+            url: String::new(),
+            port,
+            data_dir,
+            token_file,
+            plugins_dir,
+            child: None,
+            _dir: dir,
+        };
+        node.spawn(&options);
         node
     }
 
-    fn spawn(&mut self, name: &str, options: &NodeOptions) {
+    fn spawn(&mut self, options: &NodeOptions) {
+        let name = self.name.clone();
         let mut cmd = Command::new(ferry_bin());
         cmd.arg("serve")
-            .args(["--node-id", name, "--listen", "127.0.0.1:0"])
+            .args(["--node-id", &name, "--listen", &format!("127.0.0.1:{}", self.port)])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--plugins-dir")
@@ -121,10 +137,10 @@ impl TestNode {
         child.wait().unwrap()
     }
 
-    /// Starts the node again on the same data directory (a new port).
-    pub fn restart(&mut self, name: &str, options: NodeOptions) {
+    /// Starts the node again on the same data directory and port.
+    pub fn restart(&mut self, options: NodeOptions) {
         self.kill();
-        self.spawn(name, &options);
+        self.spawn(&options);
     }
 
     pub fn api(&self) -> ApiClient {
@@ -181,6 +197,11 @@ impl TestNode {
     }
 }
 
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 impl Drop for TestNode {
     fn drop(&mut self) {
         self.kill();
@@ -194,5 +215,83 @@ fn libc_setrlimit_fsize(limit: u64) {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
         libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit);
+    }
+}
+
+/// A cluster of test nodes, all joined to the first.
+pub struct TestCluster {
+    pub nodes: Vec<TestNode>,
+}
+
+impl TestCluster {
+    pub async fn start(names: &[&str]) -> TestCluster {
+        let nodes: Vec<TestNode> = names.iter().map(|n| TestNode::start(n, NodeOptions::default())).collect();
+        for node in &nodes[1..] {
+            let body = json!({ "to": nodes[0].url });
+            let _: serde_json::Value =
+                node.api().call(Method::POST, "/v1/cluster/join", Some(&body)).await.expect("join");
+        }
+        let cluster = TestCluster { nodes };
+        cluster.wait_agreement(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    /// Waits until every running node sees all members, the same leader and
+    /// the same applied index; returns the status of the first.
+    pub async fn wait_agreement(&self, within: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut statuses = Vec::new();
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                match node.api().call::<serde_json::Value>(Method::GET, "/v1/cluster", None).await {
+                    Ok(status) => statuses.push(status),
+                    Err(_) => break,
+                }
+            }
+            let running = self.nodes.iter().filter(|n| n.child.is_some()).count();
+            if statuses.len() == running && !statuses.is_empty() {
+                let first = &statuses[0];
+                let agree = statuses.iter().all(|s| {
+                    s["leader"]["id"] == first["leader"]["id"]
+                        && !first["leader"].is_null()
+                        && s["last_applied"] == first["last_applied"]
+                        && s["members"].as_array().map(|m| m.len()) == Some(self.nodes.len())
+                        && s["members"].as_array().unwrap().iter().all(|m| m["name"] != "")
+                });
+                if agree {
+                    return first.clone();
+                }
+            }
+            assert!(Instant::now() < deadline, "no agreement in {within:?}: {statuses:#?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The replica table as node `i` sees it.
+    pub async fn shards(&self, i: usize) -> serde_json::Value {
+        self.nodes[i].api().call(Method::GET, "/v1/shards", None).await.unwrap()
+    }
+
+    /// Waits until every running node shows `want` as its replica table.
+    pub async fn wait_shards(&self, want: &serde_json::Value, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut all = true;
+            for (i, node) in self.nodes.iter().enumerate() {
+                if node.child.is_some() && &self.shards(i).await != want {
+                    all = false;
+                }
+            }
+            if all {
+                return;
+            }
+            assert!(Instant::now() < deadline, "replica tables differ from {want}: {}", self.shards(0).await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn leader_index(&self, status: &serde_json::Value) -> usize {
+        let leader = status["leader"]["name"].as_str().unwrap();
+        self.nodes.iter().position(|n| n.name == leader).unwrap()
     }
 }

@@ -113,8 +113,17 @@ async fn one_transfer_per_shard_at_a_time() {
     let again = target.start_transfer("segment-log", "s1", &source.url).await.unwrap();
     assert_eq!(target.wait_transfer(&again.id, Duration::from_secs(60)).await.state, State::Succeeded);
 
-    let shards: Vec<Value> = target.api().call(Method::GET, "/v1/shards", None).await.unwrap();
-    assert_eq!(shards, vec![json!({"engine": "segment-log", "shard": "s1"})]);
+    // The published replica is registered in the target's replica table.
+    let want = vec![json!({"engine": "segment-log", "shard": "s1", "replicas": {"target": "active"}})];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let shards: Vec<Value> = target.api().call(Method::GET, "/v1/shards", None).await.unwrap();
+        if shards == want {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{shards:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn bearer() -> String {

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::api::client::ApiClient;
+use crate::consensus::ClusterStatus;
 use crate::node::Node;
 use crate::node::config::{Config, read_token};
 use crate::plugin::{
@@ -36,6 +37,44 @@ pub enum Command {
     /// Inspect and exercise engine plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Cluster membership and status.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// The replica table (from any node).
+    Shards {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Make the node at --node join the cluster of the node at --to.
+    Join {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Any member of the cluster to join.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take the node at --node out of its cluster.
+    Leave {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Members, leader, term, last applied index.
+    Status {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -267,6 +306,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Transfer(command) => transfer(command).await,
+        Command::Cluster(command) => cluster(command).await,
+        Command::Shards { node, json } => {
+            let rows: Vec<serde_json::Value> = node.client()?.call(hyper::Method::GET, "/v1/shards", None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for row in &rows {
+                    let replicas: Vec<String> = row["replicas"]
+                        .as_object()
+                        .map(|m| {
+                            m.iter().map(|(node, state)| format!("{node}={}", state.as_str().unwrap_or("?"))).collect()
+                        })
+                        .unwrap_or_default();
+                    println!(
+                        "{}/{}  {}",
+                        row["engine"].as_str().unwrap_or("?"),
+                        row["shard"].as_str().unwrap_or("?"),
+                        replicas.join(" ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plugin(PluginCommand::Check { file, runtime, json }) => check(&file, &runtime, json).await,
         Command::Plugin(PluginCommand::RunHook { file, hook, shard_dir, shard, meta, meta_file, runtime, json }) => {
             let meta = match (meta, meta_file) {
@@ -349,11 +411,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.max_attempts = v;
     }
 
-    let node = std::sync::Arc::new(Node::open(config).await?);
-    let listener = tokio::net::TcpListener::bind(node.config.listen)
+    // Bind first: the address is part of the node's identity in the cluster.
+    let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("listening on {}", node.config.listen))?;
+        .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let node = std::sync::Arc::new(Node::open(config, &format!("http://{addr}")).await?);
     let engines: Vec<String> = node.plugins.iter().map(|p| p.info().name.clone()).collect();
     // One line on stdout when ready: scripts and tests wait for it.
     println!("ferry node {} listening on http://{addr} (engines: {})", node.config.node_id, engines.join(", "));
@@ -370,7 +433,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         signals.cancel();
     });
-    crate::api::server::serve(node, listener, shutdown).await?;
+    tokio::spawn(crate::node::registrar::run(node.clone(), shutdown.clone()));
+    crate::api::server::serve(node.clone(), listener, shutdown).await?;
+    node.consensus.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -412,6 +477,33 @@ async fn transfer(command: TransferCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn cluster(command: ClusterCommand) -> anyhow::Result<ExitCode> {
+    use hyper::Method;
+    let (status, json): (ClusterStatus, bool) = match command {
+        ClusterCommand::Join { node, to, json } => {
+            (node.client()?.call(Method::POST, "/v1/cluster/join", Some(&json!({ "to": to }))).await?, json)
+        }
+        ClusterCommand::Leave { node, json } => {
+            (node.client()?.call(Method::POST, "/v1/cluster/leave", None).await?, json)
+        }
+        ClusterCommand::Status { node, json } => (node.client()?.call(Method::GET, "/v1/cluster", None).await?, json),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        let leader =
+            status.leader.as_ref().map(|l| format!("{} ({})", l.name, l.addr)).unwrap_or_else(|| "none".into());
+        println!(
+            "node {} is {}; leader {leader}; term {}; last applied {}",
+            status.node, status.state, status.term, status.last_applied
+        );
+        for m in &status.members {
+            println!("  {:<16} {:<28} {}", m.name, m.addr, if m.voter { "voter" } else { "learner" });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Polls a transfer until it ends, drawing a progress bar when asked.

@@ -26,6 +26,9 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::consensus::network::FullSnapshot;
+use crate::consensus::state::{Applied, Command};
+use crate::consensus::{ConsensusError, JoinRequest, NotLeaderOr, TypeConfig};
 use crate::http::{Body, SNAPSHOT_ID_HEADER, error_response, json_response};
 use crate::install::layout::check_shard_id;
 use crate::node::Node;
@@ -86,7 +89,25 @@ async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
     match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "health"]) => json_response(StatusCode::OK, &json!({ "node_id": node.config.node_id })),
         (&Method::GET, ["v1", "plugins"]) => plugins(node),
-        (&Method::GET, ["v1", "shards"]) => shards(node).await,
+        (&Method::GET, ["v1", "shards"]) => shards(node),
+        (&Method::GET, ["v1", "cluster"]) => json_response(StatusCode::OK, &node.consensus.status()),
+        (&Method::POST, ["v1", "cluster", "join"]) => join(node, req).await,
+        (&Method::POST, ["v1", "cluster", "leave"]) => match node.consensus.leave().await {
+            Ok(()) => {
+                node.registrar.notify_one();
+                json_response(StatusCode::OK, &node.consensus.status())
+            }
+            Err(e) => consensus_error(e),
+        },
+        (&Method::POST, ["v1", "cluster", "members"]) => add_member(node, req).await,
+        (&Method::DELETE, ["v1", "cluster", "members", id]) => match id.parse() {
+            Ok(id) => leader_answer(node.consensus.remove_member(id).await),
+            Err(_) => bad_request(format!("{id:?} is not a node id")),
+        },
+        (&Method::POST, ["v1", "raft", rpc]) => {
+            let rpc = rpc.to_string();
+            raft_rpc(node, &rpc, req).await
+        }
         (&Method::GET | &Method::POST, ["v1", "engines", engine, "shards", shard, "snapshot"]) => {
             let (engine, shard) = (engine.to_string(), shard.to_string());
             snapshot(node, &engine, &shard, req).await
@@ -148,35 +169,107 @@ fn plugins(node: &Node) -> Response<Body> {
     json_response(StatusCode::OK, &list)
 }
 
-async fn shards(node: &Node) -> Response<Body> {
-    let root = node.data.shards_root();
-    let found = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<serde_json::Value>> {
-        let mut out = Vec::new();
-        for engine in std::fs::read_dir(&root)? {
-            let engine = engine?;
-            if !engine.file_type()?.is_dir() {
-                continue;
-            }
-            for shard in std::fs::read_dir(engine.path())? {
-                let shard = shard?;
-                if shard.file_type()?.is_dir() {
-                    out.push(json!({
-                        "engine": engine.file_name().to_string_lossy(),
-                        "shard": shard.file_name().to_string_lossy(),
-                    }));
-                }
-            }
+/// The replica table, from this node's applied state, with node names.
+fn shards(node: &Node) -> Response<Body> {
+    let state = node.consensus.state();
+    let name = |id: &u64| state.members.get(id).map(|m| m.name.clone()).unwrap_or_else(|| id.to_string());
+    let rows: Vec<serde_json::Value> = state
+        .replicas
+        .iter()
+        .map(|((engine, shard), replicas)| {
+            let replicas: serde_json::Map<String, serde_json::Value> =
+                replicas.iter().map(|(id, state)| (name(id), json!(state))).collect();
+            json!({ "engine": engine, "shard": shard, "replicas": replicas })
+        })
+        .collect();
+    json_response(StatusCode::OK, &rows)
+}
+
+fn consensus_error(e: ConsensusError) -> Response<Body> {
+    match e {
+        ConsensusError::Refused(m) => error_response(StatusCode::CONFLICT, "refused", m),
+        ConsensusError::NoLeader(m) => error_response(StatusCode::SERVICE_UNAVAILABLE, "no-leader", m),
+        other => error_response(StatusCode::INTERNAL_SERVER_ERROR, "consensus", other.to_string()),
+    }
+}
+
+/// Maps a leader-only operation's outcome: 421 with the leader's address
+/// when this node is not the leader.
+fn leader_answer(result: Result<Applied, NotLeaderOr>) -> Response<Body> {
+    match result {
+        Ok(applied) => json_response(StatusCode::OK, &applied),
+        Err(NotLeaderOr::NotLeader(not_leader)) => json_response(StatusCode::MISDIRECTED_REQUEST, &not_leader),
+        Err(NotLeaderOr::Error(e)) => consensus_error(e),
+    }
+}
+
+async fn join(node: &Node, req: Request<Incoming>) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        to: String,
+    }
+    let body: Body = match read_json(req).await {
+        Ok(Some(body)) => body,
+        Ok(None) => return bad_request("expected {\"to\": \"http://host:port\"}"),
+        Err(response) => return response,
+    };
+    match node.consensus.join(&body.to).await {
+        Ok(()) => {
+            node.registrar.notify_one();
+            json_response(StatusCode::OK, &node.consensus.status())
         }
-        Ok(out)
-    })
-    .await;
-    match found {
-        Ok(Ok(mut list)) => {
-            list.sort_by_key(|v| v.to_string());
-            json_response(StatusCode::OK, &list)
+        Err(e) => consensus_error(e),
+    }
+}
+
+async fn add_member(node: &Node, req: Request<Incoming>) -> Response<Body> {
+    let join: JoinRequest = match read_json(req).await {
+        Ok(Some(join)) => join,
+        Ok(None) => return bad_request("expected {id, name, addr}"),
+        Err(response) => return response,
+    };
+    if join.id != crate::consensus::raft_id(&join.name) {
+        return bad_request("node id does not match the node's name");
+    }
+    leader_answer(node.consensus.add_member(&join).await)
+}
+
+/// Raft's own RPCs, from other members.
+async fn raft_rpc(node: &Node, rpc: &str, req: Request<Incoming>) -> Response<Body> {
+    let raft = node.consensus.raft();
+    macro_rules! call {
+        ($ty:ty, $method:ident) => {{
+            let body: $ty = match read_json(req).await {
+                Ok(Some(body)) => body,
+                Ok(None) => return bad_request("empty Raft request"),
+                Err(response) => return response,
+            };
+            json_response(StatusCode::OK, &raft.$method(body).await)
+        }};
+    }
+    match rpc {
+        "append" => call!(openraft::raft::AppendEntriesRequest<TypeConfig>, append_entries),
+        "vote" => call!(openraft::raft::VoteRequest<u64>, vote),
+        "install-snapshot" => call!(openraft::raft::InstallSnapshotRequest<TypeConfig>, install_snapshot),
+        "snapshot" => {
+            let body: FullSnapshot = match read_json(req).await {
+                Ok(Some(body)) => body,
+                Ok(None) => return bad_request("empty snapshot"),
+                Err(response) => return response,
+            };
+            let (vote, snapshot) = body.into_parts();
+            json_response(StatusCode::OK, &raft.install_full_snapshot(vote, snapshot).await)
         }
-        Ok(Err(e)) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()),
-        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()),
+        "propose" => {
+            let command: Command = match read_json(req).await {
+                Ok(Some(command)) => command,
+                Ok(None) => return bad_request("empty proposal"),
+                Err(response) => return response,
+            };
+            leader_answer(node.consensus.propose_here(command).await)
+        }
+        other => not_found(format!("no Raft RPC {other}")),
     }
 }
 

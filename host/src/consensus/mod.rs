@@ -426,6 +426,11 @@ impl Consensus {
         *self.raft.write().unwrap_or_else(|e| e.into_inner()) = raft;
         if initialize {
             self.initialize_if_new().await?;
+            self.raft()
+                .wait(Some(Duration::from_secs(10)))
+                .current_leader(self.id, "leader of its own one-member cluster")
+                .await
+                .map_err(|e| ConsensusError::Raft(e.to_string()))?;
         }
         Ok(())
     }

@@ -9,10 +9,13 @@ use tokio::sync::Semaphore;
 
 pub use config::Config;
 
+use crate::consensus::Consensus;
 use crate::install::DataDir;
 use crate::plugin::{PluginRuntime, Registry};
 use crate::stream::RateLimiter;
 use crate::transfer::{RetryPolicy, Shared, TransferManager};
+
+pub mod registrar;
 
 pub struct Node {
     pub config: Config,
@@ -23,14 +26,18 @@ pub struct Node {
     pub rate: Arc<RateLimiter>,
     /// Outgoing snapshot streams this node serves at once.
     pub outgoing: Arc<Semaphore>,
+    pub consensus: Arc<Consensus>,
+    /// Wakes the registrar (after a join, a leave, a publish).
+    pub registrar: Arc<tokio::sync::Notify>,
     /// Owns the wasmtime engine and its epoch ticker.
     _runtime: PluginRuntime,
 }
 
 impl Node {
-    /// Opens the data directory, loads every plugin, and removes staging
-    /// directories that no live transfer owns (a crash leaves them behind).
-    pub async fn open(config: Config) -> anyhow::Result<Node> {
+    /// Opens the data directory, loads every plugin, removes staging
+    /// directories that no live transfer owns (a crash leaves them behind),
+    /// and starts consensus; `addr` is the base URL other nodes reach us at.
+    pub async fn open(config: Config, addr: &str) -> anyhow::Result<Node> {
         config.check()?;
         let data = DataDir::open(&config.data_dir)
             .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
@@ -48,10 +55,18 @@ impl Node {
             tracing::info!(engine = %plugin.info().name, path = %plugin.path().display(), "plugin loaded");
         }
         let rate = Arc::new(RateLimiter::new(config.rate_limit));
+        let client = crate::http::client();
+        let consensus = Arc::new(
+            Consensus::open(&data.state(), &config.node_id, addr, client.clone(), token.clone())
+                .await
+                .context("starting consensus")?,
+        );
+        let registrar = Arc::new(tokio::sync::Notify::new());
         let transfers = TransferManager::new(Shared {
             data: data.clone(),
             plugins: plugins.clone(),
-            client: crate::http::client(),
+            client,
+            published: Some(registrar.clone()),
             token: token.clone(),
             rate: rate.clone(),
             incoming: Arc::new(Semaphore::new(config.max_incoming)),
@@ -59,6 +74,8 @@ impl Node {
         });
         Ok(Node {
             outgoing: Arc::new(Semaphore::new(config.max_outgoing)),
+            consensus,
+            registrar,
             config,
             data,
             plugins,

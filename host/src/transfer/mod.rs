@@ -75,6 +75,8 @@ pub struct Shared {
     pub rate: Arc<RateLimiter>,
     pub incoming: Arc<Semaphore>,
     pub retry: RetryPolicy,
+    /// Woken after a publish (the node registers the new replica).
+    pub published: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// The node's incoming transfers.

@@ -297,6 +297,9 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
     let replaced =
         blocking(move || publish(&data_dir, &live)).await.map_err(|e| Ended::Failed(format!("publishing: {e}")))?;
     tracing::info!(transfer = %transfer.id, shard = %request.shard, replaced, "published");
+    if let Some(published) = &shared.published {
+        published.notify_one();
+    }
     Ok(())
 }
 

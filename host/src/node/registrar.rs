@@ -1,0 +1,90 @@
+//! Keeps the replicated state true to this node's disk: its member record,
+//! the replicas in `shards/` (registered Active), and Dead replicas (their
+//! files removed, then forgotten).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::consensus::state::{Command, Member, ReplicaState};
+use crate::node::Node;
+
+/// How often the registrar runs without being woken.
+const PERIOD: Duration = Duration::from_secs(10);
+
+/// Runs until the node stops.
+pub async fn run(node: Arc<Node>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        if let Err(e) = register(&node).await {
+            tracing::debug!("registrar: {e}");
+        }
+        tokio::select! {
+            _ = node.registrar.notified() => {}
+            _ = tokio::time::sleep(PERIOD) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// The shards on this node's disk, as (engine, shard).
+pub fn local_shards(node: &Node) -> std::io::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for engine in std::fs::read_dir(node.data.shards_root())? {
+        let engine = engine?;
+        if !engine.file_type()?.is_dir() {
+            continue;
+        }
+        for shard in std::fs::read_dir(engine.path())? {
+            let shard = shard?;
+            if shard.file_type()?.is_dir() {
+                out.push((
+                    engine.file_name().to_string_lossy().into_owned(),
+                    shard.file_name().to_string_lossy().into_owned(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+async fn register(node: &Node) -> anyhow::Result<()> {
+    let consensus = &node.consensus;
+    let me = consensus.id;
+    let state = consensus.state();
+    let member = Member { name: consensus.name.clone(), addr: consensus.addr.clone() };
+    if state.members.get(&me) != Some(&member) {
+        consensus.propose(Command::SetMember { id: me, member }).await?;
+    }
+    let state = consensus.state();
+    // Dead replicas here: remove their files, then forget them.
+    for ((engine, shard), replicas) in &state.replicas {
+        if replicas.get(&me) != Some(&ReplicaState::Dead)
+            || state.live_transfer(engine, shard).is_some_and(|t| t.target == me)
+        {
+            continue;
+        }
+        let dir = node.data.shard(engine, shard);
+        if dir.exists() {
+            tracing::info!(engine, shard, "removing the files of a dead replica");
+            let doomed = dir.clone();
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&doomed)).await??;
+            if let Some(parent) = dir.parent() {
+                crate::install::sync::fsync_dir(parent)?;
+            }
+        }
+        consensus.propose(Command::ForgetReplica { engine: engine.clone(), shard: shard.clone(), node: me }).await?;
+    }
+    // Replicas on disk the table does not know: Active.
+    let state = consensus.state();
+    for (engine, shard) in local_shards(node)? {
+        if state.replica(&engine, &shard, me).is_none()
+            && state.live_transfer(&engine, &shard).is_none_or(|t| t.target != me)
+        {
+            let command = Command::RegisterReplica { engine: engine.clone(), shard: shard.clone(), node: me };
+            if let Err(e) = consensus.propose(command).await {
+                tracing::warn!(engine, shard, "cannot register replica: {e}");
+            }
+        }
+    }
+    Ok(())
+}
