@@ -12,6 +12,9 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 
 pub const SNAPSHOT_ID_HEADER: &str = "ferry-snapshot-id";
+/// A consensus transfer's id and epoch, on every snapshot request it makes.
+pub const TRANSFER_ID_HEADER: &str = "ferry-transfer-id";
+pub const TRANSFER_EPOCH_HEADER: &str = "ferry-transfer-epoch";
 
 /// Response bodies: small JSON, or a streamed archive.
 pub type Body = BoxBody<Bytes, std::io::Error>;

@@ -295,3 +295,35 @@ impl TestCluster {
         self.nodes.iter().position(|n| n.name == leader).unwrap()
     }
 }
+
+impl TestCluster {
+    /// Waits until every running node shows `replicas` (node name → state)
+    /// for `engine`/`shard`; `null` means the row is absent.
+    pub async fn wait_replicas(&self, engine: &str, shard: &str, replicas: serde_json::Value, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut all = true;
+            let mut seen = serde_json::Value::Null;
+            for (i, node) in self.nodes.iter().enumerate() {
+                if node.child.is_none() {
+                    continue;
+                }
+                let table = self.shards(i).await;
+                let row = table
+                    .as_array()
+                    .and_then(|rows| rows.iter().find(|r| r["engine"] == engine && r["shard"] == shard))
+                    .map(|r| r["replicas"].clone())
+                    .unwrap_or(serde_json::Value::Null);
+                if row != replicas {
+                    all = false;
+                    seen = row;
+                }
+            }
+            if all {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{engine}/{shard}: want {replicas}, a node shows {seen}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

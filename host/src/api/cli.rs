@@ -128,7 +128,8 @@ impl NodeArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum TransferCommand {
-    /// Pull a shard from a source node into --node.
+    /// Move or replicate a shard through consensus (--target), or pull it
+    /// from a node outside the cluster into --node (--source URL only).
     Start {
         #[command(flatten)]
         node: NodeArgs,
@@ -136,9 +137,16 @@ pub enum TransferCommand {
         engine: String,
         #[arg(long)]
         shard: String,
-        /// Base URL of the source node.
+        /// With --target: the source node's name (default: the most advanced
+        /// replica). Without: the base URL to pull from.
         #[arg(long)]
-        source: String,
+        source: Option<String>,
+        /// The member that gets the replica.
+        #[arg(long)]
+        target: Option<String>,
+        /// replicate (default) or move.
+        #[arg(long, value_parser = ["replicate", "move"])]
+        kind: Option<String>,
         /// Wait for the end, with a progress bar; exit 0 only on success.
         #[arg(long)]
         wait: bool,
@@ -434,6 +442,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         signals.cancel();
     });
     tokio::spawn(crate::node::registrar::run(node.clone(), shutdown.clone()));
+    tokio::spawn(crate::node::conductor::run(node.clone(), shutdown.clone()));
     crate::api::server::serve(node.clone(), listener, shutdown).await?;
     node.consensus.shutdown().await;
     Ok(ExitCode::SUCCESS)
@@ -442,9 +451,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 async fn transfer(command: TransferCommand) -> anyhow::Result<ExitCode> {
     use hyper::Method;
     match command {
-        TransferCommand::Start { node, engine, shard, source, wait, json } => {
+        TransferCommand::Start { node, engine, shard, source, target, kind, wait, json } => {
             let api = node.client()?;
-            let body = json!({ "engine": engine, "shard": shard, "source": source });
+            if target.is_none() && source.is_none() {
+                bail!("give --target (a transfer in the cluster) or --source URL (a pull into --node)");
+            }
+            let body = json!({ "engine": engine, "shard": shard, "source": source, "target": target, "kind": kind });
             let status: TransferStatus = api.call(Method::POST, "/v1/transfers", Some(&body)).await?;
             if !wait {
                 print_status(&status, json)?;

@@ -27,14 +27,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::consensus::network::FullSnapshot;
-use crate::consensus::state::{Applied, Command};
+use crate::consensus::state::{Applied, Command, ReplicaState, TransferKind, TransferStage};
 use crate::consensus::{ConsensusError, JoinRequest, NotLeaderOr, TypeConfig};
-use crate::http::{Body, SNAPSHOT_ID_HEADER, error_response, json_response};
+use crate::http::{Body, SNAPSHOT_ID_HEADER, TRANSFER_EPOCH_HEADER, TRANSFER_ID_HEADER, error_response, json_response};
 use crate::install::layout::check_shard_id;
 use crate::node::Node;
+use crate::plugin::ShardPosition;
 use crate::stream::ResumeRequest;
 use crate::stream::source::{self, StreamContext};
-use crate::transfer::{StartError, TransferRequest};
+use crate::transfer::{Stage, StartError, State, TransferRequest, TransferStatus};
 
 /// Largest request body (a resume request lists up to 100,000 files).
 const MAX_REQUEST_BODY: usize = 64 << 20;
@@ -113,15 +114,20 @@ async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
             snapshot(node, &engine, &shard, req).await
         }
         (&Method::POST, ["v1", "transfers"]) => start_transfer(node, req).await,
-        (&Method::GET, ["v1", "transfers"]) => json_response(StatusCode::OK, &node.transfers.list()),
-        (&Method::GET, ["v1", "transfers", id]) => match node.transfers.get(id) {
+        (&Method::GET, ["v1", "transfers"]) => list_transfers(node).await,
+        (&Method::GET, ["v1", "transfers", id]) => match transfer_status(node, id).await {
             Some(status) => json_response(StatusCode::OK, &status),
             None => not_found(format!("no transfer {id}")),
         },
-        (&Method::DELETE, ["v1", "transfers", id]) => match node.transfers.cancel(id) {
-            Some(status) => json_response(StatusCode::ACCEPTED, &status),
-            None => not_found(format!("no transfer {id}")),
+        (&Method::GET, ["v1", "transfers", id, "local"]) => match node.transfers.get(id) {
+            Some(status) => json_response(StatusCode::OK, &status),
+            None => not_found(format!("no transfer {id} runs here")),
         },
+        (&Method::DELETE, ["v1", "transfers", id]) => cancel_transfer(node, id).await,
+        (&Method::GET, ["v1", "engines", engine, "shards", shard, "status"]) => {
+            let (engine, shard) = (engine.to_string(), shard.to_string());
+            shard_status(node, &engine, &shard).await
+        }
         _ => not_found(format!("no endpoint {method} {path}")),
     }
 }
@@ -284,6 +290,9 @@ async fn snapshot(node: &Node, engine: &str, shard: &str, req: Request<Incoming>
     if !dir.is_dir() {
         return not_found(format!("no shard {engine}/{shard} on node {}", node.config.node_id));
     }
+    if let Err(response) = check_fencing(node, engine, shard, &req).await {
+        return response;
+    }
     let resume: ResumeRequest = match read_json(req).await {
         Ok(resume) => resume.unwrap_or_default(),
         Err(response) => return response,
@@ -318,16 +327,244 @@ async fn snapshot(node: &Node, engine: &str, shard: &str, req: Request<Incoming>
         .expect("valid response")
 }
 
+/// A consensus transfer's requests carry its id and epoch: only the current
+/// transfer of the shard, from this node as its source, is served.
+async fn check_fencing(node: &Node, engine: &str, shard: &str, req: &Request<Incoming>) -> Result<(), Response<Body>> {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (Some(id), Some(epoch)) = (header(TRANSFER_ID_HEADER), header(TRANSFER_EPOCH_HEADER)) else {
+        return Ok(()); // a direct pull, outside consensus
+    };
+    let refuse = |why: String| Err(error_response(StatusCode::CONFLICT, "stale-epoch", why));
+    let Ok(epoch) = epoch.parse::<u64>() else { return refuse(format!("bad epoch {epoch:?}")) };
+    // The epoch is a log index: this node may not have applied it yet.
+    let _ = node.consensus.wait_applied(epoch, Duration::from_secs(5)).await;
+    let state = node.consensus.state();
+    match state.transfers.get(&id) {
+        Some(t)
+            if t.epoch == epoch
+                && t.stage.is_live()
+                && t.source == node.consensus.id
+                && t.engine == engine
+                && t.shard == shard =>
+        {
+            Ok(())
+        }
+        Some(t) => refuse(format!(
+            "transfer {id} epoch {epoch} is not current here (epoch {}, {:?}, source {})",
+            t.epoch, t.stage, t.source
+        )),
+        None => refuse(format!("no transfer {id} in this node's state")),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartBody {
+    engine: String,
+    shard: String,
+    /// A node name (consensus transfer) or a base URL (direct pull to this node).
+    source: Option<String>,
+    /// The node that gets the replica; absent: a direct pull to this node.
+    target: Option<String>,
+    kind: Option<TransferKind>,
+}
+
 async fn start_transfer(node: &Node, req: Request<Incoming>) -> Response<Body> {
-    let request: TransferRequest = match read_json(req).await {
-        Ok(Some(request)) => request,
-        Ok(None) => return bad_request("expected {\"engine\", \"shard\", \"source\"}"),
+    let body: StartBody = match read_json(req).await {
+        Ok(Some(body)) => body,
+        Ok(None) => {
+            return bad_request("expected {engine, shard, target, source?, kind?} or {engine, shard, source: URL}");
+        }
         Err(response) => return response,
     };
-    match node.transfers.start(request) {
-        Ok(status) => json_response(StatusCode::CREATED, &status),
-        Err(e @ StartError::Invalid(_)) => bad_request(e.to_string()),
-        Err(e @ StartError::UnknownEngine(_)) => not_found(e.to_string()),
-        Err(e @ StartError::Busy { .. }) => error_response(StatusCode::CONFLICT, "busy", e.to_string()),
+    let Some(target) = body.target else {
+        let Some(source) = body.source else { return bad_request("a direct pull needs source: a base URL") };
+        if body.kind.is_some() {
+            return bad_request("kind is for transfers with a target");
+        }
+        let request = TransferRequest { engine: body.engine, shard: body.shard, source };
+        return match node.transfers.start(request) {
+            Ok(status) => json_response(StatusCode::CREATED, &status),
+            Err(e @ StartError::Invalid(_)) => bad_request(e.to_string()),
+            Err(e @ StartError::UnknownEngine(_)) => not_found(e.to_string()),
+            Err(e @ StartError::Busy { .. }) => error_response(StatusCode::CONFLICT, "busy", e.to_string()),
+        };
+    };
+    if let Err(e) = check_shard_id(&body.shard) {
+        return bad_request(e);
+    }
+    if node.plugins.get(&body.engine).is_none() {
+        return not_found(format!("no plugin for engine {:?} on this node", body.engine));
+    }
+    let state = node.consensus.state();
+    let by_name = |name: &str| state.members.iter().find(|(_, m)| m.name == name).map(|(id, _)| *id);
+    let Some(target_id) = by_name(&target) else { return not_found(format!("no member named {target:?}")) };
+    let source_id = match &body.source {
+        Some(name) => match by_name(name) {
+            Some(id) => id,
+            None => return not_found(format!("no member named {name:?}")),
+        },
+        None => match choose_donor(node, &body.engine, &body.shard).await {
+            Ok(id) => id,
+            Err(why) => return error_response(StatusCode::CONFLICT, "no-donor", why),
+        },
+    };
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let command = Command::StartTransfer {
+        id: id.clone(),
+        engine: body.engine,
+        shard: body.shard,
+        source: source_id,
+        target: target_id,
+        kind: body.kind.unwrap_or(TransferKind::Replicate),
+        now: crate::node::conductor::unix_now(),
+    };
+    match node.consensus.propose(command).await {
+        Ok(_) => match transfer_status(node, &id).await {
+            Some(status) => json_response(StatusCode::CREATED, &status),
+            None => error_response(StatusCode::INTERNAL_SERVER_ERROR, "consensus", "started transfer not visible"),
+        },
+        Err(e) => consensus_error(e),
+    }
+}
+
+/// The most advanced Active replica by (term, position), as each replica's
+/// plugin reports it; a replica that does not answer is skipped if a
+/// majority of the others did (Neon's donor choice).
+async fn choose_donor(node: &Node, engine: &str, shard: &str) -> Result<u64, String> {
+    let state = node.consensus.state();
+    let active: Vec<u64> = state
+        .replicas
+        .get(&(engine.to_owned(), shard.to_owned()))
+        .map(|r| r.iter().filter(|(_, s)| **s == ReplicaState::Active).map(|(id, _)| *id).collect())
+        .unwrap_or_default();
+    if active.is_empty() {
+        return Err(format!("no active replica of {engine}/{shard}"));
+    }
+    let mut answers = Vec::new();
+    for id in &active {
+        let Some(member) = state.members.get(id) else { continue };
+        let api = crate::api::client::ApiClient::new(&member.addr, node.token.to_string());
+        let path = format!("/v1/engines/{engine}/shards/{shard}/status");
+        if let Ok(position) = api.call::<ShardPosition>(Method::GET, &path, None).await {
+            answers.push((position, *id));
+        }
+    }
+    if answers.is_empty() || answers.len() * 2 <= active.len() && active.len() > 1 {
+        return Err(format!("only {} of {} active replicas answered", answers.len(), active.len()));
+    }
+    answers.sort();
+    Ok(answers.last().expect("not empty").1)
+}
+
+async fn shard_status(node: &Node, engine: &str, shard: &str) -> Response<Body> {
+    let Some(plugin) = node.plugins.get(engine) else { return not_found(format!("no plugin for engine {engine:?}")) };
+    if let Err(e) = check_shard_id(shard) {
+        return bad_request(e);
+    }
+    let dir = node.data.shard(engine, shard);
+    if !dir.is_dir() {
+        return not_found(format!("no shard {engine}/{shard} on node {}", node.config.node_id));
+    }
+    match plugin.shard_status(shard, &dir).await {
+        Ok(position) => json_response(StatusCode::OK, &position),
+        Err(e) => error_response(StatusCode::UNPROCESSABLE_ENTITY, "shard-status", e.to_string()),
+    }
+}
+
+/// A transfer's status: the consensus record with the target's byte progress.
+async fn transfer_status(node: &Node, id: &str) -> Option<TransferStatus> {
+    let state = node.consensus.state();
+    let Some(record) = state.transfers.get(id).cloned() else { return node.transfers.get(id) };
+    let progress = if record.target == node.consensus.id {
+        node.transfers.get(id)
+    } else {
+        match state.members.get(&record.target) {
+            Some(member) => crate::api::client::ApiClient::new(&member.addr, node.token.to_string())
+                .call::<TransferStatus>(Method::GET, &format!("/v1/transfers/{id}/local"), None)
+                .await
+                .ok(),
+            None => None,
+        }
+    };
+    let name = |n: u64| state.members.get(&n).map(|m| m.addr.clone()).unwrap_or_else(|| n.to_string());
+    let mut status = progress.unwrap_or_else(|| TransferStatus {
+        id: id.to_owned(),
+        engine: record.engine.clone(),
+        shard: record.shard.clone(),
+        source: name(record.source),
+        state: State::Queued,
+        stage: Stage::Queued,
+        bytes_done: 0,
+        bytes_total: 0,
+        files_done: 0,
+        files_total: 0,
+        rate_bytes_per_sec: 0,
+        eta_secs: None,
+        attempts: 0,
+        resumed_files: 0,
+        snapshot_id: None,
+        error: None,
+        stage_ms: Vec::new(),
+        consensus: None,
+        created_at: record.started_at,
+        updated_at: record.updated_at,
+    });
+    // The consensus stage decides the outcome.
+    match record.stage {
+        TransferStage::Finished => {
+            status.state = State::Succeeded;
+            status.stage = Stage::Done;
+        }
+        TransferStage::Aborted => {
+            let reason = record.failure.clone().unwrap_or_default();
+            status.state = if reason == "cancelled" { State::Cancelled } else { State::Failed };
+            status.error = Some(reason);
+        }
+        TransferStage::Snapshot | TransferStage::Partial => {
+            if status.state.is_final() {
+                status.state = State::Running;
+            }
+        }
+    }
+    status.consensus = Some(record);
+    Some(status)
+}
+
+async fn list_transfers(node: &Node) -> Response<Body> {
+    let mut list = Vec::new();
+    let ids: Vec<String> = node.consensus.state().transfers.keys().cloned().collect();
+    for id in &ids {
+        if let Some(status) = transfer_status(node, id).await {
+            list.push(status);
+        }
+    }
+    list.extend(node.transfers.list().into_iter().filter(|t| !ids.contains(&t.id)));
+    list.sort_by_key(|t| t.created_at);
+    json_response(StatusCode::OK, &list)
+}
+
+async fn cancel_transfer(node: &Node, id: &str) -> Response<Body> {
+    let state = node.consensus.state();
+    if let Some(record) = state.transfers.get(id) {
+        if record.stage.is_live() {
+            let abort = Command::AbortTransfer {
+                transfer: id.to_owned(),
+                epoch: record.epoch,
+                reason: "cancelled".into(),
+                now: crate::node::conductor::unix_now(),
+            };
+            if let Err(e) = node.consensus.propose(abort).await {
+                return consensus_error(e);
+            }
+        }
+        return match transfer_status(node, id).await {
+            Some(status) => json_response(StatusCode::ACCEPTED, &status),
+            None => not_found(format!("no transfer {id}")),
+        };
+    }
+    match node.transfers.cancel(id) {
+        Some(status) => json_response(StatusCode::ACCEPTED, &status),
+        None => not_found(format!("no transfer {id}")),
     }
 }

@@ -174,6 +174,11 @@ impl Consensus {
         self.sm.data.read().unwrap_or_else(|e| e.into_inner()).state.clone()
     }
 
+    /// Changes whenever this node applies log entries.
+    pub fn applied_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sm.applied.subscribe()
+    }
+
     pub fn applied_index(&self) -> u64 {
         *self.sm.applied.borrow()
     }

@@ -15,6 +15,7 @@ use crate::plugin::{PluginRuntime, Registry};
 use crate::stream::RateLimiter;
 use crate::transfer::{RetryPolicy, Shared, TransferManager};
 
+pub mod conductor;
 pub mod registrar;
 
 pub struct Node {
@@ -29,6 +30,8 @@ pub struct Node {
     pub consensus: Arc<Consensus>,
     /// Wakes the registrar (after a join, a leave, a publish).
     pub registrar: Arc<tokio::sync::Notify>,
+    /// Consensus transfers this node is conducting as their target.
+    pub conducting: conductor::Conducting,
     /// Owns the wasmtime engine and its epoch ticker.
     _runtime: PluginRuntime,
 }
@@ -76,6 +79,7 @@ impl Node {
             outgoing: Arc::new(Semaphore::new(config.max_outgoing)),
             consensus,
             registrar,
+            conducting: conductor::Conducting::default(),
             config,
             data,
             plugins,

@@ -13,12 +13,14 @@ const PERIOD: Duration = Duration::from_secs(10);
 
 /// Runs until the node stops.
 pub async fn run(node: Arc<Node>, stop: tokio_util::sync::CancellationToken) {
+    let mut applied = node.consensus.applied_watch();
     loop {
         if let Err(e) = register(&node).await {
             tracing::debug!("registrar: {e}");
         }
         tokio::select! {
             _ = node.registrar.notified() => {}
+            _ = applied.changed() => {}
             _ = tokio::time::sleep(PERIOD) => {}
             _ = stop.cancelled() => return,
         }

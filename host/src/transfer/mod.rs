@@ -36,6 +36,15 @@ pub struct TransferRequest {
     pub source: String,
 }
 
+/// The consensus side of a transfer, when there is one.
+#[derive(Clone)]
+pub struct Fencing {
+    /// The transfer's epoch, sent with every snapshot request.
+    pub epoch: u64,
+    /// Asked right before publishing: is this transfer still current?
+    pub still_current: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
 /// How hard to try before giving up.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
@@ -91,6 +100,16 @@ impl TransferManager {
     }
 
     pub fn start(&self, request: TransferRequest) -> Result<TransferStatus, StartError> {
+        self.start_with(request, None, None)
+    }
+
+    /// Starts a transfer with a given id (a consensus transfer's) and fencing.
+    pub fn start_with(
+        &self,
+        request: TransferRequest,
+        id: Option<String>,
+        fencing: Option<Fencing>,
+    ) -> Result<TransferStatus, StartError> {
         check_shard_id(&request.shard).map_err(StartError::Invalid)?;
         if self.shared.plugins.get(&request.engine).is_none() {
             return Err(StartError::UnknownEngine(request.engine));
@@ -115,7 +134,7 @@ impl TransferManager {
                 state: status.state,
             });
         }
-        let transfer = Arc::new(Transfer::new(request));
+        let transfer = Arc::new(Transfer::new(request, id, fencing));
         transfers.insert(transfer.id.clone(), transfer.clone());
         drop(transfers);
         tokio::spawn(task::run(self.shared.clone(), transfer.clone()));
@@ -128,6 +147,18 @@ impl TransferManager {
 
     pub fn list(&self) -> Vec<TransferStatus> {
         self.transfers.lock().unwrap_or_else(|e| e.into_inner()).values().map(|t| t.status()).collect()
+    }
+
+    /// Whether a transfer with this id runs here and has not ended.
+    pub fn is_running(&self, id: &str) -> bool {
+        self.transfers.lock().unwrap_or_else(|e| e.into_inner()).get(id).is_some_and(|t| !t.status().state.is_final())
+    }
+
+    /// Waits until transfer `id` ends; its final status.
+    pub async fn wait(&self, id: &str) -> Option<TransferStatus> {
+        let transfer = self.transfers.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()?;
+        transfer.finished().await;
+        Some(transfer.status())
     }
 
     /// Asks a transfer to stop; it cleans up and ends `cancelled`.

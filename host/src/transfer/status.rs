@@ -77,6 +77,9 @@ pub struct TransferStatus {
     pub error: Option<String>,
     /// Time spent in each stage so far, in milliseconds, in order.
     pub stage_ms: Vec<(Stage, u64)>,
+    /// For a transfer through consensus: its record in the replicated state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consensus: Option<crate::consensus::state::TransferRecord>,
     /// Unix seconds.
     pub created_at: u64,
     pub updated_at: u64,

@@ -8,7 +8,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::status::{Stage, State, TransferStatus};
-use super::{Shared, TransferRequest};
+use super::{Fencing, Shared, TransferRequest};
+use crate::http::{TRANSFER_EPOCH_HEADER, TRANSFER_ID_HEADER};
 use crate::install::publish;
 use crate::install::sync::syncfs;
 use crate::stream::client::{FetchError, fetch_snapshot};
@@ -18,6 +19,7 @@ use crate::stream::{FileRecord, ResumeRequest};
 pub struct Transfer {
     pub id: String,
     pub request: TransferRequest,
+    pub fencing: Option<Fencing>,
     pub cancel: CancellationToken,
     progress: Arc<Progress>,
     inner: Mutex<Inner>,
@@ -61,11 +63,12 @@ enum Ended {
 }
 
 impl Transfer {
-    pub fn new(request: TransferRequest) -> Transfer {
+    pub fn new(request: TransferRequest, id: Option<String>, fencing: Option<Fencing>) -> Transfer {
         let now = unix_now();
         Transfer {
-            id: uuid::Uuid::new_v4().simple().to_string(),
+            id: id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
             request,
+            fencing,
             cancel: CancellationToken::new(),
             progress: Arc::new(Progress::default()),
             inner: Mutex::new(Inner {
@@ -138,6 +141,7 @@ impl Transfer {
             snapshot_id: inner.snapshot_id.clone(),
             error: inner.error.clone(),
             stage_ms: inner.stage_ms.clone(),
+            consensus: None,
             created_at: inner.created_at,
             updated_at: inner.updated_at,
         }
@@ -205,8 +209,12 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
             snapshot_id: held.snapshot_id.clone(),
             have: held.files.values().cloned().collect::<Vec<FileRecord>>(),
         };
+        let headers: Vec<(&str, String)> = match &transfer.fencing {
+            Some(f) => vec![(TRANSFER_ID_HEADER, transfer.id.clone()), (TRANSFER_EPOCH_HEADER, f.epoch.to_string())],
+            None => Vec::new(),
+        };
         let fetched = tokio::select! {
-            r = fetch_snapshot(&shared.client, &request.source, &shared.token, &request.engine, &request.shard, &resume, &[]) => r,
+            r = fetch_snapshot(&shared.client, &request.source, &shared.token, &request.engine, &request.shard, &resume, &headers) => r,
             _ = cancel.cancelled() => return Err(Ended::Cancelled),
         };
         let interruption = match fetched {
@@ -293,6 +301,11 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
         return Err(Ended::Cancelled);
     }
     transfer.set_stage(Stage::Publishing);
+    if let Some(fencing) = &transfer.fencing {
+        if !(fencing.still_current)() {
+            return Err(Ended::Failed(format!("publishing: epoch {} is no longer current", fencing.epoch)));
+        }
+    }
     let live = shared.data.shard(&request.engine, &request.shard);
     let replaced =
         blocking(move || publish(&data_dir, &live)).await.map_err(|e| Ended::Failed(format!("publishing: {e}")))?;

@@ -1,0 +1,180 @@
+//! Runs this node's part of every transfer that targets it, as the
+//! replicated state says (Qdrant's phases):
+//!
+//! 1. `Snapshot` stage: pull and install the snapshot (the transfer pipeline),
+//!    sending the transfer's epoch with every request, and refusing to
+//!    publish if the epoch is no longer current.
+//! 2. Propose `MarkPartial`, and wait until this node has applied it.
+//! 3. Wait until every member has applied that index (bounded; the error
+//!    names the laggards).
+//! 4. Propose `FinishTransfer`: the replica is Active (a move makes the
+//!    source Dead; the source's registrar then removes its files).
+//!
+//! Any failure proposes `AbortTransfer`. A restarted node picks its live
+//! transfers up again from the replicated state.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::consensus::state::{Command, TransferRecord, TransferStage};
+use crate::consensus::{ClusterStatus, ConsensusError};
+use crate::node::Node;
+use crate::transfer::{Fencing, State, TransferRequest};
+
+/// How long step 3 waits for every member.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Transfers this node is conducting now.
+#[derive(Default)]
+pub struct Conducting(Mutex<HashSet<String>>);
+
+impl Conducting {
+    fn claim(&self, id: &str) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned())
+    }
+
+    fn release(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+}
+
+pub async fn run(node: Arc<Node>, stop: CancellationToken) {
+    let mut applied = node.consensus.applied_watch();
+    loop {
+        reconcile(&node);
+        tokio::select! {
+            _ = applied.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+fn reconcile(node: &Arc<Node>) {
+    let me = node.consensus.id;
+    let state = node.consensus.state();
+    for transfer in state.transfers.values() {
+        if transfer.target != me {
+            continue;
+        }
+        if transfer.stage.is_live() {
+            if node.conducting.claim(&transfer.id) {
+                let (node, transfer) = (node.clone(), transfer.clone());
+                tokio::spawn(async move {
+                    let id = transfer.id.clone();
+                    conduct(&node, transfer).await;
+                    node.conducting.release(&id);
+                });
+            }
+        } else if node.transfers.is_running(&transfer.id) {
+            // Aborted elsewhere (cancelled, failed over): stop our side.
+            node.transfers.cancel(&transfer.id);
+        }
+    }
+}
+
+async fn conduct(node: &Node, transfer: TransferRecord) {
+    let outcome = steps(node, &transfer).await;
+    if let Err(reason) = outcome {
+        tracing::warn!(transfer = %transfer.id, "aborting: {reason}");
+        let abort =
+            Command::AbortTransfer { transfer: transfer.id.clone(), epoch: transfer.epoch, reason, now: unix_now() };
+        if let Err(e) = node.consensus.propose(abort).await {
+            tracing::warn!(transfer = %transfer.id, "abort not recorded: {e}");
+        }
+    }
+}
+
+async fn steps(node: &Node, t: &TransferRecord) -> Result<(), String> {
+    let consensus = &node.consensus;
+    let mut partial_index = None;
+    if t.stage == TransferStage::Snapshot {
+        let state = consensus.state();
+        let source = state.members.get(&t.source).ok_or_else(|| format!("source node {} is not a member", t.source))?;
+        let request = TransferRequest { engine: t.engine.clone(), shard: t.shard.clone(), source: source.addr.clone() };
+        let fencing = Fencing {
+            epoch: t.epoch,
+            still_current: {
+                let consensus = consensus.clone();
+                let (id, epoch) = (t.id.clone(), t.epoch);
+                Arc::new(move || {
+                    consensus.state().transfers.get(&id).is_some_and(|r| r.epoch == epoch && r.stage.is_live())
+                })
+            },
+        };
+        if !node.transfers.is_running(&t.id) {
+            node.transfers
+                .start_with(request, Some(t.id.clone()), Some(fencing))
+                .map_err(|e| format!("target: {e}"))?;
+        }
+        let done = node.transfers.wait(&t.id).await.ok_or("target: the transfer vanished")?;
+        match done.state {
+            State::Succeeded => {}
+            State::Cancelled => return Err("cancelled".into()),
+            _ => return Err(format!("target: {}", done.error.unwrap_or_else(|| "failed".into()))),
+        }
+        let mark = Command::MarkPartial { transfer: t.id.clone(), epoch: t.epoch, now: unix_now() };
+        match consensus.propose(mark).await {
+            Ok(applied) => partial_index = Some(applied.index),
+            // Aborted meanwhile: the replica is Dead; the registrar removes it.
+            Err(ConsensusError::Refused(why)) => {
+                tracing::info!(transfer = %t.id, "not marked partial: {why}");
+                return Ok(());
+            }
+            Err(e) => return Err(format!("marking partial: {e}")),
+        }
+    } else if !node.data.shard(&t.engine, &t.shard).is_dir() {
+        return Err("the installed replica is missing".into());
+    }
+
+    // This node applied Partial; now every member must have.
+    let index = partial_index.unwrap_or_else(|| consensus.applied_index());
+    consensus.wait_applied(index, SYNC_TIMEOUT).await.map_err(|e| format!("sync: {e}"))?;
+    sync_all(node, index).await?;
+    let finish = Command::FinishTransfer { transfer: t.id.clone(), epoch: t.epoch, now: unix_now() };
+    match consensus.propose(finish).await {
+        Ok(_) => Ok(()),
+        Err(ConsensusError::Refused(why)) => {
+            tracing::info!(transfer = %t.id, "not finished: {why}");
+            Ok(())
+        }
+        Err(e) => Err(format!("finishing: {e}")),
+    }
+}
+
+/// Waits until every member has applied `index`.
+async fn sync_all(node: &Node, index: u64) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + SYNC_TIMEOUT;
+    loop {
+        let state = node.consensus.state();
+        let mut laggards = Vec::new();
+        for (id, member) in &state.members {
+            let applied = if *id == node.consensus.id {
+                node.consensus.applied_index()
+            } else {
+                let api = crate::api::client::ApiClient::new(&member.addr, node.token.to_string());
+                match api.call::<ClusterStatus>(hyper::Method::GET, "/v1/cluster", None).await {
+                    Ok(status) => status.last_applied,
+                    Err(_) => 0,
+                }
+            };
+            if applied < index {
+                laggards.push(member.name.clone());
+            }
+        }
+        if laggards.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("sync: {} did not apply index {index} within {SYNC_TIMEOUT:?}", laggards.join(", ")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
