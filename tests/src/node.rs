@@ -121,6 +121,10 @@ impl TestNode {
         self.child.as_ref().expect("node is running").id()
     }
 
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Kills the node with SIGKILL and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -225,7 +229,13 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub async fn start(names: &[&str]) -> TestCluster {
-        let nodes: Vec<TestNode> = names.iter().map(|n| TestNode::start(n, NodeOptions::default())).collect();
+        Self::start_with(names, NodeOptions::default()).await
+    }
+
+    /// Every node started with `options` (their `port` is ignored).
+    pub async fn start_with(names: &[&str], options: NodeOptions) -> TestCluster {
+        let nodes: Vec<TestNode> =
+            names.iter().map(|n| TestNode::start(n, NodeOptions { port: None, ..options.clone() })).collect();
         for node in &nodes[1..] {
             let body = json!({ "to": nodes[0].url });
             let _: serde_json::Value =

@@ -5,8 +5,9 @@
 //!    sending the transfer's epoch with every request, and refusing to
 //!    publish if the epoch is no longer current.
 //! 2. Propose `MarkPartial`, and wait until this node has applied it.
-//! 3. Wait until every member has applied that index (bounded; the error
-//!    names the laggards).
+//! 3. Wait until every reachable member, and a majority, has applied that
+//!    index (bounded; the error names the laggards). A member that is down
+//!    replays the log when it returns.
 //! 4. Propose `FinishTransfer`: the replica is Active (a move makes the
 //!    source Dead; the source's registrar then removes its files).
 //!
@@ -145,31 +146,46 @@ async fn steps(node: &Node, t: &TransferRecord) -> Result<(), String> {
     }
 }
 
-/// Waits until every member has applied `index`.
+/// Waits until every reachable member has applied `index`, and a majority
+/// of all members has. A member that is down is skipped: it replays the log
+/// when it comes back, and while down it routes nothing.
 async fn sync_all(node: &Node, index: u64) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + SYNC_TIMEOUT;
     loop {
         let state = node.consensus.state();
-        let mut laggards = Vec::new();
+        let (mut laggards, mut down, mut caught_up) = (Vec::new(), Vec::new(), 0usize);
         for (id, member) in &state.members {
             let applied = if *id == node.consensus.id {
-                node.consensus.applied_index()
+                Some(node.consensus.applied_index())
             } else {
                 let api = crate::api::client::ApiClient::new(&member.addr, node.token.to_string());
-                match api.call::<ClusterStatus>(hyper::Method::GET, "/v1/cluster", None).await {
-                    Ok(status) => status.last_applied,
-                    Err(_) => 0,
+                let call = api.call::<ClusterStatus>(hyper::Method::GET, "/v1/cluster", None);
+                match tokio::time::timeout(Duration::from_secs(2), call).await {
+                    Ok(Ok(status)) => Some(status.last_applied),
+                    _ => None,
                 }
             };
-            if applied < index {
-                laggards.push(member.name.clone());
+            match applied {
+                Some(applied) if applied >= index => caught_up += 1,
+                Some(_) => laggards.push(member.name.clone()),
+                None => down.push(member.name.clone()),
             }
         }
-        if laggards.is_empty() {
+        if laggards.is_empty() && caught_up * 2 > state.members.len() {
+            if !down.is_empty() {
+                tracing::info!(index, "synced; unreachable members skipped: {}", down.join(", "));
+            }
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(format!("sync: {} did not apply index {index} within {SYNC_TIMEOUT:?}", laggards.join(", ")));
+            let mut why = Vec::new();
+            if !laggards.is_empty() {
+                why.push(format!("{} did not apply index {index}", laggards.join(", ")));
+            }
+            if !down.is_empty() {
+                why.push(format!("{} unreachable", down.join(", ")));
+            }
+            return Err(format!("sync: {} within {SYNC_TIMEOUT:?}", why.join("; ")));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
