@@ -81,7 +81,7 @@ impl TestNode {
             .arg("--token-file")
             .arg(&self.token_file)
             .args(&options.args)
-            .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn,openraft=off".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(limit) = options.file_size_limit {

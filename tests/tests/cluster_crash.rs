@@ -126,3 +126,26 @@ async fn a_restart_removes_leftover_staging() {
     node.restart(NodeOptions { port: Some(port), ..Default::default() });
     assert!(tree(&node.staging()).is_empty(), "{:?}", tree(&node.staging()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_target_resumes_without_pulling_verified_files_again() {
+    let mut cluster = TestCluster::start_with(&["r1", "r2", "r3"], slow()).await;
+    SegmentLog.create(&cluster.nodes[0].shard_dir("segment-log", "s"), 32 << 20);
+    cluster.wait_replicas("segment-log", "s", json!({"r1": "active"}), WITHIN).await;
+    let started =
+        start(&cluster.nodes[0], json!({"engine": "segment-log", "shard": "s", "target": "r2", "source": "r1"})).await;
+    cluster.nodes[1].wait_until(&started.id, WITHIN, |s| s.files_done >= 8).await;
+    cluster.nodes[1].kill();
+    let staging = cluster.nodes[1].staging().join(&started.id);
+    assert!(staging.join("held.json").exists(), "no durable record of the received files");
+    let port = cluster.nodes[1].port;
+    cluster.nodes[1].restart(NodeOptions { port: Some(port), ..slow() });
+
+    let done = ended(&cluster, &started.id).await;
+    assert_eq!(done.state, State::Succeeded, "{done:?}");
+    assert!(done.resumed_files >= 6, "verified files were pulled again: {done:?}");
+    SegmentLog
+        .assert_same(&cluster.nodes[0].shard_dir("segment-log", "s"), &cluster.nodes[1].shard_dir("segment-log", "s"));
+    cluster.wait_replicas("segment-log", "s", json!({"r1": "active", "r2": "active"}), WITHIN).await;
+    assert!(tree(&cluster.nodes[1].staging()).is_empty());
+}

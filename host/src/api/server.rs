@@ -420,9 +420,12 @@ async fn start_transfer(node: &Node, req: Request<Incoming>) -> Response<Body> {
         now: crate::node::conductor::unix_now(),
     };
     match node.consensus.propose(command).await {
-        Ok(_) => match transfer_status(node, &id).await {
-            Some(status) => json_response(StatusCode::CREATED, &status),
-            None => error_response(StatusCode::INTERNAL_SERVER_ERROR, "consensus", "started transfer not visible"),
+        Ok(applied) => match node.consensus.wait_applied(applied.index, Duration::from_secs(10)).await {
+            Err(e) => consensus_error(e),
+            Ok(()) => match transfer_status(node, &id).await {
+                Some(status) => json_response(StatusCode::CREATED, &status),
+                None => error_response(StatusCode::INTERNAL_SERVER_ERROR, "consensus", "started transfer not visible"),
+            },
         },
         Err(e) => consensus_error(e),
     }
@@ -554,8 +557,11 @@ async fn cancel_transfer(node: &Node, id: &str) -> Response<Body> {
                 reason: "cancelled".into(),
                 now: crate::node::conductor::unix_now(),
             };
-            if let Err(e) = node.consensus.propose(abort).await {
-                return consensus_error(e);
+            match node.consensus.propose(abort).await {
+                Ok(applied) => {
+                    let _ = node.consensus.wait_applied(applied.index, Duration::from_secs(10)).await;
+                }
+                Err(e) => return consensus_error(e),
             }
         }
         return match transfer_status(node, id).await {

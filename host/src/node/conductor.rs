@@ -79,6 +79,10 @@ fn reconcile(node: &Arc<Node>) {
 
 async fn conduct(node: &Node, transfer: TransferRecord) {
     let outcome = steps(node, &transfer).await;
+    if node.transfers.stopping() {
+        // Shutting down: the transfer stays live; the restarted node resumes it.
+        return;
+    }
     if let Err(reason) = outcome {
         tracing::warn!(transfer = %transfer.id, "aborting: {reason}");
         let abort =

@@ -45,10 +45,6 @@ impl Node {
         let data = DataDir::open(&config.data_dir)
             .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
         let token: Arc<str> = config::read_token(&config.token_file(), config.token_file.is_none())?.into();
-        let removed = remove_stale_staging(&data)?;
-        if removed > 0 {
-            tracing::info!(removed, "removed staging directories left by an earlier run");
-        }
         let runtime = PluginRuntime::new(config.runtime_config())?;
         let plugins_dir = config.plugins_dir();
         std::fs::create_dir_all(&plugins_dir)
@@ -64,12 +60,17 @@ impl Node {
                 .await
                 .context("starting consensus")?,
         );
+        let removed = remove_stale_staging(&data, &live_here(&consensus), std::time::Duration::ZERO)?;
+        if removed > 0 {
+            tracing::info!(removed, "removed staging directories left by an earlier run");
+        }
         let registrar = Arc::new(tokio::sync::Notify::new());
         let transfers = TransferManager::new(Shared {
             data: data.clone(),
             plugins: plugins.clone(),
             client,
             published: Some(registrar.clone()),
+            stopping: Default::default(),
             token: token.clone(),
             rate: rate.clone(),
             incoming: Arc::new(Semaphore::new(config.max_incoming)),
@@ -91,10 +92,27 @@ impl Node {
     }
 }
 
-fn remove_stale_staging(data: &DataDir) -> anyhow::Result<usize> {
+/// Ids of live consensus transfers that target this node: their staging is
+/// kept, to resume.
+pub fn live_here(consensus: &Consensus) -> Vec<String> {
+    let me = consensus.id;
+    consensus.state().transfers.values().filter(|t| t.target == me && t.stage.is_live()).map(|t| t.id.clone()).collect()
+}
+
+/// Removes staging directories whose transfer is not in `keep` and that are
+/// at least `min_age` old (a transfer that starts while this runs is young).
+pub fn remove_stale_staging(data: &DataDir, keep: &[String], min_age: std::time::Duration) -> anyhow::Result<usize> {
     let mut removed = 0;
     for entry in std::fs::read_dir(data.staging_root())? {
-        let path = entry?.path();
+        let entry = entry?;
+        if keep.iter().any(|id| entry.file_name().to_str() == Some(id)) {
+            continue;
+        }
+        let age = entry.metadata()?.modified()?.elapsed().unwrap_or_default();
+        if age < min_age {
+            continue;
+        }
+        let path = entry.path();
         let result = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
         result.with_context(|| format!("removing {}", path.display()))?;
         removed += 1;

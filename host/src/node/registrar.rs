@@ -50,6 +50,13 @@ pub fn local_shards(node: &Node) -> std::io::Result<Vec<(String, String)>> {
 }
 
 async fn register(node: &Node) -> anyhow::Result<()> {
+    // Staging that belongs to no running or live transfer (TiKV #10930).
+    let mut keep = crate::node::live_here(&node.consensus);
+    keep.extend(node.transfers.running());
+    let removed = crate::node::remove_stale_staging(&node.data, &keep, Duration::from_secs(60))?;
+    if removed > 0 {
+        tracing::info!(removed, "swept staging directories of no live transfer");
+    }
     let consensus = &node.consensus;
     let me = consensus.id;
     let state = consensus.state();

@@ -89,13 +89,54 @@ pub struct Complete {
     pub manifest: Manifest,
 }
 
-/// What one receiver remembers between attempts of one transfer.
-#[derive(Default)]
+/// What one receiver remembers between attempts of one transfer, kept in
+/// `held.json` beside the data so a restarted node resumes too.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 pub struct Held {
     /// Snapshot the held files belong to.
     pub snapshot_id: Option<String>,
     /// Files complete in the data directory, with the checksum of what we wrote.
     pub files: HashMap<RelPath, FileRecord>,
+}
+
+impl Held {
+    pub const FILE: &'static str = "held.json";
+    /// Records of files completed during an attempt, one JSON line each.
+    pub const JOURNAL: &'static str = "records.jsonl";
+
+    /// Writes `held.json` in `staging` (temporary file, fsync, rename).
+    pub fn save(&self, staging: &Path) -> io::Result<()> {
+        let tmp = staging.join("held.json.tmp");
+        let mut file = File::create(&tmp)?;
+        file.write_all(&serde_json::to_vec(self).map_err(io::Error::other)?)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, staging.join(Self::FILE))
+    }
+
+    /// Loads `held.json` from `staging` and keeps only the files whose bytes
+    /// on disk still match (a crash may have torn files that were never
+    /// synced). Missing or unreadable: nothing held.
+    pub fn load(staging: &Path, data_dir: &Path) -> Held {
+        let Ok(bytes) = fs::read(staging.join(Self::FILE)) else { return Held::default() };
+        let Ok(mut held) = serde_json::from_slice::<Held>(&bytes) else { return Held::default() };
+        if let Ok(journal) = fs::read_to_string(staging.join(Self::JOURNAL)) {
+            for line in journal.lines() {
+                if let Ok(record) = serde_json::from_str::<FileRecord>(line) {
+                    held.files.insert(record.path.clone(), record);
+                }
+            }
+        }
+        held.files.retain(|path, record| {
+            let Ok(mut file) = File::open(path.join_to(data_dir)) else { return false };
+            let mut hasher = blake3::Hasher::new();
+            match io::copy(&mut file, &mut hasher) {
+                Ok(size) => size == record.size && Checksum::of(&hasher) == record.blake3,
+                Err(_) => false,
+            }
+        });
+        held
+    }
 }
 
 /// Unpacks one attempt's archive from `reader` into `data_dir`.
@@ -211,6 +252,11 @@ async fn unpack(
     for path in resent {
         held.files.remove(&path);
         remove_file_if_exists(&path.join_to(data_dir)).map_err(|e| ReceiveError::Local(e.to_string()))?;
+    }
+    if let Some(staging) = data_dir.parent() {
+        // Which snapshot the files about to arrive belong to, for a restart.
+        let _ = fs::remove_file(staging.join(Held::JOURNAL));
+        held.save(staging).map_err(|e| ReceiveError::Local(format!("saving {}: {e}", Held::FILE)))?;
     }
     let held_bytes: u64 = preamble.skipped.iter().map(|p| announced[p]).sum();
     progress.reset(&preamble, held_bytes, preamble.skipped.len() as u64);
@@ -471,6 +517,11 @@ impl FileWriter {
 }
 
 fn write_files(dir: &Path, mut rx: mpsc::Receiver<WriteMsg>, progress: &Progress) -> WriterOutcome {
+    // Completed files are journaled as they complete, so a node that crashes
+    // mid-attempt resumes with them (each is re-verified when loaded).
+    let mut journal = dir
+        .parent()
+        .and_then(|staging| fs::OpenOptions::new().create(true).append(true).open(staging.join(Held::JOURNAL)).ok());
     let mut records = Vec::new();
     let mut error = None;
     let mut current: Option<(RelPath, u64, File, blake3::Hasher, u64)> = None;
@@ -491,7 +542,12 @@ fn write_files(dir: &Path, mut rx: mpsc::Receiver<WriteMsg>, progress: &Progress
             WriteMsg::End => {
                 let (path, size, _file, hasher, written) = current.take().expect("end follows begin");
                 debug_assert_eq!(size, written);
-                records.push(FileRecord { path, size, blake3: Checksum::of(&hasher) });
+                let record = FileRecord { path, size, blake3: Checksum::of(&hasher) };
+                if let (Some(journal), Ok(mut line)) = (journal.as_mut(), serde_json::to_vec(&record)) {
+                    line.push(b'\n');
+                    let _ = journal.write_all(&line);
+                }
+                records.push(record);
                 progress.files_done.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
@@ -508,12 +564,15 @@ fn write_files(dir: &Path, mut rx: mpsc::Receiver<WriteMsg>, progress: &Progress
     WriterOutcome { records, error }
 }
 
-/// Creates `path` under `dir`, with its parent directories. Never follows or
-/// replaces anything: the file must not exist yet.
+/// Creates `path` under `dir`, with its parent directories. A file already
+/// there is a leftover of an earlier attempt (torn by a crash, or never
+/// verified): it is removed, then the file is created new, never through a
+/// link (staging never holds one).
 fn open_new(dir: &Path, path: &RelPath) -> Result<File, String> {
     let target = path.join_to(dir);
     if let Some(parent) = target.parent() {
         fs::create_dir_all(parent).map_err(|e| format!("{path}: {e}"))?;
     }
+    remove_file_if_exists(&target).map_err(|e| format!("{path}: {e}"))?;
     fs::OpenOptions::new().write(true).create_new(true).open(&target).map_err(|e| format!("{path}: {e}"))
 }

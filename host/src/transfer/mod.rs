@@ -52,6 +52,9 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// A read that waits longer than this for data breaks the attempt, and a
+    /// transfer that receives no new file for this long fails.
+    pub stall_timeout: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -60,6 +63,7 @@ impl Default for RetryPolicy {
             max_attempts: 8,
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -86,6 +90,9 @@ pub struct Shared {
     pub retry: RetryPolicy,
     /// Woken after a publish (the node registers the new replica).
     pub published: Option<Arc<tokio::sync::Notify>>,
+    /// Set when the node shuts down: consensus transfers keep their staging
+    /// to resume after the restart.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 /// The node's incoming transfers.
@@ -168,8 +175,25 @@ impl TransferManager {
         Some(transfer.status())
     }
 
+    /// Whether the node is shutting down.
+    pub fn stopping(&self) -> bool {
+        self.shared.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Ids of transfers that run here and have not ended.
+    pub fn running(&self) -> Vec<String> {
+        self.transfers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|t| !t.status().state.is_final())
+            .map(|t| t.id.clone())
+            .collect()
+    }
+
     /// Cancels every transfer and waits (bounded) until they have cleaned up.
     pub async fn shutdown(&self, within: Duration) {
+        self.shared.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         let all: Vec<Arc<Transfer>> =
             self.transfers.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         for transfer in &all {

@@ -4,6 +4,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use std::future::Future as _;
+
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -162,16 +164,21 @@ pub async fn run(shared: Arc<Shared>, transfer: Arc<Transfer>) {
         },
         _ = transfer.cancel.cancelled() => Err(Ended::Cancelled),
     };
-    let cleanup = {
+    // A consensus transfer interrupted by a shutdown keeps its staging: the
+    // restarted node resumes it. Anything else leaves nothing behind.
+    let keep = transfer.fencing.is_some()
+        && shared.stopping.load(std::sync::atomic::Ordering::SeqCst)
+        && matches!(outcome, Err(Ended::Cancelled));
+    if !keep {
         let staging = staging.clone();
-        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&staging) {
+        let cleanup = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&staging) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         })
-        .await
-    };
-    if let Ok(Err(e)) | Err(e) = cleanup.map_err(std::io::Error::other) {
-        tracing::error!(transfer = %transfer.id, "cannot remove {}: {e}", staging.display());
+        .await;
+        if let Ok(Err(e)) | Err(e) = cleanup.map_err(std::io::Error::other) {
+            tracing::error!(transfer = %transfer.id, "cannot remove {}: {e}", shared.data.staging(&transfer.id).display());
+        }
     }
     {
         let mut inner = transfer.inner();
@@ -199,9 +206,18 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
     let data_dir = shared.data.staging(&transfer.id).join("data");
     let cancel = &transfer.cancel;
 
-    // Connect and stream, resuming after interruptions.
-    let mut held = Held::default();
+    // Connect and stream, resuming after interruptions (and after a restart:
+    // a consensus transfer's staging survives it, with what it holds).
+    let staging = shared.data.staging(&transfer.id);
+    let mut held = {
+        let (staging, data_dir) = (staging.clone(), data_dir.clone());
+        tokio::task::spawn_blocking(move || Held::load(&staging, &data_dir)).await.unwrap_or_default()
+    };
+    if !held.files.is_empty() {
+        tracing::info!(transfer = %transfer.id, files = held.files.len(), "resuming with files received before a restart");
+    }
     let mut failures = 0u32;
+    let mut last_progress = std::time::Instant::now();
     let complete = loop {
         transfer.set_stage(Stage::Connecting);
         transfer.inner().attempts += 1;
@@ -221,8 +237,9 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
             Ok(response) => {
                 transfer.set_stage(Stage::Streaming);
                 let files_before = held.files.len();
+                let body = StallGuard::new(response.body, shared.retry.stall_timeout);
                 let result = receive(
-                    response.body,
+                    body,
                     &request.engine,
                     &request.shard,
                     &data_dir,
@@ -233,6 +250,21 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
                 )
                 .await;
                 transfer.inner().snapshot_id = held.snapshot_id.clone();
+                if held.files.len() > files_before {
+                    last_progress = std::time::Instant::now();
+                }
+                if !matches!(result, Err(ReceiveError::Cancelled)) {
+                    let saved = serde_json::to_vec(&held).map_err(std::io::Error::other);
+                    let staging = staging.clone();
+                    let written = blocking(move || {
+                        let held: Held = serde_json::from_slice(&saved?).map_err(std::io::Error::other)?;
+                        held.save(&staging)
+                    })
+                    .await;
+                    if let Err(e) = written {
+                        tracing::warn!(transfer = %transfer.id, "cannot save what was received: {e}");
+                    }
+                }
                 match result {
                     Ok(complete) => {
                         transfer.inner().resumed_files = complete.preamble.skipped.len() as u64;
@@ -259,6 +291,9 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
         failures += 1;
         if failures >= shared.retry.max_attempts {
             return Err(Ended::Failed(format!("{interruption} (gave up after {failures} failed attempts)")));
+        }
+        if last_progress.elapsed() > shared.retry.stall_timeout {
+            return Err(Ended::Failed(format!("{interruption} (no progress for {:?})", shared.retry.stall_timeout)));
         }
         let backoff =
             shared.retry.initial_backoff.saturating_mul(1 << (failures - 1).min(16)).min(shared.retry.max_backoff);
@@ -314,6 +349,44 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
         published.notify_one();
     }
     Ok(())
+}
+
+/// Fails a read that waits longer than the stall timeout for data.
+struct StallGuard<R> {
+    inner: R,
+    timeout: std::time::Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<R> StallGuard<R> {
+    fn new(inner: R, timeout: std::time::Duration) -> Self {
+        StallGuard { inner, timeout, sleep: Box::pin(tokio::time::sleep(timeout)) }
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallGuard<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                let deadline = tokio::time::Instant::now() + this.timeout;
+                this.sleep.as_mut().reset(deadline);
+                Poll::Ready(result)
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no data for {:?}", this.timeout),
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
