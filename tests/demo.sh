@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The README's main command: sets up the machine (idempotent), builds Ferry
-# and the guest plugins, starts two local nodes, makes a sample shard for each
-# engine on the first (a generated segment-log shard and a real SQLite
-# database), transfers both to the second with a progress bar, and verifies
-# the copies with each engine's own oracle.
+# and the guest plugins, starts a local cluster of three nodes, makes a sample
+# shard for each engine on the first (a generated segment-log shard and a real
+# SQLite database), replicates one and moves the other through consensus with
+# a progress bar, and verifies the copies with each engine's own oracle.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -13,10 +13,12 @@ FERRY=$ROOT/target/release/ferry
 SHARDGEN=$ROOT/target/release/shardgen
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ferry-demo.XXXXXX")
-PIDS=()
 cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  # start_node runs in a subshell: the nodes' pids are in files.
+  for pidfile in "$WORK"/*.pid; do
+    [ -e "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+  done
+  sleep 0.5
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -32,7 +34,7 @@ start_node() {  # name -> prints its URL
   cp target/plugins/segment-log.wasm target/plugins/sqlite.wasm "$WORK/$name/plugins/"
   "$FERRY" serve --node-id "$name" --listen 127.0.0.1:0 --data-dir "$WORK/$name" \
     --token-file "$WORK/token" > "$WORK/$name.out" 2> "$WORK/$name.log" &
-  PIDS+=($!)
+  echo $! > "$WORK/$name.pid"
   for _ in $(seq 300); do
     if grep -q listening "$WORK/$name.out"; then break; fi
     sleep 0.1
@@ -40,25 +42,40 @@ start_node() {  # name -> prints its URL
   grep -o 'http://[0-9.:]*' "$WORK/$name.out" || { cat "$WORK/$name.log" >&2; exit 1; }
 }
 
-step "two nodes on 127.0.0.1"
+step "three nodes on 127.0.0.1, joined into one cluster"
 A=$(start_node alpha)
 B=$(start_node beta)
-echo "alpha: $A"
-echo "beta:  $B"
+C=$(start_node gamma)
+"$FERRY" cluster join --node "$B" --to "$A" > /dev/null
+"$FERRY" cluster join --node "$C" --to "$A" > /dev/null
+"$FERRY" cluster status --node "$C"
 
 step "sample shards on alpha"
 "$SHARDGEN" segment-log "$WORK/alpha/shards/segment-log/wal-1" --size 256M --segment-size 16M --term 7
 "$SHARDGEN" sqlite "$WORK/alpha/shards/sqlite/users-1" --size 32M
+wait_for() {  # description, command...
+  local what=$1; shift
+  for _ in $(seq 300); do "$@" > /dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "timed out waiting for $what" >&2; exit 1
+}
+wait_for "alpha's shards to be registered" bash -c "'$FERRY' shards --node '$A' | grep -q 'users-1  alpha=active'"
+"$FERRY" shards --node "$B"
 
-for pair in segment-log/wal-1 sqlite/users-1; do
-  engine=${pair%/*}; shard=${pair#*/}
-  step "transfer $engine/$shard: alpha -> beta"
-  "$FERRY" transfer start --node "$B" --engine "$engine" --shard "$shard" --source "$A" --wait
-  "$SHARDGEN" same "$engine" "$WORK/alpha/shards/$engine/$shard" "$WORK/beta/shards/$engine/$shard"
-done
+step "replicate segment-log/wal-1 to beta (the donor is chosen by position)"
+cp -r "$WORK/alpha/shards/segment-log/wal-1" "$WORK/wal-1.original"
+"$FERRY" transfer start --node "$C" --engine segment-log --shard wal-1 --target beta --wait
+"$SHARDGEN" same segment-log "$WORK/wal-1.original" "$WORK/beta/shards/segment-log/wal-1"
 
-step "beta's transfers"
-"$FERRY" transfer list --node "$B"
-[ -z "$(ls -A "$WORK/beta/staging")" ] && echo "beta's staging is empty"
+step "move sqlite/users-1 from alpha to gamma"
+cp -r "$WORK/alpha/shards/sqlite/users-1" "$WORK/users-1.original"
+"$FERRY" transfer start --node "$B" --engine sqlite --shard users-1 --target gamma --source alpha --kind move --wait
+"$SHARDGEN" same sqlite "$WORK/users-1.original" "$WORK/gamma/shards/sqlite/users-1"
+wait_for "alpha to remove the moved replica" test ! -e "$WORK/alpha/shards/sqlite/users-1"
+echo "alpha's copy of users-1 is gone"
+
+step "the replica table, from any node"
+"$FERRY" shards --node "$A"
+"$FERRY" transfer list --node "$A"
+for n in alpha beta gamma; do [ -z "$(ls -A "$WORK/$n/staging")" ] || { echo "$n left staging" >&2; exit 1; }; done
 echo
-echo "demo ok: both shards moved, verified by their engines' oracles"
+echo "demo ok: a replicate and a move through consensus, verified by each engine's oracle"

@@ -129,7 +129,9 @@ async fn a_restart_removes_leftover_staging() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_target_resumes_without_pulling_verified_files_again() {
-    let mut cluster = TestCluster::start_with(&["r1", "r2", "r3"], slow()).await;
+    // 4 MiB/s: the kill lands seconds before the end, even on a loaded machine.
+    let slower = || NodeOptions { args: vec!["--rate-limit".into(), "4M".into()], ..Default::default() };
+    let mut cluster = TestCluster::start_with(&["r1", "r2", "r3"], slower()).await;
     SegmentLog.create(&cluster.nodes[0].shard_dir("segment-log", "s"), 32 << 20);
     cluster.wait_replicas("segment-log", "s", json!({"r1": "active"}), WITHIN).await;
     let started =
@@ -138,8 +140,10 @@ async fn a_restarted_target_resumes_without_pulling_verified_files_again() {
     cluster.nodes[1].kill();
     let staging = cluster.nodes[1].staging().join(&started.id);
     assert!(staging.join("held.json").exists(), "no durable record of the received files");
+    let journaled = std::fs::read_to_string(staging.join("records.jsonl")).unwrap_or_default().lines().count();
+    assert!(journaled >= 8, "only {journaled} received files journaled");
     let port = cluster.nodes[1].port;
-    cluster.nodes[1].restart(NodeOptions { port: Some(port), ..slow() });
+    cluster.nodes[1].restart(NodeOptions { port: Some(port), ..slower() });
 
     let done = ended(&cluster, &started.id).await;
     assert_eq!(done.state, State::Succeeded, "{done:?}");

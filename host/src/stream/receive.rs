@@ -254,9 +254,12 @@ async fn unpack(
         remove_file_if_exists(&path.join_to(data_dir)).map_err(|e| ReceiveError::Local(e.to_string()))?;
     }
     if let Some(staging) = data_dir.parent() {
-        // Which snapshot the files about to arrive belong to, for a restart.
-        let _ = fs::remove_file(staging.join(Held::JOURNAL));
+        // Which snapshot the files about to arrive belong to, for a restart;
+        // what the journal held is in held.json now. Truncated in place, not
+        // removed: the writer thread has it open for appending.
         held.save(staging).map_err(|e| ReceiveError::Local(format!("saving {}: {e}", Held::FILE)))?;
+        File::create(staging.join(Held::JOURNAL))
+            .map_err(|e| ReceiveError::Local(format!("{}: {e}", Held::JOURNAL)))?;
     }
     let held_bytes: u64 = preamble.skipped.iter().map(|p| announced[p]).sum();
     progress.reset(&preamble, held_bytes, preamble.skipped.len() as u64);
@@ -543,6 +546,11 @@ fn write_files(dir: &Path, mut rx: mpsc::Receiver<WriteMsg>, progress: &Progress
                 let (path, size, _file, hasher, written) = current.take().expect("end follows begin");
                 debug_assert_eq!(size, written);
                 let record = FileRecord { path, size, blake3: Checksum::of(&hasher) };
+                if journal.is_none() {
+                    journal = dir.parent().and_then(|staging| {
+                        fs::OpenOptions::new().create(true).append(true).open(staging.join(Held::JOURNAL)).ok()
+                    });
+                }
                 if let (Some(journal), Ok(mut line)) = (journal.as_mut(), serde_json::to_vec(&record)) {
                     line.push(b'\n');
                     let _ = journal.write_all(&line);
