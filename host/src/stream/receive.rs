@@ -139,6 +139,16 @@ impl Held {
     }
 }
 
+/// Where and for what an archive is unpacked.
+pub struct Destination<'a> {
+    pub engine: &'a str,
+    pub shard: &'a str,
+    /// The staging directory's `data/`.
+    pub data_dir: &'a Path,
+    pub rate: &'a RateLimiter,
+    pub progress: &'a Arc<Progress>,
+}
+
 /// Unpacks one attempt's archive from `reader` into `data_dir`.
 ///
 /// On success every file is durable and matches the manifest. On failure
@@ -151,17 +161,13 @@ impl Held {
 /// directory without racing a write.
 pub async fn receive(
     reader: impl AsyncRead + Unpin,
-    engine: &str,
-    shard: &str,
-    data_dir: &Path,
+    to: &Destination<'_>,
     held: &mut Held,
-    rate: &RateLimiter,
-    progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<Complete, ReceiveError> {
-    let mut writer = FileWriter::start(data_dir.to_owned(), progress.clone());
+    let mut writer = FileWriter::start(to.data_dir.to_owned(), to.progress.clone());
     let result = tokio::select! {
-        r = unpack(reader, engine, shard, data_dir, held, rate, progress, &mut writer) => r,
+        r = unpack(reader, to, held, &mut writer) => r,
         _ = cancel.cancelled() => Err(ReceiveError::Cancelled),
     };
     let outcome = writer.finish().await;
@@ -175,7 +181,7 @@ pub async fn receive(
         (Ok(done), None) => done,
     };
     verify(&manifest, held)?;
-    let dir = data_dir.to_owned();
+    let dir = to.data_dir.to_owned();
     tokio::task::spawn_blocking(move || syncfs(&dir))
         .await
         .map_err(|e| ReceiveError::Local(e.to_string()))?
@@ -191,17 +197,13 @@ fn interrupted(e: io::Error) -> ReceiveError {
     ReceiveError::Interrupted(crate::http::error_chain(&e))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn unpack(
     reader: impl AsyncRead + Unpin,
-    engine: &str,
-    shard: &str,
-    data_dir: &Path,
+    to: &Destination<'_>,
     held: &mut Held,
-    rate: &RateLimiter,
-    progress: &Progress,
     writer: &mut FileWriter,
 ) -> Result<(Preamble, Manifest), ReceiveError> {
+    let Destination { engine, shard, data_dir, rate, progress } = *to;
     let transport = TransportWatch::new(reader);
     let broke = transport.failed.clone();
     // An error while reading entries is the network's if the transport

@@ -15,7 +15,7 @@ use crate::http::{TRANSFER_EPOCH_HEADER, TRANSFER_ID_HEADER};
 use crate::install::publish;
 use crate::install::sync::syncfs;
 use crate::stream::client::{FetchError, fetch_snapshot};
-use crate::stream::receive::{Held, Progress, ReceiveError, receive};
+use crate::stream::receive::{Destination, Held, Progress, ReceiveError, receive};
 use crate::stream::{FileRecord, ResumeRequest};
 
 pub struct Transfer {
@@ -238,17 +238,14 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
                 transfer.set_stage(Stage::Streaming);
                 let files_before = held.files.len();
                 let body = StallGuard::new(response.body, shared.retry.stall_timeout);
-                let result = receive(
-                    body,
-                    &request.engine,
-                    &request.shard,
-                    &data_dir,
-                    &mut held,
-                    &shared.rate,
-                    &transfer.progress,
-                    cancel,
-                )
-                .await;
+                let to = Destination {
+                    engine: &request.engine,
+                    shard: &request.shard,
+                    data_dir: &data_dir,
+                    rate: &shared.rate,
+                    progress: &transfer.progress,
+                };
+                let result = receive(body, &to, &mut held, cancel).await;
                 transfer.inner().snapshot_id = held.snapshot_id.clone();
                 if held.files.len() > files_before {
                     last_progress = std::time::Instant::now();
