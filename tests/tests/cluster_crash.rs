@@ -153,3 +153,28 @@ async fn a_restarted_target_resumes_without_pulling_verified_files_again() {
     cluster.wait_replicas("segment-log", "s", json!({"r1": "active", "r2": "active"}), WITHIN).await;
     assert!(tree(&cluster.nodes[1].staging()).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_source_aborts_the_transfer_cleanly() {
+    let options = NodeOptions {
+        args: vec!["--rate-limit".into(), "4M".into(), "--max-attempts".into(), "3".into()],
+        ..Default::default()
+    };
+    let mut cluster = TestCluster::start_with(&["s1", "s2", "s3"], options).await;
+    SegmentLog.create(&cluster.nodes[0].shard_dir("segment-log", "s"), 32 << 20);
+    cluster.wait_replicas("segment-log", "s", json!({"s1": "active"}), WITHIN).await;
+    let started =
+        start(&cluster.nodes[1], json!({"engine": "segment-log", "shard": "s", "target": "s2", "source": "s1"})).await;
+    cluster.nodes[1].wait_until(&started.id, WITHIN, |s| s.files_done >= 2).await;
+    cluster.nodes[0].kill();
+
+    let done = ended(&cluster, &started.id).await;
+    assert_eq!(done.state, State::Failed, "{done:?}");
+    let reason = done.error.unwrap_or_default();
+    assert!(reason.contains("target:") && reason.contains("gave up"), "{reason}");
+    // The target's replica never became Active and its files are gone; the
+    // surviving members agree on the table.
+    cluster.wait_replicas("segment-log", "s", json!({"s1": "active"}), WITHIN).await;
+    assert!(!cluster.nodes[1].shard_dir("segment-log", "s").exists());
+    assert!(tree(&cluster.nodes[1].staging()).is_empty());
+}
