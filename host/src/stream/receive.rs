@@ -91,7 +91,7 @@ pub struct Complete {
 
 /// What one receiver remembers between attempts of one transfer, kept in
 /// `held.json` beside the data so a restarted node resumes too.
-#[derive(Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Held {
     /// Snapshot the held files belong to.
     pub snapshot_id: Option<String>,

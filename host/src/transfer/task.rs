@@ -251,13 +251,8 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
                     last_progress = std::time::Instant::now();
                 }
                 if !matches!(result, Err(ReceiveError::Cancelled)) {
-                    let saved = serde_json::to_vec(&held).map_err(std::io::Error::other);
-                    let staging = staging.clone();
-                    let written = blocking(move || {
-                        let held: Held = serde_json::from_slice(&saved?).map_err(std::io::Error::other)?;
-                        held.save(&staging)
-                    })
-                    .await;
+                    let (snapshot, staging) = (held.clone(), staging.clone());
+                    let written = blocking(move || snapshot.save(&staging)).await;
                     if let Err(e) = written {
                         tracing::warn!(transfer = %transfer.id, "cannot save what was received: {e}");
                     }
