@@ -40,6 +40,10 @@ struct Args {
     /// Runs of each contender, interleaved; the median counts.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Measure one workload only (for quick iterations; the final line then
+    /// has only its ratio).
+    #[arg(long, value_parser = ["large", "small"])]
+    only: Option<String>,
 }
 
 fn median(mut times: Vec<Duration>) -> Duration {
@@ -55,13 +59,24 @@ fn sh(script: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Drops the page cache if allowed; says whether it did.
+/// Drops the page cache if allowed; says whether it did. Then waits for the
+/// kernel to settle: a VM with free page reporting hands the freed memory back
+/// to its host a couple of seconds later (`PAGE_REPORTING_DELAY`), and until
+/// then a writer that starts early gets faster, still-backed pages.
 fn drop_caches() -> bool {
     sh("sync").ok();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+    let dropped = std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
+    std::thread::sleep(Duration::from_secs(5));
+    dropped
 }
 
-fn timed(label: &str, script: &str) -> anyhow::Result<Duration> {
+/// Times `script` after `setup` (which removes the previous copy) and a drop
+/// of the page cache, so every contender starts alike: no copy in the cache,
+/// and no pages of one just freed for it to reuse. (On a VM that hands freed
+/// memory back to its host, writing into recycled pages is faster than into
+/// cold ones, which would favour whoever deletes inside its timing.)
+fn timed(label: &str, setup: &str, script: &str) -> anyhow::Result<Duration> {
+    sh(setup)?;
     drop_caches();
     let start = Instant::now();
     sh(script)?;
@@ -73,6 +88,7 @@ fn timed(label: &str, script: &str) -> anyhow::Result<Duration> {
 async fn ferry_run(source: &TestNode, target: &TestNode, shard: &str) -> anyhow::Result<Duration> {
     let _ = std::fs::remove_dir_all(target.shard_dir("segment-log", shard));
     drop_caches();
+    let cpu_before = (cpu_secs(source.pid())?, cpu_secs(target.pid())?);
     let start = Instant::now();
     let started = target.start_transfer("segment-log", shard, &source.url).await?;
     let done = target.wait_transfer(&started.id, Duration::from_secs(3600)).await;
@@ -80,13 +96,16 @@ async fn ferry_run(source: &TestNode, target: &TestNode, shard: &str) -> anyhow:
     if done.state != State::Succeeded {
         bail!("transfer failed: {:?}", done.error);
     }
+    let cpu = (cpu_secs(source.pid())? - cpu_before.0, cpu_secs(target.pid())? - cpu_before.1);
     let stages: Vec<String> = done.stage_ms.iter().map(|(stage, ms)| format!("{stage} {ms} ms")).collect();
     println!(
-        "  {:<28} {:>8.2} s  ({:.0} MiB/s; {})",
+        "  {:<28} {:>8.2} s  ({:.0} MiB/s; {}; cpu: source {:.2} s, target {:.2} s)",
         "ferry",
         took.as_secs_f64(),
         done.bytes_total as f64 / (1 << 20) as f64 / took.as_secs_f64(),
-        stages.join(", ")
+        stages.join(", "),
+        cpu.0,
+        cpu.1
     );
     Ok(took)
 }
@@ -95,6 +114,17 @@ fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
     Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
+}
+
+/// User plus system CPU time of a process so far.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')').context("stat format")?.1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 / hz)
 }
 
 fn size_of(dir: &Path) -> u64 {
@@ -132,15 +162,20 @@ async fn main() -> anyhow::Result<()> {
 
     let mut ratios = Vec::new();
     for (shard, dir, baseline) in [("large", &large, "cp"), ("small", &small, "tar")] {
+        if args.only.as_deref().is_some_and(|only| only != shard) {
+            continue;
+        }
         println!("{shard}:");
         let dst = base.join(format!("copy-{shard}"));
         let (src, dst) = (dir.display(), dst.display());
         let (mut cp, mut tar, mut ferry) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.runs.max(1) {
-            cp.push(timed("cp -r + sync", &format!("rm -rf {dst} && cp -r {src} {dst} && sync"))?);
+            let fresh = format!("rm -rf {dst}");
+            cp.push(timed("cp -r + sync", &fresh, &format!("cp -r {src} {dst} && sync"))?);
             tar.push(timed(
                 "tar -c | tar -x + sync",
-                &format!("rm -rf {dst} && mkdir {dst} && tar -C {src} -cf - . | tar -C {dst} -xf - && sync"),
+                &fresh,
+                &format!("mkdir {dst} && tar -C {src} -cf - . | tar -C {dst} -xf - && sync"),
             )?);
             sh(&format!("rm -rf {dst}"))?;
             ferry.push(ferry_run(&source, &target, shard).await?);
@@ -153,10 +188,10 @@ async fn main() -> anyhow::Result<()> {
             ferry.as_secs_f64()
         );
         let reference = if baseline == "cp" { cp } else { tar };
-        ratios.push(ferry.as_secs_f64() / reference.as_secs_f64());
+        ratios.push(format!("{shard}_ratio={:.2}", ferry.as_secs_f64() / reference.as_secs_f64()));
     }
 
     let rss = peak_rss_kib(source.pid())?.max(peak_rss_kib(target.pid())?);
-    println!("large_ratio={:.2} small_ratio={:.2} peak_rss_mib={}", ratios[0], ratios[1], rss / 1024);
+    println!("{} peak_rss_mib={}", ratios.join(" "), rss / 1024);
     Ok(())
 }
