@@ -8,12 +8,13 @@
 //! staging directory: paths are [`RelPath`]s and staging never holds a symlink.
 //!
 //! Writes run on a writer thread fed by a bounded channel, so the network and
-//! the disk work in parallel with bounded memory. Durability comes from one
-//! `syncfs` of the staging file system once the archive is complete and
-//! verified, before any hook sees it: it flushes every file and directory in
-//! one call (measured faster than an fsync per file for both many small files
-//! and a few large ones, whose early fsyncs compete with the source's reads)
-//! and reports writeback errors (Linux ≥ 5.8).
+//! the disk work in parallel with bounded memory; chunk buffers go back and
+//! forth through a small pool rather than being allocated per chunk. Durability is the caller's:
+//! one `syncfs` of the staging file system once the archive is complete and
+//! verified flushes every file and directory in one call (measured faster
+//! than an fsync per file for both many small files and a few large ones,
+//! whose early fsyncs compete with the source's reads) and reports writeback
+//! errors (Linux ≥ 5.8).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -23,19 +24,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 
-use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_tar::EntryType;
 use tokio_util::sync::CancellationToken;
 
+use super::buffer::{BufferPool, ChunkBuf};
 use super::manifest::{
     ARCHIVE_FORMAT, Checksum, ERROR_PATH, FileRecord, MANIFEST_PATH, MAX_CONTROL_ENTRY, Manifest, PREAMBLE_PATH,
     Preamble, SourceFailure,
 };
 use super::ratelimit::RateLimiter;
-use crate::install::sync::syncfs;
 use crate::plugin::types::MAX_PLAN_ENTRIES;
 use crate::relpath::RelPath;
 
@@ -151,7 +151,8 @@ pub struct Destination<'a> {
 
 /// Unpacks one attempt's archive from `reader` into `data_dir`.
 ///
-/// On success every file is durable and matches the manifest. On failure
+/// On success every file matches the manifest; making them durable is the
+/// caller's (one [`syncfs`](crate::install::sync::syncfs)). On failure
 /// complete files stay (listed in `held`) so a retry can resume; partial files
 /// are removed.
 ///
@@ -181,11 +182,6 @@ pub async fn receive(
         (Ok(done), None) => done,
     };
     verify(&manifest, held)?;
-    let dir = to.data_dir.to_owned();
-    tokio::task::spawn_blocking(move || syncfs(&dir))
-        .await
-        .map_err(|e| ReceiveError::Local(e.to_string()))?
-        .map_err(|e| ReceiveError::Local(format!("syncfs: {e}")))?;
     Ok(Complete { preamble, manifest })
 }
 
@@ -298,22 +294,33 @@ async fn unpack(
         if header_size != size {
             return refused(format!("entry {path} is {header_size} bytes, the preamble said {size}"));
         }
-        writer.begin(path.clone(), size).await?;
+        let whole = size <= CHUNK as u64;
+        if !whole {
+            writer.begin(path.clone(), size).await?;
+        }
         let mut left = size;
-        while left > 0 {
+        loop {
             let want = CHUNK.min(left as usize);
-            let mut buf = BytesMut::with_capacity(want);
+            let mut buf = writer.buffers.take();
             while buf.len() < want {
-                let n = entry.read_buf(&mut buf).await.map_err(&read_err)?;
+                let n = entry.read(buf.spare(want)).await.map_err(&read_err)?;
                 if n == 0 {
                     return Err(ReceiveError::Interrupted(format!("{path} ended {left} bytes short")));
                 }
+                buf.advance(n);
             }
             left -= buf.len() as u64;
             rate.acquire(buf.len() as u64).await;
-            writer.data(buf.freeze()).await?;
+            if whole {
+                writer.whole(path.clone(), buf).await?;
+                break;
+            }
+            writer.data(buf).await?;
+            if left == 0 {
+                writer.end().await?;
+                break;
+            }
         }
-        writer.end().await?;
     };
 
     // 3. Nothing may follow the manifest.
@@ -464,8 +471,10 @@ impl<R: AsyncRead + Unpin> AsyncRead for TransportWatch<R> {
 
 enum WriteMsg {
     Begin(RelPath, u64),
-    Data(Bytes),
+    Data(ChunkBuf),
     End,
+    /// A whole file in one chunk: begin, data and end.
+    Whole(RelPath, ChunkBuf),
 }
 
 struct WriterOutcome {
@@ -477,16 +486,21 @@ struct WriterOutcome {
 struct FileWriter {
     tx: Option<mpsc::Sender<WriteMsg>>,
     thread: Option<thread::JoinHandle<WriterOutcome>>,
+    /// Chunk buffers, filled from the network and given back by the writer.
+    buffers: BufferPool,
 }
 
 impl FileWriter {
     fn start(dir: PathBuf, progress: Arc<Progress>) -> FileWriter {
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        // The queue, one chunk being written and one being filled.
+        let buffers = BufferPool::new(CHUNK, WRITE_QUEUE + 2);
+        let pool = buffers.clone();
         let thread = thread::Builder::new()
             .name("ferry-writer".into())
-            .spawn(move || write_files(&dir, rx, &progress))
+            .spawn(move || write_files(&dir, rx, &progress, &pool))
             .expect("spawning the writer thread");
-        FileWriter { tx: Some(tx), thread: Some(thread) }
+        FileWriter { tx: Some(tx), thread: Some(thread), buffers }
     }
 
     async fn send(&self, msg: WriteMsg) -> Result<(), ReceiveError> {
@@ -500,8 +514,12 @@ impl FileWriter {
         self.send(WriteMsg::Begin(path, size)).await
     }
 
-    async fn data(&self, bytes: Bytes) -> Result<(), ReceiveError> {
+    async fn data(&self, bytes: ChunkBuf) -> Result<(), ReceiveError> {
         self.send(WriteMsg::Data(bytes)).await
+    }
+
+    async fn whole(&self, path: RelPath, bytes: ChunkBuf) -> Result<(), ReceiveError> {
+        self.send(WriteMsg::Whole(path, bytes)).await
     }
 
     async fn end(&self) -> Result<(), ReceiveError> {
@@ -521,45 +539,28 @@ impl FileWriter {
     }
 }
 
-fn write_files(dir: &Path, mut rx: mpsc::Receiver<WriteMsg>, progress: &Progress) -> WriterOutcome {
-    // Completed files are journaled as they complete, so a node that crashes
-    // mid-attempt resumes with them (each is re-verified when loaded).
-    let mut journal = dir
-        .parent()
-        .and_then(|staging| fs::OpenOptions::new().create(true).append(true).open(staging.join(Held::JOURNAL)).ok());
-    let mut records = Vec::new();
+fn write_files(dir: &Path, mut rx: mpsc::Receiver<WriteMsg>, progress: &Progress, pool: &BufferPool) -> WriterOutcome {
+    let mut writer = Writer { dir, progress, pool, journal: None, records: Vec::new(), current: None, made: None };
     let mut error = None;
-    let mut current: Option<(RelPath, u64, File, blake3::Hasher, u64)> = None;
-    while let Some(msg) = rx.blocking_recv() {
-        let step = match msg {
-            WriteMsg::Begin(path, size) => open_new(dir, &path).map(|file| {
-                current = Some((path, size, file, blake3::Hasher::new(), 0));
-            }),
-            WriteMsg::Data(bytes) => {
-                let (path, _, file, hasher, written) = current.as_mut().expect("data follows begin");
-                file.write_all(&bytes).map_err(|e| format!("{path}: {e}")).map(|()| {
-                    hasher.update(&bytes);
-                    *written += bytes.len() as u64;
-                    progress.bytes_done.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    progress.received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                })
+    loop {
+        let msg = match rx.try_recv() {
+            Ok(msg) => msg,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Caught up with the network: journal what completed so far.
+                writer.flush_journal();
+                match rx.blocking_recv() {
+                    Some(msg) => msg,
+                    None => break,
+                }
             }
-            WriteMsg::End => {
-                let (path, size, _file, hasher, written) = current.take().expect("end follows begin");
-                debug_assert_eq!(size, written);
-                let record = FileRecord { path, size, blake3: Checksum::of(&hasher) };
-                if journal.is_none() {
-                    journal = dir.parent().and_then(|staging| {
-                        fs::OpenOptions::new().create(true).append(true).open(staging.join(Held::JOURNAL)).ok()
-                    });
-                }
-                if let (Some(journal), Ok(mut line)) = (journal.as_mut(), serde_json::to_vec(&record)) {
-                    line.push(b'\n');
-                    let _ = journal.write_all(&line);
-                }
-                records.push(record);
-                progress.files_done.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        };
+        let step = match msg {
+            WriteMsg::Begin(path, size) => writer.begin(path, size),
+            WriteMsg::Data(bytes) => writer.data(bytes),
+            WriteMsg::End => writer.end(),
+            WriteMsg::Whole(path, bytes) => {
+                writer.begin(path, bytes.len() as u64).and_then(|()| writer.data(bytes)).and_then(|()| writer.end())
             }
         };
         if let Err(e) = step {
@@ -567,22 +568,93 @@ fn write_files(dir: &Path, mut rx: mpsc::Receiver<WriteMsg>, progress: &Progress
             break;
         }
     }
+    writer.flush_journal();
     // A file begun but not ended is incomplete: it must not stay.
-    if let Some((path, ..)) = current.take() {
+    if let Some((path, ..)) = writer.current.take() {
         let _ = fs::remove_file(path.join_to(dir));
     }
-    WriterOutcome { records, error }
+    WriterOutcome { records: writer.records, error }
 }
 
-/// Creates `path` under `dir`, with its parent directories. A file already
-/// there is a leftover of an earlier attempt (torn by a crash, or never
-/// verified): it is removed, then the file is created new, never through a
-/// link (staging never holds one).
-fn open_new(dir: &Path, path: &RelPath) -> Result<File, String> {
-    let target = path.join_to(dir);
-    if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent).map_err(|e| format!("{path}: {e}"))?;
+/// The writer thread's state.
+struct Writer<'a> {
+    dir: &'a Path,
+    progress: &'a Progress,
+    pool: &'a BufferPool,
+    /// Completed files are journaled as they complete (flushed whenever the
+    /// writer catches up), so a node that crashes mid-attempt resumes with
+    /// them; each is re-verified when loaded.
+    journal: Option<io::BufWriter<File>>,
+    records: Vec<FileRecord>,
+    current: Option<(RelPath, u64, File, blake3::Hasher, u64)>,
+    /// The last directory created, so a flat snapshot does not ask for its
+    /// directory once per file.
+    made: Option<PathBuf>,
+}
+
+impl Writer<'_> {
+    fn begin(&mut self, path: RelPath, size: u64) -> Result<(), String> {
+        let target = path.join_to(self.dir);
+        if let Some(parent) = target.parent()
+            && self.made.as_deref() != Some(parent)
+        {
+            fs::create_dir_all(parent).map_err(|e| format!("{path}: {e}"))?;
+            self.made = Some(parent.to_owned());
+        }
+        let file = create_new(&target).map_err(|e| format!("{path}: {e}"))?;
+        self.current = Some((path, size, file, blake3::Hasher::new(), 0));
+        Ok(())
     }
-    remove_file_if_exists(&target).map_err(|e| format!("{path}: {e}"))?;
-    fs::OpenOptions::new().write(true).create_new(true).open(&target).map_err(|e| format!("{path}: {e}"))
+
+    fn data(&mut self, bytes: ChunkBuf) -> Result<(), String> {
+        let (path, _, file, hasher, written) = self.current.as_mut().expect("data follows begin");
+        let wrote = file.write_all(&bytes).map_err(|e| format!("{path}: {e}"));
+        if wrote.is_ok() {
+            hasher.update(&bytes);
+            *written += bytes.len() as u64;
+            self.progress.bytes_done.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            self.progress.received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+        self.pool.give_back(bytes);
+        wrote
+    }
+
+    fn end(&mut self) -> Result<(), String> {
+        let (path, size, _file, hasher, written) = self.current.take().expect("end follows begin");
+        debug_assert_eq!(size, written);
+        let record = FileRecord { path, size, blake3: Checksum::of(&hasher) };
+        if self.journal.is_none() {
+            self.journal = self.dir.parent().and_then(|staging| {
+                let file = fs::OpenOptions::new().create(true).append(true).open(staging.join(Held::JOURNAL)).ok()?;
+                Some(io::BufWriter::new(file))
+            });
+        }
+        if let (Some(journal), Ok(mut line)) = (self.journal.as_mut(), serde_json::to_vec(&record)) {
+            line.push(b'\n');
+            let _ = journal.write_all(&line);
+        }
+        self.records.push(record);
+        self.progress.files_done.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn flush_journal(&mut self) {
+        if let Some(journal) = self.journal.as_mut() {
+            let _ = journal.flush();
+        }
+    }
+}
+
+/// Creates the file at `target`, never through a link (staging never holds
+/// one). A file already there is a leftover of an earlier attempt (torn by a
+/// crash, or never verified): it is removed, then the file is created new.
+fn create_new(target: &Path) -> io::Result<File> {
+    let create = || fs::OpenOptions::new().write(true).create_new(true).open(target);
+    match create() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            remove_file_if_exists(target)?;
+            create()
+        }
+        other => other,
+    }
 }

@@ -153,16 +153,22 @@ impl Transfer {
 /// Runs a transfer to its end, then removes its staging directory.
 pub async fn run(shared: Arc<Shared>, transfer: Arc<Transfer>) {
     let staging = shared.data.staging(&transfer.id);
-    let outcome = tokio::select! {
-        permit = shared.incoming.clone().acquire_owned() => match permit {
-            Ok(permit) => {
-                let outcome = pipeline(&shared, &transfer).await;
-                drop(permit);
-                outcome
-            }
-            Err(_) => Err(Ended::Failed("the node is shutting down".into())),
-        },
+    let permit = tokio::select! {
+        permit = shared.incoming.clone().acquire_owned() => {
+            permit.map_err(|_| Ended::Failed("the node is shutting down".into()))
+        }
         _ = transfer.cancel.cancelled() => Err(Ended::Cancelled),
+    };
+    // The pipeline is not raced against the cancel token but watches it
+    // itself: dropping it mid-stream would leave its writer thread writing
+    // into the staging directory while it is being removed.
+    let outcome = match permit {
+        Ok(permit) => {
+            let outcome = pipeline(&shared, &transfer).await;
+            drop(permit);
+            outcome
+        }
+        Err(ended) => Err(ended),
     };
     // A consensus transfer interrupted by a shutdown keeps its staging: the
     // restarted node resumes it. Anything else leaves nothing behind.
@@ -200,6 +206,12 @@ pub async fn run(shared: Arc<Shared>, transfer: Arc<Transfer>) {
     transfer.done.send_replace(true);
 }
 
+/// Pulls, checks and installs one transfer's snapshot.
+///
+/// # Cancel safety
+/// Not cancel safe: cancel the transfer's token instead of dropping the
+/// future. Every wait watches the token, and `receive` joins its writer
+/// thread before it returns, so nothing writes into staging afterwards.
 async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
     let request = &transfer.request;
     let plugin = shared.plugins.get(&request.engine).ok_or_else(|| Ended::Failed("plugin unloaded".into()))?;
@@ -297,8 +309,8 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
     };
 
     transfer.set_stage(Stage::Verifying);
-    // `receive` verified every checksum against the manifest and made the
-    // files durable; the stage is reported for operators.
+    // `receive` verified every checksum against the manifest; the stage is
+    // reported for operators.
     let meta = &complete.preamble.meta;
     if complete.preamble.snapshot_format != plugin.info().snapshot_format {
         return Err(Ended::Failed(format!(
@@ -308,11 +320,19 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
         )));
     }
 
+    // The files are verified. Flushing them to disk and the guest's validate
+    // run at once: validate only reads, and sees the same bytes from the page
+    // cache either way; apply and publish wait for both. A failed flush is
+    // the disk's error, reported before whatever validate made of the bytes.
     transfer.set_stage(Stage::Validating);
-    let validated = tokio::select! {
-        r = plugin.validate(&request.shard, &data_dir, meta) => r,
+    let dir = data_dir.clone();
+    let flushed = blocking(move || syncfs(&dir));
+    let validated = plugin.validate(&request.shard, &data_dir, meta);
+    let (flushed, validated) = tokio::select! {
+        both = async { tokio::join!(flushed, validated) } => both,
         _ = cancel.cancelled() => return Err(Ended::Cancelled),
     };
+    flushed.map_err(|e| Ended::Failed(format!("streaming: writing: syncfs: {e}")))?;
     validated.map_err(|e| Ended::Failed(format!("validating: {e}")))?;
 
     transfer.set_stage(Stage::Applying);
