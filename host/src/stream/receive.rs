@@ -301,7 +301,10 @@ async fn unpack(
         let mut left = size;
         loop {
             let want = CHUNK.min(left as usize);
-            let mut buf = writer.buffers.take();
+            // Whole chunks come from the pool; a small file or a file's tail
+            // gets a buffer of its own size, so a queue of small files does
+            // not hold a megabyte each.
+            let mut buf = if want == CHUNK { writer.buffers.take() } else { ChunkBuf::new(want) };
             while buf.len() < want {
                 let n = entry.read(buf.spare(want)).await.map_err(&read_err)?;
                 if n == 0 {

@@ -191,7 +191,9 @@ async fn main() -> anyhow::Result<()> {
         ratios.push(format!("{shard}_ratio={:.2}", ferry.as_secs_f64() / reference.as_secs_f64()));
     }
 
-    let rss = peak_rss_kib(source.pid())?.max(peak_rss_kib(target.pid())?);
+    let (source_rss, target_rss) = (peak_rss_kib(source.pid())?, peak_rss_kib(target.pid())?);
+    println!("peak RSS: source {} MiB, target {} MiB", source_rss / 1024, target_rss / 1024);
+    let rss = source_rss.max(target_rss);
     println!("{} peak_rss_mib={}", ratios.join(" "), rss / 1024);
     Ok(())
 }
