@@ -268,7 +268,7 @@ impl Consensus {
     ) -> Result<T, Attempt> {
         let url = format!("{}{path}", addr.trim_end_matches('/'));
         let body = body.map(|b| Bytes::from(serde_json::to_vec(b).expect("serializes")));
-        let request = http::request(method, &url, &self.network.token, body).map_err(|e| Attempt::Retry(e))?;
+        let request = http::request(method, &url, &self.network.token, body).map_err(Attempt::Retry)?;
         let response = tokio::time::timeout(Duration::from_secs(60), self.network.client.request(request))
             .await
             .map_err(|_| Attempt::Retry(format!("{url}: timed out")))?

@@ -174,10 +174,10 @@ impl SnapshotPlan {
             let entry = match entry {
                 RawEntry::File { path, offset, length } => {
                     let path = RelPath::new(&path).map_err(|e| ReplyError(format!("plan entry {e}")))?;
-                    if let Some(len) = length {
-                        if offset.checked_add(len).is_none() {
-                            return refuse(format!("plan entry {path}: range overflows"));
-                        }
+                    if let Some(len) = length
+                        && offset.checked_add(len).is_none()
+                    {
+                        return refuse(format!("plan entry {path}: range overflows"));
                     }
                     PlanEntry::File { path, offset, length }
                 }

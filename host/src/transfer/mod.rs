@@ -123,7 +123,7 @@ impl TransferManager {
         }
         let uri: hyper::Uri =
             request.source.parse().map_err(|e| StartError::Invalid(format!("source {:?}: {e}", request.source)))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() || uri.path().trim_end_matches('/') != "" {
+        if uri.scheme_str() != Some("http") || uri.host().is_none() || !uri.path().trim_end_matches('/').is_empty() {
             return Err(StartError::Invalid(format!(
                 "source {:?} is not a base URL like http://host:port",
                 request.source

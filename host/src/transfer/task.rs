@@ -348,10 +348,10 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
         return Err(Ended::Cancelled);
     }
     transfer.set_stage(Stage::Publishing);
-    if let Some(fencing) = &transfer.fencing {
-        if !(fencing.still_current)() {
-            return Err(Ended::Failed(format!("publishing: epoch {} is no longer current", fencing.epoch)));
-        }
+    if let Some(fencing) = &transfer.fencing
+        && !(fencing.still_current)()
+    {
+        return Err(Ended::Failed(format!("publishing: epoch {} is no longer current", fencing.epoch)));
     }
     let live = shared.data.shard(&request.engine, &request.shard);
     let replaced =
