@@ -168,13 +168,26 @@ impl TestNode {
         self.api().call(Method::GET, &format!("/v1/transfers/{id}"), None).await.unwrap()
     }
 
+    /// The transfer's status, or `None` while this node does not know it: a
+    /// transfer through consensus reaches a follower a moment after the
+    /// leader committed it.
+    async fn known_transfer(&self, id: &str) -> Option<TransferStatus> {
+        match self.api().call(Method::GET, &format!("/v1/transfers/{id}"), None).await {
+            Ok(status) => Some(status),
+            Err(e) if e.to_string().starts_with("404") => None,
+            Err(e) => panic!("GET /v1/transfers/{id}: {e}"),
+        }
+    }
+
     /// Polls until the transfer ends.
     pub async fn wait_transfer(&self, id: &str, within: Duration) -> TransferStatus {
         let deadline = Instant::now() + within;
         loop {
-            let status = self.transfer(id).await;
-            if status.state.is_final() {
-                return status;
+            let status = self.known_transfer(id).await;
+            if let Some(status) = &status
+                && status.state.is_final()
+            {
+                return status.clone();
             }
             assert!(Instant::now() < deadline, "transfer did not end in {within:?}: {status:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -190,11 +203,13 @@ impl TestNode {
     ) -> TransferStatus {
         let deadline = Instant::now() + within;
         loop {
-            let status = self.transfer(id).await;
-            if check(&status) {
-                return status;
+            let status = self.known_transfer(id).await;
+            if let Some(status) = &status {
+                if check(status) {
+                    return status.clone();
+                }
+                assert!(!status.state.is_final(), "transfer ended first: {status:?}");
             }
-            assert!(!status.state.is_final(), "transfer ended first: {status:?}");
             assert!(Instant::now() < deadline, "condition not reached in {within:?}: {status:?}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
