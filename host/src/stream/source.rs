@@ -367,13 +367,14 @@ async fn read_batch(batch: Vec<Planned>) -> Result<(Bytes, Vec<FileRecord>), Pro
             let file = open_range(source, *offset).map_err(|e| failure("read", format!("{path}: {e}")))?;
             // SAFETY: `file` is an open descriptor for the duration of the call.
             unsafe { libc::posix_fadvise(file.as_raw_fd(), *offset as i64, *size as i64, libc::POSIX_FADV_WILLNEED) };
-            capacity += tar::header(path, *size).len() + (*size + tar::padding_len(*size)) as usize;
-            opened.push((path, file, *size));
+            let header = tar::header(path, *size);
+            capacity += header.len() + (*size + tar::padding_len(*size)) as usize;
+            opened.push((path, header, file, *size));
         }
         let mut piece = Vec::with_capacity(capacity);
         let mut records = Vec::with_capacity(batch.len());
-        for (path, mut file, size) in opened {
-            piece.extend_from_slice(&tar::header(path, size));
+        for (path, header, mut file, size) in opened {
+            piece.extend_from_slice(&header);
             let start = piece.len();
             let read = (&mut file).take(size).read_to_end(&mut piece);
             match read {
