@@ -165,7 +165,7 @@ impl TestNode {
     }
 
     pub async fn transfer(&self, id: &str) -> TransferStatus {
-        self.api().call(Method::GET, &format!("/v1/transfers/{id}"), None).await.unwrap()
+        self.known_transfer(id).await.unwrap_or_else(|| panic!("{} does not know transfer {id}", self.url))
     }
 
     /// The transfer's status, or `None` while this node does not know it: a
