@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ferry::api::client::ApiClient;
+use ferry::http::ApiClient;
 use ferry::transfer::TransferStatus;
 use hyper::Method;
 use serde_json::json;
@@ -14,6 +14,69 @@ use serde_json::json;
 use crate::ferry_bin;
 
 pub const TOKEN: &str = "test-token-0123456789abcdef";
+/// Scoped credentials of test nodes started with [`Credentials::Scoped`].
+pub const NODE_TOKEN: &str = "node-token-0123456789abcdef";
+pub const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+pub const READ_TOKEN: &str = "read-token-0123456789abcdef";
+
+/// How a test node authenticates.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Credentials {
+    /// One token ([`TOKEN`]) for every scope.
+    #[default]
+    Single,
+    /// [`NODE_TOKEN`], [`ADMIN_TOKEN`] and [`READ_TOKEN`]; the kit's own
+    /// calls use the admin token.
+    Scoped,
+}
+
+/// A cluster CA and its node certificates, made with `ferry cluster
+/// init-ca` / `issue-cert` (for 127.0.0.1).
+#[derive(Clone, Debug)]
+pub struct TestPki {
+    pub dir: std::sync::Arc<tempfile::TempDir>,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        let dir = tempfile::Builder::new().prefix("ferry-pki-").tempdir().unwrap();
+        let ok =
+            Command::new(ferry_bin()).args(["cluster", "init-ca", "--dir"]).arg(dir.path()).status().unwrap().success();
+        assert!(ok, "ferry cluster init-ca");
+        TestPki { dir: std::sync::Arc::new(dir) }
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    /// The certificate and key of node `name`, issued on first use.
+    pub fn node(&self, name: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = (self.dir.path().join(format!("{name}.crt")), self.dir.path().join(format!("{name}.key")));
+        if !cert.exists() {
+            let ok = Command::new(ferry_bin())
+                .args(["cluster", "issue-cert", "--ca-dir"])
+                .arg(self.dir.path())
+                .args(["--name", name, "--host", "127.0.0.1", "--host", "localhost"])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "ferry cluster issue-cert {name}");
+        }
+        (cert, key)
+    }
+
+    /// A client that trusts this CA (no client certificate: an operator's).
+    pub fn client(&self) -> ferry::http::Client {
+        ferry::http::tls_client(ferry::http::tls::client_config(&self.ca(), None).unwrap())
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Options of one test node.
 #[derive(Clone, Debug, Default)]
@@ -28,6 +91,15 @@ pub struct NodeOptions {
     /// Run the node with a file-size limit (RLIMIT_FSIZE) of this many bytes,
     /// SIGXFSZ ignored: writes past it fail with EFBIG, like a full disk.
     pub file_size_limit: Option<u64>,
+    /// Start the node with this soft limit of open files (the hard limit
+    /// unchanged).
+    pub fd_soft_limit: Option<u64>,
+    pub credentials: Credentials,
+    /// Refuse direct pulls from other loopback nodes (by default the kit
+    /// allows `http://127.0.0.1:*` and `https://127.0.0.1:*` as sources).
+    pub strict_sources: bool,
+    /// Serve TLS with a certificate from this CA.
+    pub tls: Option<TestPki>,
 }
 
 /// A running node. Killed (SIGKILL) when dropped.
@@ -38,6 +110,9 @@ pub struct TestNode {
     pub data_dir: PathBuf,
     pub token_file: PathBuf,
     pub plugins_dir: PathBuf,
+    /// The token the kit's own calls use.
+    pub token: String,
+    pub tls: Option<TestPki>,
     child: Option<Child>,
     _dir: tempfile::TempDir,
 }
@@ -53,7 +128,18 @@ impl TestNode {
             std::fs::copy(plugin, plugins_dir.join(Path::new(plugin).file_name().unwrap())).unwrap();
         }
         let token_file = dir.path().join("token");
-        std::fs::write(&token_file, TOKEN).unwrap();
+        let token = match options.credentials {
+            Credentials::Single => TOKEN,
+            Credentials::Scoped => {
+                for (file, token) in
+                    [("node-token", NODE_TOKEN), ("admin-token", ADMIN_TOKEN), ("read-token", READ_TOKEN)]
+                {
+                    write_private(&dir.path().join(file), token);
+                }
+                ADMIN_TOKEN
+            }
+        };
+        write_private(&token_file, token);
         let port = options.port.unwrap_or_else(free_port);
         let mut node = TestNode {
             name: name.to_owned(),
@@ -62,6 +148,8 @@ impl TestNode {
             data_dir,
             token_file,
             plugins_dir,
+            token: token.to_owned(),
+            tls: options.tls.clone(),
             child: None,
             _dir: dir,
         };
@@ -78,18 +166,47 @@ impl TestNode {
             .arg(&self.data_dir)
             .arg("--plugins-dir")
             .arg(&self.plugins_dir)
-            .arg("--token-file")
-            .arg(&self.token_file)
             .args(&options.args)
             .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn,openraft=off".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        let dir = self.token_file.parent().unwrap().to_owned();
+        match options.credentials {
+            Credentials::Single => {
+                cmd.arg("--token-file").arg(&self.token_file);
+            }
+            Credentials::Scoped => {
+                for flag in ["node", "admin", "read"] {
+                    cmd.arg(format!("--{flag}-token-file")).arg(dir.join(format!("{flag}-token")));
+                }
+            }
+        }
+        if !options.strict_sources {
+            cmd.args(["--allow-source", "http://127.0.0.1:*", "--allow-source", "https://127.0.0.1:*"]);
+        }
+        if let Some(pki) = &options.tls {
+            let (cert, key) = pki.node(&name);
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key).arg("--tls-ca").arg(pki.ca());
+        }
         if let Some(limit) = options.file_size_limit {
             use std::os::unix::process::CommandExt;
             // SAFETY: only async-signal-safe calls between fork and exec.
             unsafe {
                 cmd.pre_exec(move || {
                     libc_setrlimit_fsize(limit);
+                    Ok(())
+                });
+            }
+        }
+        if let Some(soft) = options.fd_soft_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+                    limit.rlim_cur = soft.min(limit.rlim_max);
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
                     Ok(())
                 });
             }
@@ -111,9 +228,19 @@ impl TestNode {
                 panic!("node {name} did not start: {:?}", child.wait());
             }
         };
-        let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("ready line has the URL");
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
+            .expect("ready line has the URL");
         self.url = url.to_owned();
         self.child = Some(child);
+    }
+
+    /// The node's peak resident memory (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
     }
 
     /// The node's process id.
@@ -147,8 +274,17 @@ impl TestNode {
         self.spawn(&options);
     }
 
+    /// A client of the node with the kit's token (the admin one when scoped).
     pub fn api(&self) -> ApiClient {
-        ApiClient::new(&self.url, TOKEN.into())
+        self.api_as(&self.token)
+    }
+
+    /// A client of the node with another token.
+    pub fn api_as(&self, token: &str) -> ApiClient {
+        match &self.tls {
+            Some(pki) => ApiClient::with_client(pki.client(), &self.url, token.into()),
+            None => ApiClient::new(&self.url, token.into()),
+        }
     }
 
     pub fn shard_dir(&self, engine: &str, shard: &str) -> PathBuf {
@@ -161,7 +297,7 @@ impl TestNode {
 
     pub async fn start_transfer(&self, engine: &str, shard: &str, source: &str) -> anyhow::Result<TransferStatus> {
         let body = json!({ "engine": engine, "shard": shard, "source": source });
-        self.api().call(Method::POST, "/v1/transfers", Some(&body)).await
+        Ok(self.api().call(Method::POST, "/v1/transfers", Some(&body)).await?)
     }
 
     pub async fn transfer(&self, id: &str) -> TransferStatus {
@@ -216,6 +352,12 @@ impl TestNode {
     }
 }
 
+fn write_private(path: &Path, contents: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -253,8 +395,8 @@ impl TestCluster {
             names.iter().map(|n| TestNode::start(n, NodeOptions { port: None, ..options.clone() })).collect();
         for node in &nodes[1..] {
             let body = json!({ "to": nodes[0].url });
-            let _: serde_json::Value =
-                node.api().call(Method::POST, "/v1/cluster/join", Some(&body)).await.expect("join");
+            let api = node.api().timeout(Duration::from_secs(120));
+            let _: serde_json::Value = api.call(Method::POST, "/v1/cluster/join", Some(&body)).await.expect("join");
         }
         let cluster = TestCluster { nodes };
         cluster.wait_agreement(Duration::from_secs(30)).await;

@@ -29,10 +29,9 @@ async fn ended(cluster: &TestCluster, id: &str) -> TransferStatus {
         for node in cluster.nodes.iter().filter(|n| n.is_running()) {
             if let Ok(status) =
                 node.api().call::<TransferStatus>(Method::GET, &format!("/v1/transfers/{id}"), None).await
+                && status.state.is_final()
             {
-                if status.state.is_final() {
-                    return status;
-                }
+                return status;
             }
         }
         assert!(std::time::Instant::now() < deadline, "transfer {id} did not end");

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 const WITHIN: Duration = Duration::from_secs(120);
 
 async fn start(node: &TestNode, body: Value) -> anyhow::Result<TransferStatus> {
-    node.api().call(Method::POST, "/v1/transfers", Some(&body)).await
+    Ok(node.api().call(Method::POST, "/v1/transfers", Some(&body)).await?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

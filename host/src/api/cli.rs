@@ -8,10 +8,11 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
-use crate::api::client::ApiClient;
 use crate::consensus::ClusterStatus;
+use crate::http::ApiClient;
 use crate::node::Node;
 use crate::node::config::{Config, read_token};
+use crate::node::credentials::AuthFiles;
 use crate::plugin::{
     DEFAULT_MEMORY_LIMIT, Hook, HookDeadlines, HookError, Plugin, PluginRuntime, RuntimeConfig, SnapshotMeta,
 };
@@ -30,7 +31,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a node: the HTTP API, snapshot streaming and transfers.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Start, watch and cancel transfers on a node.
     #[command(subcommand)]
     Transfer(TransferCommand),
@@ -75,6 +76,30 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make a cluster CA in --dir (ca.crt, ca.key): every node's certificate
+    /// comes from it, and members verify each other against it.
+    InitCa {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "Ferry cluster CA")]
+        name: String,
+    },
+    /// Issue a node certificate (<out>/<name>.crt, <out>/<name>.key) from the
+    /// CA in --ca-dir, for the hosts other nodes reach it at.
+    IssueCert {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The node's name (its --node-id).
+        #[arg(long)]
+        name: String,
+        /// An IP address or DNS name of the node (repeatable).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Where to write the certificate and key (default: --ca-dir).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -91,9 +116,38 @@ pub struct ServeArgs {
     pub data_dir: Option<PathBuf>,
     #[arg(long)]
     pub plugins_dir: Option<PathBuf>,
-    /// File holding the API token (default: <data-dir>/state/token, created if missing).
+    /// File holding one token for every scope (default: <data-dir>/state/token,
+    /// created if missing, when no scoped token file is given).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Scoped credentials: the token members share (Raft, snapshot streams).
+    #[arg(long, conflicts_with = "token_file")]
+    pub node_token_file: Option<PathBuf>,
+    /// Scoped credentials: the operators' token (transfers, membership, plugins).
+    #[arg(long, conflicts_with = "token_file", requires = "node_token_file")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Scoped credentials: a read-only token (status, listings).
+    #[arg(long, conflicts_with = "token_file", requires = "node_token_file")]
+    pub read_token_file: Option<PathBuf>,
+    /// TLS: this node's certificate (PEM), from the cluster CA.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: this node's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the cluster CA certificate (PEM) members verify each other with.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// A base URL a direct pull may name as its source, besides the members
+    /// (repeatable).
+    #[arg(long = "allow-source")]
+    pub allow_sources: Vec<String>,
+    /// Open connections at most.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Seconds a request body may take to arrive.
+    #[arg(long)]
+    pub request_timeout: Option<u64>,
     /// Node-wide byte rate limit per second, in and out (e.g. 100M; 0: unlimited).
     #[arg(long, value_parser = parse_size)]
     pub rate_limit: Option<u64>,
@@ -117,12 +171,19 @@ pub struct NodeArgs {
     /// File holding the API token.
     #[arg(long, env = "FERRY_TOKEN_FILE")]
     pub token_file: PathBuf,
+    /// The cluster CA certificate, to verify an https:// node.
+    #[arg(long, env = "FERRY_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl NodeArgs {
     fn client(&self) -> anyhow::Result<ApiClient> {
         let token = read_token(&self.token_file, false)?;
-        Ok(ApiClient::new(&self.node, token))
+        let client = match &self.ca_file {
+            Some(ca) => crate::http::tls_client(crate::http::tls::client_config(ca, None)?),
+            None => crate::http::client(),
+        };
+        Ok(ApiClient::with_client(client, &self.node, token))
     }
 }
 
@@ -312,7 +373,7 @@ pub fn main() -> ExitCode {
 /// Runs a parsed command line; the exit code says whether it worked.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Transfer(command) => transfer(command).await,
         Command::Cluster(command) => cluster(command).await,
         Command::Shards { node, json } => {
@@ -418,16 +479,34 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(v) = args.max_attempts {
         config.max_attempts = v;
     }
+    if args.node_token_file.is_some() {
+        config.token_file = None;
+        config.auth = Some(AuthFiles {
+            node_token_file: args.node_token_file,
+            admin_token_file: args.admin_token_file,
+            read_token_file: args.read_token_file,
+        });
+    }
+    if let (Some(cert_file), Some(key_file), Some(ca_file)) = (args.tls_cert, args.tls_key, args.tls_ca) {
+        config.tls = Some(crate::http::tls::TlsFiles { cert_file, key_file, ca_file });
+    }
+    config.allowed_sources.extend(args.allow_sources);
+    if let Some(v) = args.max_connections {
+        config.max_connections = v;
+    }
+    if let Some(v) = args.request_timeout {
+        config.request_timeout = v;
+    }
 
     // Bind first: the address is part of the node's identity in the cluster.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let node = std::sync::Arc::new(Node::open(config, &format!("http://{addr}")).await?);
+    let node = std::sync::Arc::new(Node::open(config, addr).await?);
     let engines: Vec<String> = node.plugins.iter().map(|p| p.info().name.clone()).collect();
     // One line on stdout when ready: scripts and tests wait for it.
-    println!("ferry node {} listening on http://{addr} (engines: {})", node.config.node_id, engines.join(", "));
+    println!("ferry node {} listening on {} (engines: {})", node.config.node_id, node.addr(), engines.join(", "));
     use std::io::Write as _;
     std::io::stdout().flush()?;
 
@@ -494,8 +573,21 @@ async fn transfer(command: TransferCommand) -> anyhow::Result<ExitCode> {
 async fn cluster(command: ClusterCommand) -> anyhow::Result<ExitCode> {
     use hyper::Method;
     let (status, json): (ClusterStatus, bool) = match command {
+        ClusterCommand::InitCa { dir, name } => {
+            let (cert, key) = crate::api::pki::init_ca(&dir, &name)?;
+            println!("cluster CA: {} (key {}, keep it offline)", cert.display(), key.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        ClusterCommand::IssueCert { ca_dir, name, hosts, out } => {
+            let out = out.unwrap_or_else(|| ca_dir.clone());
+            let (cert, key) = crate::api::pki::issue_cert(&ca_dir, &name, &hosts, &out)?;
+            println!("node {name}: {} (key {})", cert.display(), key.display());
+            return Ok(ExitCode::SUCCESS);
+        }
         ClusterCommand::Join { node, to, json } => {
-            (node.client()?.call(Method::POST, "/v1/cluster/join", Some(&json!({ "to": to }))).await?, json)
+            // A join waits for the cluster to take the node in and replicate to it.
+            let api = node.client()?.timeout(Duration::from_secs(120));
+            (api.call(Method::POST, "/v1/cluster/join", Some(&json!({ "to": to }))).await?, json)
         }
         ClusterCommand::Leave { node, json } => {
             (node.client()?.call(Method::POST, "/v1/cluster/leave", None).await?, json)

@@ -1,5 +1,6 @@
 //! How operators and other nodes talk to Ferry.
 
 pub mod cli;
-pub mod client;
+pub mod conn;
+pub mod pki;
 pub mod server;

@@ -11,87 +11,133 @@
 //! | GET | `/v1/transfers`, `/v1/transfers/{id}` | status |
 //! | DELETE | `/v1/transfers/{id}` | cancel |
 
-use std::convert::Infallible;
+// Handlers return a ready answer as their error; it is built once per
+// request, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, Limited, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use super::conn::{self, ConnInfo};
 use crate::consensus::network::FullSnapshot;
 use crate::consensus::state::{Applied, Command, ReplicaState, TransferKind, TransferStage};
 use crate::consensus::{ConsensusError, JoinRequest, NotLeaderOr, TypeConfig};
 use crate::http::{Body, SNAPSHOT_ID_HEADER, TRANSFER_EPOCH_HEADER, TRANSFER_ID_HEADER, error_response, json_response};
 use crate::install::layout::check_shard_id;
 use crate::node::Node;
+use crate::node::credentials::{Grant, Scope};
 use crate::plugin::ShardPosition;
 use crate::stream::ResumeRequest;
 use crate::stream::source::{self, StreamContext};
 use crate::transfer::{Stage, StartError, State, TransferRequest, TransferStatus};
 
 /// Largest request body (a resume request lists up to 100,000 files).
-const MAX_REQUEST_BODY: usize = 64 << 20;
+pub const MAX_REQUEST_BODY: usize = 64 << 20;
+/// How long a status listing waits for another node's progress.
+const PEER_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves the API on `listener` until `shutdown` fires, then stops accepting,
 /// cancels transfers (they clean up their staging) and lets open requests
 /// finish for a few seconds.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let _ = stream.set_nodelay(true);
+    let fd_limit = conn::raise_fd_limit();
+    let limits = conn::Limits::new(node.config.max_connections, fd_limit);
+    tracing::info!(fd_limit, max_connections = limits.max, "serving");
+    let handler = {
         let node = node.clone();
-        let service = service_fn(move |req| {
+        move |req, info: Arc<ConnInfo>| {
             let node = node.clone();
-            async move { Ok::<_, Infallible>(handle(&node, req).await) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, "connection: {e}");
-            }
-        });
-    }
+            async move { handle(&node, req, &info).await }
+        }
+    };
+    let graceful = conn::accept(listener, node.tls.clone(), limits, shutdown, handler).await;
     tracing::info!("shutting down");
     node.transfers.shutdown(Duration::from_secs(10)).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
     Ok(())
 }
 
-async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
-    if !authorized(node, &req) {
-        return error_response(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token");
+/// What an endpoint needs from the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Need {
+    Scope(Scope),
+    /// Membership: an operator's, or a member leaving through its leader.
+    AdminOrNode,
+}
+
+/// The credential each endpoint needs; unknown endpoints need `read` (and
+/// then answer 404).
+fn need(method: &Method, path: &[&str]) -> Need {
+    use Scope::*;
+    match (method, path) {
+        (&Method::POST, ["v1", "raft", _])
+        | (&Method::POST, ["v1", "cluster", "members"])
+        | (&Method::GET, ["v1", "cluster", "proof"])
+        | (_, ["v1", "engines", _, "shards", _, "snapshot"]) => Need::Scope(Node),
+        (&Method::DELETE, ["v1", "cluster", "members", _]) => Need::AdminOrNode,
+        (&Method::POST, ["v1", "cluster", "join" | "leave"])
+        | (&Method::POST, ["v1", "transfers"])
+        | (&Method::DELETE, ["v1", "transfers", _]) => Need::Scope(Admin),
+        _ => Need::Scope(Read),
     }
+}
+
+/// Checks the caller's token against what the endpoint needs. With TLS, a
+/// node credential also needs the connection's client certificate from the
+/// cluster CA.
+fn authorize(node: &Node, req: &Request<Incoming>, info: &ConnInfo, need: Need) -> Result<(), Response<Body>> {
+    let token = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    let Some(grant) = token.and_then(|t| node.credentials.check(t)) else {
+        let mut response = error_response(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token");
+        // An unauthenticated connection is not kept for another try.
+        response.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+        return Err(response);
+    };
+    info.proven();
+    let as_node = |grant: Grant| {
+        if node.tls.is_some() && !info.verified_client {
+            Err(forbidden("node requests need a client certificate from the cluster CA".into()))
+        } else if grant.node {
+            Ok(())
+        } else {
+            Err(forbidden("this endpoint needs the node credential".into()))
+        }
+    };
+    match need {
+        Need::Scope(Scope::Node) => as_node(grant),
+        Need::AdminOrNode if grant.admin => Ok(()),
+        Need::AdminOrNode => as_node(grant),
+        Need::Scope(scope) if grant.allows(scope) => Ok(()),
+        Need::Scope(scope) => Err(forbidden(format!("this endpoint needs the {} credential", scope.name()))),
+    }
+}
+
+fn forbidden(message: String) -> Response<Body> {
+    error_response(StatusCode::FORBIDDEN, "forbidden", message)
+}
+
+async fn handle(node: &Node, req: Request<Incoming>, info: &ConnInfo) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
+    if let Err(response) = authorize(node, &req, info, need(&method, &segments)) {
+        return response;
+    }
     match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "health"]) => json_response(StatusCode::OK, &json!({ "node_id": node.config.node_id })),
         (&Method::GET, ["v1", "plugins"]) => plugins(node),
         (&Method::GET, ["v1", "shards"]) => shards(node),
         (&Method::GET, ["v1", "cluster"]) => json_response(StatusCode::OK, &node.consensus.status()),
+        (&Method::GET, ["v1", "cluster", "proof"]) => membership_proof(node, &req),
         (&Method::POST, ["v1", "cluster", "join"]) => join(node, req).await,
         (&Method::POST, ["v1", "cluster", "leave"]) => match node.consensus.leave().await {
             Ok(()) => {
@@ -115,6 +161,7 @@ async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
         }
         (&Method::POST, ["v1", "transfers"]) => start_transfer(node, req).await,
         (&Method::GET, ["v1", "transfers"]) => list_transfers(node).await,
+        (&Method::GET, ["v1", "transfers", "local"]) => json_response(StatusCode::OK, &node.transfers.list()),
         (&Method::GET, ["v1", "transfers", id]) => match transfer_status(node, id).await {
             Some(status) => json_response(StatusCode::OK, &status),
             None => not_found(format!("no transfer {id}")),
@@ -132,12 +179,6 @@ async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-fn authorized(node: &Node, req: &Request<Incoming>) -> bool {
-    let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) else { return false };
-    let Some(token) = value.as_bytes().strip_prefix(b"Bearer ") else { return false };
-    constant_time_eq::constant_time_eq(token, node.token.as_bytes())
-}
-
 fn not_found(message: String) -> Response<Body> {
     error_response(StatusCode::NOT_FOUND, "not-found", message)
 }
@@ -146,12 +187,45 @@ fn bad_request(message: impl Into<String>) -> Response<Body> {
     error_response(StatusCode::BAD_REQUEST, "bad-request", message)
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<Option<T>, Response<Body>> {
-    let body = Limited::new(req.into_body(), MAX_REQUEST_BODY)
-        .collect()
-        .await
-        .map_err(|e| error_response(StatusCode::PAYLOAD_TOO_LARGE, "bad-body", format!("request body: {e}")))?
-        .to_bytes();
+/// Reads a request body within the node-wide budget of bodies in flight, a
+/// size bound and a deadline.
+async fn read_body(node: &Node, req: Request<Incoming>) -> Result<bytes::Bytes, Response<Body>> {
+    use hyper::body::Body as _;
+    let declared = req.body().size_hint().exact().map(|n| n as usize);
+    if declared == Some(0) {
+        return Ok(bytes::Bytes::new());
+    }
+    if declared.is_some_and(|n| n > MAX_REQUEST_BODY) {
+        let message = format!("request body of {} bytes; at most {MAX_REQUEST_BODY}", declared.unwrap_or(0));
+        return Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, "bad-body", message));
+    }
+    let within = Duration::from_secs(node.config.request_timeout);
+    // A body of unknown length reserves the most it may grow to.
+    let limit = declared.unwrap_or(MAX_REQUEST_BODY);
+    let kib = limit.div_ceil(1024) as u32;
+    let _reserved = match tokio::time::timeout(within, node.request_budget.acquire_many(kib)).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            let message = "too many request bodies in flight; try again";
+            return Err(error_response(StatusCode::SERVICE_UNAVAILABLE, "busy", message));
+        }
+    };
+    crate::http::read_bounded(req.into_body(), limit, within).await.map_err(|e| match e {
+        crate::http::BodyError::TooLarge(_) => {
+            error_response(StatusCode::PAYLOAD_TOO_LARGE, "bad-body", format!("request body: {e}"))
+        }
+        crate::http::BodyError::Timeout(_) => {
+            error_response(StatusCode::REQUEST_TIMEOUT, "bad-body", format!("request body: {e}"))
+        }
+        crate::http::BodyError::Read(_) => bad_request(format!("request body: {e}")),
+    })
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    node: &Node,
+    req: Request<Incoming>,
+) -> Result<Option<T>, Response<Body>> {
+    let body = read_body(node, req).await?;
     if body.is_empty() {
         return Ok(None);
     }
@@ -209,13 +283,23 @@ fn leader_answer(result: Result<Applied, NotLeaderOr>) -> Response<Body> {
     }
 }
 
+/// Answers a joining node's challenge: proves this node holds the cluster's
+/// node credential without sending it (see [`crate::consensus::membership_proof`]).
+fn membership_proof(node: &Node, req: &Request<Incoming>) -> Response<Body> {
+    let nonce = req.uri().query().and_then(|q| q.strip_prefix("nonce=")).unwrap_or("");
+    match crate::consensus::membership_proof(&node.token, nonce) {
+        Ok(proof) => json_response(StatusCode::OK, &json!({ "node": node.config.node_id, "proof": proof })),
+        Err(e) => bad_request(e),
+    }
+}
+
 async fn join(node: &Node, req: Request<Incoming>) -> Response<Body> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
         to: String,
     }
-    let body: Body = match read_json(req).await {
+    let body: Body = match read_json(node, req).await {
         Ok(Some(body)) => body,
         Ok(None) => return bad_request("expected {\"to\": \"http://host:port\"}"),
         Err(response) => return response,
@@ -230,7 +314,7 @@ async fn join(node: &Node, req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn add_member(node: &Node, req: Request<Incoming>) -> Response<Body> {
-    let join: JoinRequest = match read_json(req).await {
+    let join: JoinRequest = match read_json(node, req).await {
         Ok(Some(join)) => join,
         Ok(None) => return bad_request("expected {id, name, addr}"),
         Err(response) => return response,
@@ -246,7 +330,7 @@ async fn raft_rpc(node: &Node, rpc: &str, req: Request<Incoming>) -> Response<Bo
     let raft = node.consensus.raft();
     macro_rules! call {
         ($ty:ty, $method:ident) => {{
-            let body: $ty = match read_json(req).await {
+            let body: $ty = match read_json(node, req).await {
                 Ok(Some(body)) => body,
                 Ok(None) => return bad_request("empty Raft request"),
                 Err(response) => return response,
@@ -259,7 +343,7 @@ async fn raft_rpc(node: &Node, rpc: &str, req: Request<Incoming>) -> Response<Bo
         "vote" => call!(openraft::raft::VoteRequest<u64>, vote),
         "install-snapshot" => call!(openraft::raft::InstallSnapshotRequest<TypeConfig>, install_snapshot),
         "snapshot" => {
-            let body: FullSnapshot = match read_json(req).await {
+            let body: FullSnapshot = match read_json(node, req).await {
                 Ok(Some(body)) => body,
                 Ok(None) => return bad_request("empty snapshot"),
                 Err(response) => return response,
@@ -268,7 +352,7 @@ async fn raft_rpc(node: &Node, rpc: &str, req: Request<Incoming>) -> Response<Bo
             json_response(StatusCode::OK, &raft.install_full_snapshot(vote, snapshot).await)
         }
         "propose" => {
-            let command: Command = match read_json(req).await {
+            let command: Command = match read_json(node, req).await {
                 Ok(Some(command)) => command,
                 Ok(None) => return bad_request("empty proposal"),
                 Err(response) => return response,
@@ -293,7 +377,7 @@ async fn snapshot(node: &Node, engine: &str, shard: &str, req: Request<Incoming>
     if let Err(response) = check_fencing(node, engine, shard, &req).await {
         return response;
     }
-    let resume: ResumeRequest = match read_json(req).await {
+    let resume: ResumeRequest = match read_json(node, req).await {
         Ok(resume) => resume.unwrap_or_default(),
         Err(response) => return response,
     };
@@ -370,7 +454,7 @@ struct StartBody {
 }
 
 async fn start_transfer(node: &Node, req: Request<Incoming>) -> Response<Body> {
-    let body: StartBody = match read_json(req).await {
+    let body: StartBody = match read_json(node, req).await {
         Ok(Some(body)) => body,
         Ok(None) => {
             return bad_request("expected {engine, shard, target, source?, kind?} or {engine, shard, source: URL}");
@@ -381,6 +465,12 @@ async fn start_transfer(node: &Node, req: Request<Incoming>) -> Response<Body> {
         let Some(source) = body.source else { return bad_request("a direct pull needs source: a base URL") };
         if body.kind.is_some() {
             return bad_request("kind is for transfers with a target");
+        }
+        if let Err(e) = crate::http::base_url(&source) {
+            return bad_request(format!("source {source:?} {e}"));
+        }
+        if let Err(why) = node.check_source(&source) {
+            return error_response(StatusCode::FORBIDDEN, "source-not-allowed", why);
         }
         let request = TransferRequest { engine: body.engine, shard: body.shard, source };
         return match node.transfers.start(request) {
@@ -444,15 +534,14 @@ async fn choose_donor(node: &Node, engine: &str, shard: &str) -> Result<u64, Str
     if active.is_empty() {
         return Err(format!("no active replica of {engine}/{shard}"));
     }
-    let mut answers = Vec::new();
-    for id in &active {
-        let Some(member) = state.members.get(id) else { continue };
-        let api = crate::api::client::ApiClient::new(&member.addr, node.token.to_string());
-        let path = format!("/v1/engines/{engine}/shards/{shard}/status");
-        if let Ok(position) = api.call::<ShardPosition>(Method::GET, &path, None).await {
-            answers.push((position, *id));
-        }
-    }
+    let path = format!("/v1/engines/{engine}/shards/{shard}/status");
+    let asks = active.iter().filter_map(|id| {
+        let member = state.members.get(id)?;
+        let (api, path) = (node.peer(&member.addr).timeout(PEER_STATUS_TIMEOUT), path.clone());
+        Some(async move { api.call::<ShardPosition>(Method::GET, &path, None).await.ok().map(|p| (p, *id)) })
+    });
+    let mut answers: Vec<(ShardPosition, u64)> =
+        futures_util::future::join_all(asks).await.into_iter().flatten().collect();
     if answers.is_empty() || answers.len() * 2 <= active.len() && active.len() > 1 {
         return Err(format!("only {} of {} active replicas answered", answers.len(), active.len()));
     }
@@ -480,19 +569,39 @@ async fn transfer_status(node: &Node, id: &str) -> Option<TransferStatus> {
     let state = node.consensus.state();
     let Some(record) = state.transfers.get(id).cloned() else { return node.transfers.get(id) };
     let progress = if record.target == node.consensus.id {
-        node.transfers.get(id)
+        Ok(node.transfers.get(id))
     } else {
         match state.members.get(&record.target) {
-            Some(member) => crate::api::client::ApiClient::new(&member.addr, node.token.to_string())
+            Some(member) => match node
+                .peer(&member.addr)
+                .timeout(PEER_STATUS_TIMEOUT)
                 .call::<TransferStatus>(Method::GET, &format!("/v1/transfers/{id}/local"), None)
                 .await
-                .ok(),
-            None => None,
+            {
+                Ok(status) => Ok(Some(status)),
+                Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => Ok(None),
+                Err(e) => Err(format!("member {} did not answer: {e}", member.name)),
+            },
+            None => Ok(None),
         }
     };
+    Some(merge_status(&state, record, progress))
+}
+
+/// The consensus record of a transfer with what its target reported (or why
+/// it reported nothing).
+fn merge_status(
+    state: &crate::consensus::state::ClusterState,
+    record: crate::consensus::state::TransferRecord,
+    progress: Result<Option<TransferStatus>, String>,
+) -> TransferStatus {
     let name = |n: u64| state.members.get(&n).map(|m| m.addr.clone()).unwrap_or_else(|| n.to_string());
+    let (progress, unreachable) = match progress {
+        Ok(progress) => (progress, None),
+        Err(why) => (None, Some(why)),
+    };
     let mut status = progress.unwrap_or_else(|| TransferStatus {
-        id: id.to_owned(),
+        id: record.id.clone(),
         engine: record.engine.clone(),
         shard: record.shard.clone(),
         source: name(record.source),
@@ -510,9 +619,11 @@ async fn transfer_status(node: &Node, id: &str) -> Option<TransferStatus> {
         error: None,
         stage_ms: Vec::new(),
         consensus: None,
+        unreachable: None,
         created_at: record.started_at,
         updated_at: record.updated_at,
     });
+    status.unreachable = unreachable;
     // The consensus stage decides the outcome.
     match record.stage {
         TransferStage::Finished => {
@@ -531,18 +642,43 @@ async fn transfer_status(node: &Node, id: &str) -> Option<TransferStatus> {
         }
     }
     status.consensus = Some(record);
-    Some(status)
+    status
 }
 
+/// Every transfer: the consensus records with their targets' progress (one
+/// bounded call per member, all at once, so a member that is gone delays the
+/// answer by at most [`PEER_STATUS_TIMEOUT`] and is named in it), then the
+/// direct pulls of this node.
 async fn list_transfers(node: &Node) -> Response<Body> {
-    let mut list = Vec::new();
-    let ids: Vec<String> = node.consensus.state().transfers.keys().cloned().collect();
-    for id in &ids {
-        if let Some(status) = transfer_status(node, id).await {
-            list.push(status);
-        }
-    }
-    list.extend(node.transfers.list().into_iter().filter(|t| !ids.contains(&t.id)));
+    let state = node.consensus.state();
+    let me = node.consensus.id;
+    let targets: std::collections::BTreeSet<u64> =
+        state.transfers.values().map(|t| t.target).filter(|t| *t != me).collect();
+    let asks = targets.into_iter().filter_map(|id| {
+        let member = state.members.get(&id)?;
+        let api = node.peer(&member.addr).timeout(PEER_STATUS_TIMEOUT);
+        let name = member.name.clone();
+        Some(async move {
+            let answer = api.call::<Vec<TransferStatus>>(Method::GET, "/v1/transfers/local", None).await;
+            (id, answer.map_err(|e| format!("member {name} did not answer: {e}")))
+        })
+    });
+    let mut by_target: std::collections::BTreeMap<u64, Result<Vec<TransferStatus>, String>> =
+        futures_util::future::join_all(asks).await.into_iter().collect();
+    by_target.insert(me, Ok(node.transfers.list()));
+    let mut list: Vec<TransferStatus> = state
+        .transfers
+        .values()
+        .map(|record| {
+            let progress = match by_target.get(&record.target) {
+                Some(Ok(statuses)) => Ok(statuses.iter().find(|s| s.id == record.id).cloned()),
+                Some(Err(why)) => Err(why.clone()),
+                None => Ok(None),
+            };
+            merge_status(&state, record.clone(), progress)
+        })
+        .collect();
+    list.extend(node.transfers.list().into_iter().filter(|t| !state.transfers.contains_key(&t.id)));
     list.sort_by_key(|t| t.created_at);
     json_response(StatusCode::OK, &list)
 }

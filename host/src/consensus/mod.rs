@@ -20,7 +20,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
@@ -47,6 +46,20 @@ pub type Raft = openraft::Raft<TypeConfig>;
 
 /// How long a proposal keeps retrying through elections and forwarding.
 const PROPOSE_PATIENCE: Duration = Duration::from_secs(30);
+/// How long a joining node waits to be replicated to once the leader took it in.
+const JOIN_PATIENCE: Duration = Duration::from_secs(20);
+/// Largest answer another node's API may give a forwarded request.
+const MAX_FORWARD_ANSWER: usize = 16 << 20;
+
+/// The answer to a membership challenge: a keyed hash of the challenger's
+/// nonce (32 bytes, hex) with a key derived from the node credential. A node
+/// that joins asks for it before it wipes its own Raft storage: a "cluster"
+/// that does not hold our node credential cannot answer.
+pub fn membership_proof(token: &str, nonce_hex: &str) -> Result<String, String> {
+    let nonce = blake3::Hash::from_hex(nonce_hex).map_err(|_| "the nonce must be 64 hex digits".to_owned())?;
+    let key = blake3::derive_key("ferry 2026 cluster membership proof v1", token.as_bytes());
+    Ok(blake3::keyed_hash(&key, nonce.as_bytes()).to_hex().to_string())
+}
 
 /// The Raft id of a node: derived from its name, so it is stable across
 /// restarts and address changes.
@@ -274,7 +287,9 @@ impl Consensus {
             .map_err(|_| Attempt::Retry(format!("{url}: timed out")))?
             .map_err(|e| Attempt::Retry(format!("{url}: {}", http::error_chain(&e))))?;
         let status = response.status();
-        let bytes = response.into_body().collect().await.map_err(|e| Attempt::Retry(e.to_string()))?.to_bytes();
+        let bytes = http::read_bounded(response.into_body(), MAX_FORWARD_ANSWER, Duration::from_secs(60))
+            .await
+            .map_err(|e| Attempt::Retry(format!("{url}: {e}")))?;
         if status == hyper::StatusCode::MISDIRECTED_REQUEST {
             // Not the leader (any more): it says who is, or that it does not know.
             return match serde_json::from_slice::<NotLeader>(&bytes) {
@@ -355,7 +370,8 @@ impl Consensus {
                 others.len() + 1
             )));
         }
-        // Check the other side answers before giving up our own cluster.
+        // Check the other side is a member of a cluster that holds our node
+        // credential before giving up our own cluster.
         let status: ClusterStatus = self
             .forward::<(), _>(to, "/v1/cluster", hyper::Method::GET, None)
             .await
@@ -363,6 +379,7 @@ impl Consensus {
         if status.members.iter().any(|m| m.id == self.id) {
             return Err(ConsensusError::Refused(format!("node {} is already a member of that cluster", self.name)));
         }
+        self.verify_peer(to).await?;
         self.reset(false).await?;
         let join = JoinRequest { id: self.id, name: self.name.clone(), addr: self.addr.clone() };
         let result = self
@@ -374,6 +391,10 @@ impl Consensus {
                 }
             })
             .await;
+        let result = match result {
+            Ok(_) => self.wait_joined().await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = result {
             // Do not stay without a cluster: back to a one-member cluster.
             tracing::warn!("join failed ({e}); re-initializing a one-member cluster");
@@ -381,6 +402,49 @@ impl Consensus {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Asks `to` to prove it holds our node credential.
+    async fn verify_peer(&self, to: &str) -> Result<(), ConsensusError> {
+        let nonce = blake3::Hash::from_bytes(*uuid::Uuid::new_v4().as_bytes().repeat(2).first_chunk().expect("32"));
+        let nonce = nonce.to_hex();
+        let path = format!("/v1/cluster/proof?nonce={nonce}");
+        #[derive(Deserialize)]
+        struct Proof {
+            proof: String,
+        }
+        let answer: Proof = self
+            .forward::<(), _>(to, &path, hyper::Method::GET, None)
+            .await
+            .map_err(|e| ConsensusError::Refused(format!("{to} did not prove it is a member: {}", e.describe(to))))?;
+        let expected = membership_proof(&self.network.token, &nonce).expect("our own nonce is valid");
+        if !constant_time_eq::constant_time_eq(answer.proof.as_bytes(), expected.as_bytes()) {
+            return Err(ConsensusError::Refused(format!(
+                "{to} does not hold this node's node credential: it is not a member of a cluster this node may join"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits until the cluster has replicated to this node: it is a voter of
+    /// a membership with a leader, and has applied that leader's entries.
+    async fn wait_joined(&self) -> Result<(), ConsensusError> {
+        let raft = self.raft();
+        let id = self.id;
+        let joined = raft
+            .wait(Some(JOIN_PATIENCE))
+            .metrics(
+                |m| {
+                    m.current_leader.is_some_and(|l| l != id)
+                        && m.membership_config.voter_ids().any(|v| v == id)
+                        && m.last_applied.is_some()
+                },
+                "a voter of the new cluster",
+            )
+            .await;
+        joined.map(|_| ()).map_err(|e| {
+            ConsensusError::NoLeader(format!("the cluster took this node in but did not replicate to it: {e}"))
+        })
     }
 
     /// Takes this node out of its cluster; it becomes a one-member cluster.

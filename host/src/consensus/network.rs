@@ -5,7 +5,6 @@ use std::io::Cursor;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use openraft::error::{
     Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
     Unreachable,
@@ -38,6 +37,9 @@ impl FullSnapshot {
         (self.vote, snapshot)
     }
 }
+
+/// Largest answer to a Raft RPC (a vote or an append's acknowledgement is tiny).
+const MAX_ANSWER: usize = 1 << 20;
 
 #[derive(Clone)]
 pub struct Network {
@@ -85,11 +87,9 @@ impl Peer {
                 if e.is_connect() { Transport::Unreachable(text) } else { Transport::Network(text) }
             })?;
         let status = response.status();
-        let bytes = tokio::time::timeout(ttl, response.into_body().collect())
+        let bytes = http::read_bounded(response.into_body(), MAX_ANSWER, ttl)
             .await
-            .map_err(|_| Transport::Network(format!("{url}: timed out")))?
-            .map_err(|e| Transport::Network(e.to_string()))?
-            .to_bytes();
+            .map_err(|e| Transport::Network(format!("{url}: {e}")))?;
         if !status.is_success() {
             return Err(Transport::Network(format!("{url}: {status}: {}", http::ApiError::message_of(&bytes))));
         }

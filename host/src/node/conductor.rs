@@ -162,12 +162,8 @@ async fn sync_all(node: &Node, index: u64) -> Result<(), String> {
             let applied = if *id == node.consensus.id {
                 Some(node.consensus.applied_index())
             } else {
-                let api = crate::api::client::ApiClient::new(&member.addr, node.token.to_string());
-                let call = api.call::<ClusterStatus>(hyper::Method::GET, "/v1/cluster", None);
-                match tokio::time::timeout(Duration::from_secs(2), call).await {
-                    Ok(Ok(status)) => Some(status.last_applied),
-                    _ => None,
-                }
+                let api = node.peer(&member.addr).timeout(Duration::from_secs(2));
+                api.call::<ClusterStatus>(hyper::Method::GET, "/v1/cluster", None).await.ok().map(|s| s.last_applied)
             };
             match applied {
                 Some(applied) if applied >= index => caught_up += 1,

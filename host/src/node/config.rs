@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use super::credentials::AuthFiles;
+pub use super::credentials::read_token;
+use crate::http::base_url;
+use crate::http::tls::TlsFiles;
 use crate::plugin::{DEFAULT_MEMORY_LIMIT, HookDeadlines, RuntimeConfig};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -17,8 +21,22 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Default: `<data-dir>/plugins`.
     pub plugins_dir: Option<PathBuf>,
-    /// Default: `<data-dir>/state/token`, created with a random token.
+    /// One token for every scope (the simple setup; see `auth` for scoped
+    /// credentials). Default: `<data-dir>/state/token`, created with a random
+    /// token, when `auth` is absent.
     pub token_file: Option<PathBuf>,
+    /// Scoped credentials: `node`, `admin` and `read` token files.
+    pub auth: Option<AuthFiles>,
+    /// TLS for the API and between nodes; absent: plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// Base URLs a direct pull may name as its source besides the cluster's
+    /// members (a pull sends this node's credential to its source);
+    /// `scheme://host:*` allows any port of a host.
+    pub allowed_sources: Vec<String>,
+    /// Open connections at most (also kept under half the fd limit).
+    pub max_connections: usize,
+    /// Seconds a request body may take to arrive.
+    pub request_timeout: u64,
     /// Node-wide byte rate, in and out; `0` or absent: unlimited.
     pub rate_limit: Option<u64>,
     pub max_incoming: usize,
@@ -50,6 +68,11 @@ impl Default for Config {
             data_dir: PathBuf::from("ferry-data"),
             plugins_dir: None,
             token_file: None,
+            auth: None,
+            tls: None,
+            allowed_sources: Vec::new(),
+            max_connections: 1024,
+            request_timeout: 30,
             rate_limit: None,
             max_incoming: 2,
             max_outgoing: 2,
@@ -71,6 +94,16 @@ impl Config {
         anyhow::ensure!(self.max_outgoing >= 1, "max_outgoing must be at least 1");
         anyhow::ensure!(self.max_attempts >= 1, "max_attempts must be at least 1");
         anyhow::ensure!(self.plugin.memory_limit >= 1 << 20, "plugin.memory_limit must be at least 1 MiB");
+        anyhow::ensure!(self.max_connections >= 16, "max_connections must be at least 16");
+        anyhow::ensure!((1..=3600).contains(&self.request_timeout), "request_timeout must be 1 to 3600 seconds");
+        anyhow::ensure!(
+            self.auth.is_none() || self.token_file.is_none(),
+            "token_file and [auth] exclude each other: one token for every scope, or one per scope"
+        );
+        for source in &self.allowed_sources {
+            base_url(source.strip_suffix(":*").unwrap_or(source))
+                .map_err(|e| anyhow::anyhow!("allowed_sources: {source:?} {e}"))?;
+        }
         Ok(())
     }
 
@@ -92,41 +125,6 @@ impl Config {
     }
 }
 
-/// Reads the token from `path`; when `create` and the file is missing,
-/// writes a new random one (mode 0600). The token is never logged.
-pub fn read_token(path: &Path, create: bool) -> anyhow::Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let token = text.trim().to_owned();
-            anyhow::ensure!(token.len() >= 16, "token in {} is shorter than 16 characters", path.display());
-            anyhow::ensure!(
-                token.bytes().all(|b| b.is_ascii_graphic()),
-                "token in {} has characters that cannot go in a header",
-                path.display()
-            );
-            Ok(token)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("creating token file {}", path.display()))?;
-            file.write_all(token.as_bytes())?;
-            file.sync_all()?;
-            Ok(token)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading token file {}", path.display())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,13 +142,8 @@ mod tests {
     }
 
     #[test]
-    fn token_is_created_once_and_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state/token");
-        let token = read_token(&path, true).unwrap();
-        assert_eq!(read_token(&path, false).unwrap(), token);
-        std::fs::write(&path, "short").unwrap();
-        assert!(read_token(&path, false).is_err());
-        assert!(read_token(&dir.path().join("none"), false).is_err());
+    fn token_file_and_auth_exclude_each_other() {
+        let config: Config = toml::from_str("token_file = \"t\"\n[auth]\nnode_token_file = \"n\"\n").unwrap();
+        assert!(config.check().unwrap_err().to_string().contains("exclude"));
     }
 }

@@ -121,14 +121,8 @@ impl TransferManager {
         if self.shared.plugins.get(&request.engine).is_none() {
             return Err(StartError::UnknownEngine(request.engine));
         }
-        let uri: hyper::Uri =
-            request.source.parse().map_err(|e| StartError::Invalid(format!("source {:?}: {e}", request.source)))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() || !uri.path().trim_end_matches('/').is_empty() {
-            return Err(StartError::Invalid(format!(
-                "source {:?} is not a base URL like http://host:port",
-                request.source
-            )));
-        }
+        crate::http::base_url(&request.source)
+            .map_err(|e| StartError::Invalid(format!("source {:?} {e}", request.source)))?;
         let mut transfers = self.transfers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(active) = transfers.values().find(|t| {
             t.request.engine == request.engine && t.request.shard == request.shard && !t.status().state.is_final()

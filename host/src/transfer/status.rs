@@ -80,6 +80,10 @@ pub struct TransferStatus {
     /// For a transfer through consensus: its record in the replicated state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consensus: Option<crate::consensus::state::TransferRecord>,
+    /// Set when the node that runs the transfer did not answer in time: the
+    /// byte progress shown is not current.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<String>,
     /// Unix seconds.
     pub created_at: u64,
     pub updated_at: u64,

@@ -144,6 +144,7 @@ impl Transfer {
             error: inner.error.clone(),
             stage_ms: inner.stage_ms.clone(),
             consensus: None,
+            unreachable: None,
             created_at: inner.created_at,
             updated_at: inner.updated_at,
         }
