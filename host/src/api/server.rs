@@ -467,7 +467,7 @@ async fn start_transfer(node: &Node, req: Request<Incoming>) -> Response<Body> {
             return bad_request("kind is for transfers with a target");
         }
         if let Err(e) = crate::http::base_url(&source) {
-            return bad_request(format!("source {source:?} {e}"));
+            return bad_request(format!("source {:?} {e}", crate::http::redacted(&source)));
         }
         if let Err(why) = node.check_source(&source) {
             return error_response(StatusCode::FORBIDDEN, "source-not-allowed", why);

@@ -80,6 +80,16 @@ pub fn base_url(url: &str) -> Result<String, String> {
     Ok(format!("{}://{authority}", uri.scheme_str().expect("checked")))
 }
 
+/// `url` fit for a message or a log: any `user:password@` replaced by `***@`.
+pub fn redacted(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
 /// A request with the bearer token and, if given, a JSON body.
 pub fn request(method: Method, url: &str, token: &str, json: Option<Bytes>) -> Result<Request<Full<Bytes>>, String> {
     let uri = check_url(url)?;
@@ -182,5 +192,12 @@ mod tests {
         assert!(base_url("http://user:pw@host:1").unwrap_err().contains("credentials"));
         assert!(base_url("http://host:1/v1").is_err());
         assert!(base_url("ftp://host:1").is_err());
+    }
+
+    #[test]
+    fn credentials_are_redacted() {
+        assert_eq!(redacted("http://user:secret@host:1/x@y"), "http://***@host:1/x@y");
+        assert_eq!(redacted("http://host:1/a@b"), "http://host:1/a@b");
+        assert_eq!(redacted("user:pw@host"), "://***@host");
     }
 }

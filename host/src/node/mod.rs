@@ -151,7 +151,8 @@ impl Node {
     /// Whether a direct pull may name `source`: a member's address or one
     /// the configuration allows (a pull sends our credential to its source).
     pub fn check_source(&self, source: &str) -> Result<(), String> {
-        let wanted = crate::http::base_url(source).map_err(|e| format!("source {source:?} {e}"))?;
+        let wanted =
+            crate::http::base_url(source).map_err(|e| format!("source {:?} {e}", crate::http::redacted(source)))?;
         let state = self.consensus.state();
         let member = state.members.values().any(|m| crate::http::base_url(&m.addr).is_ok_and(|a| a == wanted));
         if member || self.config.allowed_sources.iter().any(|pattern| source_matches(pattern, &wanted)) {

@@ -122,7 +122,7 @@ impl TransferManager {
             return Err(StartError::UnknownEngine(request.engine));
         }
         crate::http::base_url(&request.source)
-            .map_err(|e| StartError::Invalid(format!("source {:?} {e}", request.source)))?;
+            .map_err(|e| StartError::Invalid(format!("source {:?} {e}", crate::http::redacted(&request.source))))?;
         let mut transfers = self.transfers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(active) = transfers.values().find(|t| {
             t.request.engine == request.engine && t.request.shard == request.shard && !t.status().state.is_final()
