@@ -287,6 +287,7 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
                     }
                     Err(e @ ReceiveError::Refused(_)) => return Err(Ended::Failed(format!("streaming: {e}"))),
                     Err(ReceiveError::Local(why)) => return Err(Ended::Failed(format!("streaming: writing: {why}"))),
+                    Err(e @ ReceiveError::NoSpace { .. }) => return Err(Ended::Failed(format!("streaming: {e}"))),
                 }
             }
             Err(FetchError::Refused(why)) => return Err(Ended::Failed(format!("connecting: {why}"))),
