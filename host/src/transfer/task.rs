@@ -242,7 +242,7 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
             None => Vec::new(),
         };
         let fetched = tokio::select! {
-            r = fetch_snapshot(&shared.client, &request.source, &shared.token, &request.engine, &request.shard, &resume, &headers) => r,
+            r = fetch_snapshot(&shared.client, &request.source, &shared.token, &request.engine, &request.shard, &resume, &headers, shared.retry.stall_timeout) => r,
             _ = cancel.cancelled() => return Err(Ended::Cancelled),
         };
         let interruption = match fetched {
