@@ -106,6 +106,9 @@ pub struct ServeArgs {
     /// Failed attempts in a row before an incoming transfer gives up.
     #[arg(long)]
     pub max_attempts: Option<u32>,
+    /// Seconds without data before a transfer stream is given up, in and out.
+    #[arg(long, value_name = "SECS")]
+    pub stall_timeout: Option<u64>,
 }
 
 /// Where a node's API is, and its token.
@@ -417,6 +420,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(v) = args.max_attempts {
         config.max_attempts = v;
+    }
+    if let Some(v) = args.stall_timeout {
+        config.stall_timeout = v;
     }
 
     // Bind first: the address is part of the node's identity in the cluster.
