@@ -464,8 +464,8 @@ fn kind_name(kind: EntryType) -> &'static str {
 }
 
 /// Bytes of the file system holding `dir` that an unprivileged user may
-/// still fill.
-fn free_space(dir: &Path) -> io::Result<u64> {
+/// still fill (`statvfs`).
+pub fn free_space(dir: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
     let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
@@ -476,7 +476,7 @@ fn free_space(dir: &Path) -> io::Result<u64> {
     }
     // SAFETY: filled by the successful call above.
     let stat = unsafe { stat.assume_init() };
-    Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 /// `bytes` for people: "1.5 GiB".

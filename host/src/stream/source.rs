@@ -5,9 +5,10 @@
 //! the HTTP body drains, so a slow receiver slows the reads (backpressure)
 //! instead of growing buffers. A receiver that takes nothing for the stall
 //! timeout ends the stream and frees its outgoing slot, so a client that
-//! asks and never reads cannot hold a slot for ever. Small files are read in batches of up to a
-//! chunk, each batch one piece of the archive, so 20,000 small files are not
-//! 20,000 disk round trips and thread hops one after another.
+//! asks and never reads cannot hold a slot for ever. Small files are read in
+//! batches of up to a chunk, each batch one piece of the archive, so 20,000
+//! small files are not 20,000 disk round trips and thread hops one after
+//! another.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
