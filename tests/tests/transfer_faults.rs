@@ -10,6 +10,7 @@ use ferry::transfer::{Stage, State, TransferStatus};
 use ferry_tests::engines::{self, SegmentLog, TestEngine};
 use ferry_tests::node::{NodeOptions, TestNode};
 use ferry_tests::proxy::{Fault, FaultProxy};
+use ferry_tests::segment_log::Generator;
 use ferry_tests::tree;
 
 const WITHIN: Duration = Duration::from_secs(120);
@@ -178,29 +179,55 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_fails_cleanly_and_keeps_the_old_replica() {
-    let source = TestNode::start("source", NodeOptions::default());
-    let disk = SmallDisk::new(6 * MIB);
-    let data_dir = disk.dir.join("data");
-    let options = NodeOptions {
-        data_dir: Some(data_dir.clone()),
-        file_size_limit: (!disk.mounted).then_some(2 * MIB),
-        ..Default::default()
-    };
-    // An older, small replica already lives on the receiver.
+/// A receiver whose data directory is `data_dir` (on a small disk) and that
+/// already holds an older, small replica of segment-log/s1.
+fn target_with_old_replica(data_dir: &Path, file_size_limit: Option<u64>) -> (TestNode, tempfile::TempDir) {
     let old = tempfile::tempdir().unwrap();
     SegmentLog.create(old.path(), 512 * 1024);
     copy_dir(old.path(), &data_dir.join("shards/segment-log/s1"));
-    let target = TestNode::start("target", options);
+    let options = NodeOptions { data_dir: Some(data_dir.to_owned()), file_size_limit, ..Default::default() };
+    (TestNode::start("target", options), old)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_larger_than_the_free_space_fails_at_once_and_keeps_the_old_replica() {
+    let disk = SmallDisk::new(6 * MIB);
+    if !disk.mounted {
+        // transfer_hostile's 1 TiB preamble checks the same without a mount.
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    let source = TestNode::start("source", NodeOptions::default());
+    let (target, old) = target_with_old_replica(&disk.dir.join("data"), None);
 
     SegmentLog.create(&source.shard_dir("segment-log", "s1"), 16 * MIB);
     let started = target.start_transfer("segment-log", "s1", &source.url).await.unwrap();
     let done = target.wait_transfer(&started.id, WITHIN).await;
     assert_eq!(done.state, State::Failed, "{done:?}");
+    assert_eq!((done.attempts, done.bytes_done), (1, 0), "failed before any data: {done:?}");
     let error = done.error.unwrap();
-    let expected = if disk.mounted { "No space left on device" } else { "File too large" };
-    assert!(error.starts_with("streaming: writing") && error.contains(expected), "{error}");
+    assert!(error.starts_with("streaming: not enough space: ") && error.contains(" free "), "{error}");
+    assert!(tree(&target.staging()).is_empty(), "staging left behind");
+    SegmentLog.assert_same(old.path(), &target.shard_dir("segment-log", "s1"));
+}
+
+/// A write that fails mid-stream (the file-size limit gives EFBIG where a
+/// disk filled by someone else would give ENOSPC; the free-space check
+/// passes first). The limit leaves room for the node's own state; the
+/// shard's 4 MiB segments are past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_fails_cleanly_and_keeps_the_old_replica() {
+    let source = TestNode::start("source", NodeOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let (target, old) = target_with_old_replica(&dir.path().join("data"), Some(2 * MIB));
+
+    let segments = Generator { segment_size: 4 * MIB, term: 1, seed: 7 };
+    segments.create(&source.shard_dir("segment-log", "s1"), 16 * MIB).unwrap();
+    let started = target.start_transfer("segment-log", "s1", &source.url).await.unwrap();
+    let done = target.wait_transfer(&started.id, WITHIN).await;
+    assert_eq!(done.state, State::Failed, "{done:?}");
+    let error = done.error.unwrap();
+    assert!(error.starts_with("streaming: writing") && error.contains("File too large"), "{error}");
     assert!(tree(&target.staging()).is_empty(), "staging left behind");
     SegmentLog.assert_same(old.path(), &target.shard_dir("segment-log", "s1"));
 }

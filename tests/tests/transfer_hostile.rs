@@ -1,11 +1,12 @@
-//! A fake source serves hostile archives. Each is refused: the transfer fails
-//! naming the problem, nothing is published, nothing is written outside
-//! staging, and staging is removed.
+//! A fake source serves hostile archives and answers. Each is refused: the
+//! transfer fails naming the problem, nothing is published, nothing is
+//! written outside staging, staging is removed, and the receiver's memory
+//! stays bounded.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry::transfer::State;
-use ferry_tests::fake_source::{self, ArchiveBuilder};
+use ferry_tests::fake_source::{self, ArchiveBuilder, Reply};
 use ferry_tests::node::{NodeOptions, TestNode};
 use ferry_tests::tree;
 use tokio_tar::EntryType;
@@ -84,4 +85,125 @@ async fn hostile_archives_are_refused() {
     // Nothing appeared anywhere around the node but its own state.
     let after: Vec<String> = tree(&outside).into_iter().filter(|p| !before_outside.contains(p)).collect();
     assert!(after.iter().all(|p| p.starts_with("data/state/") || p == "data/state/"), "new files: {after:?}");
+}
+
+const GIB8: u64 = 8 << 30;
+
+/// The node's peak resident memory since the last [`reset_peak`], in MiB.
+fn peak_rss_mib(node: &TestNode) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kib >> 10
+}
+
+/// Resets the node's peak to its current resident memory (Linux ≥ 4.0).
+fn reset_peak(node: &TestNode) {
+    std::fs::write(format!("/proc/{}/clear_refs", node.pid()), "5").unwrap();
+}
+
+/// A header of `kind` claiming `size` bytes of payload.
+fn bomb(mut header: tokio_tar::Header, kind: EntryType, name: &[u8], size: u64) -> tokio_tar::Header {
+    header.set_entry_type(kind);
+    header.set_size(size);
+    header.as_old_mut().name[..name.len()].copy_from_slice(name);
+    header.set_cksum();
+    header
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_bodies_and_header_bombs_fail_fast_in_bounded_memory() {
+    let target = TestNode::start(
+        "target",
+        NodeOptions { args: vec!["--max-attempts".into(), "2".into()], ..Default::default() },
+    );
+    let preamble = || honest(b"0123456789");
+    let fill = vec![b'a'; 64 << 10];
+    let cases = vec![
+        (
+            "endless 500 body",
+            Reply::Endless {
+                head: b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n"
+                    .to_vec(),
+                fill: fill.clone(),
+            },
+            "source answered 500 Internal Server Error: aaaa",
+            "body longer than 64 KiB, not read further",
+        ),
+        (
+            "GNU long-name bomb",
+            Reply::endless_archive(
+                preamble()
+                    .header(&bomb(tokio_tar::Header::new_gnu(), EntryType::GNULongName, b"././@LongLink", GIB8))
+                    .bytes,
+                &fill,
+            ),
+            "bad archive: entry \"././@LongLink\" (after \".ferry/snapshot.json\")",
+            "is a GNU long name of 8589934592 bytes, at most 4097",
+        ),
+        (
+            "PAX header bomb",
+            Reply::endless_archive(
+                preamble()
+                    .header(&bomb(tokio_tar::Header::new_ustar(), EntryType::XHeader, b"PaxHeaders/control", GIB8))
+                    .bytes,
+                &fill,
+            ),
+            "bad archive: entry \"PaxHeaders/control\" (after \".ferry/snapshot.json\")",
+            "is a PAX extended header (type 'x')",
+        ),
+    ];
+    for (name, reply, want, why) in cases {
+        let (url, server) = fake_source::serve_reply(reply).await;
+        reset_peak(&target);
+        let before = peak_rss_mib(&target);
+        let started = target.start_transfer(ENGINE, SHARD, &url).await.unwrap();
+        // Memory is watched while the transfer runs: without the bounds it
+        // grows by gigabytes (and an endless body would never stop growing);
+        // with them, by a few chunk buffers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let done = loop {
+            let status = target.transfer(&started.id).await;
+            let peak = peak_rss_mib(&target);
+            assert!(peak < before + 64, "{name}: peak RSS {peak} MiB, {before} MiB before: {status:?}");
+            if status.state.is_final() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "{name}: still running after 30 s: {status:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        server.abort();
+        assert_eq!(done.state, State::Failed, "{name}: {done:?}");
+        let error = done.error.unwrap_or_default();
+        assert!(error.contains(want) && error.contains(why), "{name}: want {want:?} and {why:?} in {error:?}");
+        assert!(tree(&target.staging()).is_empty(), "{name}: staging left");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preamble_larger_than_the_free_space_fails_at_once() {
+    let target = TestNode::start("target", NodeOptions::default());
+    // 1 TiB, or more where the disk has that much free.
+    let free = ferry::stream::receive::free_space(&target.data_dir).unwrap();
+    let size = (1u64 << 40).max(free.saturating_mul(2));
+    let archive = ArchiveBuilder::new().preamble(ENGINE, SHARD, &[("control", size)]).end();
+    let (url, server) = fake_source::serve(archive).await;
+    let started = target.start_transfer(ENGINE, SHARD, &url).await.unwrap();
+    let done = target.wait_transfer(&started.id, Duration::from_secs(30)).await;
+    server.abort();
+    assert_eq!(done.state, State::Failed, "{done:?}");
+    assert_eq!(done.attempts, 1, "not worth retrying: {done:?}");
+    let error = done.error.unwrap_or_default();
+    assert!(
+        error.starts_with("streaming: not enough space: ")
+            && error.contains(&format!("{size} bytes"))
+            && error.contains("still to receive, the staging file system has ")
+            && error.contains(" free"),
+        "{error}"
+    );
+    assert!(!target.shard_dir(ENGINE, SHARD).exists());
+    assert!(tree(&target.staging()).is_empty(), "staging left");
 }

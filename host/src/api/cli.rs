@@ -160,6 +160,9 @@ pub struct ServeArgs {
     /// Failed attempts in a row before an incoming transfer gives up.
     #[arg(long)]
     pub max_attempts: Option<u32>,
+    /// Seconds without data before a transfer stream is given up, in and out.
+    #[arg(long, value_name = "SECS")]
+    pub stall_timeout: Option<u64>,
 }
 
 /// Where a node's API is, and its token.
@@ -496,6 +499,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(v) = args.request_timeout {
         config.request_timeout = v;
+    }
+    if let Some(v) = args.stall_timeout {
+        config.stall_timeout = v;
     }
 
     // Bind first: the address is part of the node's identity in the cluster.

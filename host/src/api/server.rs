@@ -400,7 +400,14 @@ async fn snapshot(node: &Node, engine: &str, shard: &str, req: Request<Incoming>
     tracing::info!(engine, shard, snapshot_id, skipped = prepared.preamble.skipped.len(), "sending snapshot");
     let chunks = source::stream(
         prepared,
-        StreamContext { plugin, shard: shard.to_owned(), dir, rate: node.rate.clone(), permit: Some(permit) },
+        StreamContext {
+            plugin,
+            shard: shard.to_owned(),
+            dir,
+            rate: node.rate.clone(),
+            permit: Some(permit),
+            stall_timeout: Duration::from_secs(node.config.stall_timeout),
+        },
     );
     let body = StreamBody::new(ReceiverStream::new(chunks).map(|chunk| chunk.map(Frame::data)));
     Response::builder()

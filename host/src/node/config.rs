@@ -43,6 +43,11 @@ pub struct Config {
     pub max_outgoing: usize,
     /// Failed attempts in a row before a transfer gives up.
     pub max_attempts: u32,
+    /// Seconds without data before a transfer's stream is given up, on both
+    /// ends: a receiver's read waits no longer, a transfer that completes no
+    /// file for this long fails, and a source ends a stream its receiver
+    /// takes nothing of (freeing the outgoing slot).
+    pub stall_timeout: u64,
     pub plugin: PluginSettings,
 }
 
@@ -77,6 +82,7 @@ impl Default for Config {
             max_incoming: 2,
             max_outgoing: 2,
             max_attempts: 8,
+            stall_timeout: 60,
             plugin: PluginSettings::default(),
         }
     }
@@ -93,6 +99,7 @@ impl Config {
         anyhow::ensure!(self.max_incoming >= 1, "max_incoming must be at least 1");
         anyhow::ensure!(self.max_outgoing >= 1, "max_outgoing must be at least 1");
         anyhow::ensure!(self.max_attempts >= 1, "max_attempts must be at least 1");
+        anyhow::ensure!(self.stall_timeout >= 1, "stall_timeout must be at least 1 second");
         anyhow::ensure!(self.plugin.memory_limit >= 1 << 20, "plugin.memory_limit must be at least 1 MiB");
         anyhow::ensure!(self.max_connections >= 16, "max_connections must be at least 16");
         anyhow::ensure!((1..=3600).contains(&self.request_timeout), "request_timeout must be 1 to 3600 seconds");

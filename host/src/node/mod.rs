@@ -117,7 +117,11 @@ impl Node {
             token: token.clone(),
             rate: rate.clone(),
             incoming: Arc::new(Semaphore::new(config.max_incoming)),
-            retry: RetryPolicy { max_attempts: config.max_attempts, ..RetryPolicy::default() },
+            retry: RetryPolicy {
+                max_attempts: config.max_attempts,
+                stall_timeout: std::time::Duration::from_secs(config.stall_timeout),
+                ..RetryPolicy::default()
+            },
         });
         Ok(Node {
             outgoing: Arc::new(Semaphore::new(config.max_outgoing)),

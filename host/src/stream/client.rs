@@ -30,7 +30,16 @@ pub struct SnapshotResponse {
     pub body: Box<dyn AsyncRead + Send + Unpin>,
 }
 
+/// Most of an error answer's body that is read; the rest is not waited for.
+pub const MAX_ERROR_BODY: usize = 64 << 10;
+/// How long the source may take to answer at all (it plans the snapshot
+/// first).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Asks `source` for a snapshot of `engine`/`shard`, saying what we hold.
+/// An error answer's body is read up to [`MAX_ERROR_BODY`] bytes and for at
+/// most `body_timeout`.
+#[allow(clippy::too_many_arguments)]
 pub async fn fetch_snapshot(
     client: &Client,
     source: &str,
@@ -39,6 +48,7 @@ pub async fn fetch_snapshot(
     shard: &str,
     resume: &ResumeRequest,
     extra_headers: &[(&str, String)],
+    body_timeout: Duration,
 ) -> Result<SnapshotResponse, FetchError> {
     let url = format!("{}/v1/engines/{engine}/shards/{shard}/snapshot", source.trim_end_matches('/'));
     let body = serde_json::to_vec(resume).expect("resume request serializes");
@@ -48,16 +58,13 @@ pub async fn fetch_snapshot(
         let value = value.parse().map_err(|_| FetchError::Refused(format!("bad header value for {name}")))?;
         request.headers_mut().insert(hyper::header::HeaderName::from_bytes(name.as_bytes()).unwrap(), value);
     }
-    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+    let response = tokio::time::timeout(HEAD_TIMEOUT, client.request(request))
         .await
-        .map_err(|_| FetchError::Transient(format!("{url}: no response in 30 s")))?
+        .map_err(|_| FetchError::Transient(format!("{url}: no response in {HEAD_TIMEOUT:?}")))?
         .map_err(|e| FetchError::Transient(format!("{url}: {}", http::error_chain(&e))))?;
     let status = response.status();
     if status != StatusCode::OK {
-        let text = match response.into_body().collect().await {
-            Ok(body) => ApiError::message_of(&body.to_bytes()),
-            Err(e) => e.to_string(),
-        };
+        let text = error_text(response.into_body(), body_timeout).await;
         let message = format!("source answered {status}: {text}");
         return Err(if status == StatusCode::SERVICE_UNAVAILABLE || status.is_server_error() {
             FetchError::Transient(message)
@@ -68,4 +75,42 @@ pub async fn fetch_snapshot(
     let snapshot_id = response.headers().get(http::SNAPSHOT_ID_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let stream = response.into_body().into_data_stream().map_err(io::Error::other);
     Ok(SnapshotResponse { snapshot_id, body: Box::new(StreamReader::new(stream)) })
+}
+
+/// The message of an error answer: its first [`MAX_ERROR_BODY`] bytes, read
+/// within `within`, with a note when the body was cut, broke or stalled.
+/// Dropping the rest closes the connection rather than draining it.
+async fn error_text<B>(body: B, within: Duration) -> String
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut body = body;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = Vec::new();
+    let note = loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => break Some(format!("no complete body within {within:?}")),
+            Ok(None) => break None,
+            Ok(Some(Err(e))) => break Some(format!("body broke off: {e}")),
+            Ok(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else { continue };
+                let room = MAX_ERROR_BODY - buf.len();
+                buf.extend_from_slice(&data[..data.len().min(room)]);
+                if data.len() > room {
+                    break Some(format!("body longer than {} KiB, not read further", MAX_ERROR_BODY >> 10));
+                }
+            }
+        }
+    };
+    let mut text = ApiError::message_of(&buf);
+    if let Some((cut, _)) = text.char_indices().nth(1000) {
+        text.truncate(cut);
+        text.push('…');
+    }
+    match note {
+        Some(note) if text.is_empty() => format!("({note})"),
+        Some(note) => format!("{text} ({note})"),
+        None => text,
+    }
 }

@@ -17,6 +17,7 @@
 
 pub mod buffer;
 pub mod client;
+pub mod guard;
 pub mod manifest;
 pub mod ratelimit;
 pub mod receive;

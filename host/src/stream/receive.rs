@@ -7,6 +7,12 @@
 //! disagree, anything after the manifest. Nothing is written outside the
 //! staging directory: paths are [`RelPath`]s and staging never holds a symlink.
 //!
+//! Memory and disk are bounded before anything is taken on trust: headers
+//! pass a [`TarGuard`] (no PAX headers, long links or sparse files; long
+//! names of a path's length at most), control entries are read up to
+//! [`MAX_CONTROL_ENTRY`] bytes, and the preamble's total must fit in the
+//! staging file system's free space.
+//!
 //! Writes run on a writer thread fed by a bounded channel, so the network and
 //! the disk work in parallel with bounded memory; chunk buffers go back and
 //! forth through a small pool rather than being allocated per chunk. Durability is the caller's:
@@ -31,6 +37,7 @@ use tokio_tar::EntryType;
 use tokio_util::sync::CancellationToken;
 
 use super::buffer::{BufferPool, ChunkBuf};
+use super::guard::TarGuard;
 use super::manifest::{
     ARCHIVE_FORMAT, Checksum, ERROR_PATH, FileRecord, MANIFEST_PATH, MAX_CONTROL_ENTRY, Manifest, PREAMBLE_PATH,
     Preamble, SourceFailure,
@@ -41,6 +48,9 @@ use crate::relpath::RelPath;
 
 const CHUNK: usize = 1 << 20;
 const WRITE_QUEUE: usize = 8;
+/// Free space a snapshot must leave on the staging file system, for the
+/// node's own state and the staging bookkeeping.
+pub const FREE_SPACE_RESERVE: u64 = 64 << 20;
 
 /// Counters a transfer's status is read from.
 #[derive(Default, Debug)]
@@ -79,6 +89,15 @@ pub enum ReceiveError {
     /// Our own disk failed.
     #[error("writing: {0}")]
     Local(String),
+    /// The snapshot cannot fit: found before any data is written.
+    #[error(
+        "not enough space: {needed} bytes ({}) still to receive, the staging file system has {free} bytes ({}) \
+         free and keeps {} in reserve",
+        human(*needed),
+        human(*free),
+        human(FREE_SPACE_RESERVE)
+    )]
+    NoSpace { needed: u64, free: u64 },
     #[error("cancelled")]
     Cancelled,
 }
@@ -203,11 +222,11 @@ async fn unpack(
     let transport = TransportWatch::new(reader);
     let broke = transport.failed.clone();
     // An error while reading entries is the network's if the transport
-    // failed, else the archive's own (a malformed header).
+    // failed, else the archive's own (a malformed or refused header).
     let read_err = |e: io::Error| {
         if broke.load(Ordering::Relaxed) { interrupted(e) } else { ReceiveError::Refused(e.to_string()) }
     };
-    let mut archive = tokio_tar::Archive::new(transport);
+    let mut archive = tokio_tar::Archive::new(TarGuard::new(transport));
     let mut entries = archive.entries().map_err(&read_err)?;
 
     // 1. The preamble.
@@ -260,6 +279,14 @@ async fn unpack(
             .map_err(|e| ReceiveError::Local(format!("{}: {e}", Held::JOURNAL)))?;
     }
     let held_bytes: u64 = preamble.skipped.iter().map(|p| announced[p]).sum();
+    // What is still to come must fit, with a reserve, before a byte of it is
+    // written (files sent again were removed above, so their space counts).
+    let needed = preamble.total_bytes().saturating_sub(held_bytes);
+    let fs_dir = data_dir.ancestors().find(|d| d.exists()).unwrap_or(data_dir);
+    let free = free_space(fs_dir).map_err(|e| ReceiveError::Local(format!("free space of staging: {e}")))?;
+    if needed.saturating_add(FREE_SPACE_RESERVE) > free {
+        return Err(ReceiveError::NoSpace { needed, free });
+    }
     progress.reset(&preamble, held_bytes, preamble.skipped.len() as u64);
 
     // 2. Data entries, then the manifest.
@@ -271,7 +298,7 @@ async fn unpack(
         let mut entry = entry.map_err(&read_err)?;
         let path = entry_path(&entry)?;
         match path.as_str() {
-            MANIFEST_PATH => break read_json::<Manifest>(&mut entry, MANIFEST_PATH).await?,
+            MANIFEST_PATH => break read_json::<Manifest, _>(&mut entry, MANIFEST_PATH).await?,
             ERROR_PATH => return Err(ReceiveError::Source(read_json(&mut entry, ERROR_PATH).await?)),
             _ => {}
         }
@@ -406,10 +433,16 @@ fn entry_path<R: AsyncRead + Unpin>(entry: &tokio_tar::Entry<R>) -> Result<Strin
     String::from_utf8(bytes.into_owned()).map_err(|_| ReceiveError::Refused("entry path is not UTF-8".into()))
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(
-    entry: &mut (impl AsyncRead + Unpin),
+async fn read_json<T: serde::de::DeserializeOwned, R: AsyncRead + Unpin>(
+    entry: &mut tokio_tar::Entry<R>,
     name: &str,
 ) -> Result<T, ReceiveError> {
+    // Refused by its header before a byte is read; the bound on reading
+    // holds even if the header lied.
+    let declared = entry.effective_size();
+    if declared > MAX_CONTROL_ENTRY {
+        return refused(format!("{name} is {declared} bytes, at most {MAX_CONTROL_ENTRY}"));
+    }
     let mut buf = Vec::new();
     let n = entry.take(MAX_CONTROL_ENTRY + 1).read_to_end(&mut buf).await.map_err(interrupted)?;
     if n as u64 > MAX_CONTROL_ENTRY {
@@ -428,6 +461,34 @@ fn kind_name(kind: EntryType) -> &'static str {
         EntryType::GNUSparse => "sparse file",
         _ => "special entry",
     }
+}
+
+/// Bytes of the file system holding `dir` that an unprivileged user may
+/// still fill (`statvfs`).
+pub fn free_space(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and room for one `statvfs`, which the
+    // call fills when it returns 0.
+    if unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: filled by the successful call above.
+    let stat = unsafe { stat.assume_init() };
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// `bytes` for people: "1.5 GiB".
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} bytes") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
 fn remove_file_if_exists(path: &Path) -> io::Result<()> {

@@ -3,9 +3,12 @@
 //! Memory is bounded: file data is read in [`CHUNK`]-sized pieces (from a
 //! small pool of reused buffers) into a channel of [`IN_FLIGHT`] chunks that
 //! the HTTP body drains, so a slow receiver slows the reads (backpressure)
-//! instead of growing buffers. Small files are read in batches of up to a
-//! chunk, each batch one piece of the archive, so 20,000 small files are not
-//! 20,000 disk round trips and thread hops one after another.
+//! instead of growing buffers. A receiver that takes nothing for the stall
+//! timeout ends the stream and frees its outgoing slot, so a client that
+//! asks and never reads cannot hold a slot for ever. Small files are read in
+//! batches of up to a chunk, each batch one piece of the archive, so 20,000
+//! small files are not 20,000 disk round trips and thread hops one after
+//! another.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -14,6 +17,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -213,20 +217,27 @@ pub struct StreamContext {
     pub rate: Arc<RateLimiter>,
     /// Held until the stream ends (an outgoing-transfer slot).
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// A chunk the receiver does not take within this long ends the stream.
+    pub stall_timeout: Duration,
 }
 
 pub type Chunk = Result<Bytes, io::Error>;
 
 /// Starts producing the archive; the receiver yields body chunks. If the
 /// receiver is dropped (client gone, transfer cancelled), the producer stops
-/// at its next send.
+/// at its next send; if it takes no chunk for `ctx.stall_timeout`, the
+/// producer stops too and the body ends without a manifest.
 pub fn stream(prepared: PreparedSnapshot, ctx: StreamContext) -> mpsc::Receiver<Chunk> {
     let (tx, rx) = mpsc::channel(IN_FLIGHT);
     tokio::spawn(async move {
         let shard = ctx.shard.clone();
+        let tx = Out { tx, stall: ctx.stall_timeout };
         match produce(&tx, prepared, &ctx).await {
             Ok(()) => tracing::info!(shard, "snapshot sent"),
             Err(Produce::Gone) => tracing::info!(shard, "receiver went away; snapshot stopped"),
+            Err(Produce::Stalled) => {
+                tracing::warn!(shard, "the receiver took nothing for {:?}; snapshot stopped", ctx.stall_timeout);
+            }
             Err(Produce::Failed(failure)) => {
                 tracing::warn!(shard, "snapshot aborted: {failure}");
                 // Say why, then stop: no manifest and no end-of-archive, so
@@ -245,6 +256,8 @@ pub fn stream(prepared: PreparedSnapshot, ctx: StreamContext) -> mpsc::Receiver<
 
 enum Produce {
     Gone,
+    /// The receiver stopped taking data.
+    Stalled,
     Failed(SourceFailure),
 }
 
@@ -254,16 +267,20 @@ impl From<SourceFailure> for Produce {
     }
 }
 
-async fn send(tx: &mpsc::Sender<Chunk>, bytes: Bytes) -> Result<(), Produce> {
-    tx.send(Ok(bytes)).await.map_err(|_| Produce::Gone)
+/// The body's channel, and how long a chunk may wait for room in it.
+struct Out {
+    tx: mpsc::Sender<Chunk>,
+    stall: Duration,
 }
 
-async fn send_entry(
-    tx: &mpsc::Sender<Chunk>,
-    path: &str,
-    contents: Bytes,
-    rate: Option<&RateLimiter>,
-) -> Result<(), Produce> {
+async fn send(out: &Out, bytes: Bytes) -> Result<(), Produce> {
+    out.tx.send_timeout(Ok(bytes), out.stall).await.map_err(|e| match e {
+        mpsc::error::SendTimeoutError::Timeout(_) => Produce::Stalled,
+        mpsc::error::SendTimeoutError::Closed(_) => Produce::Gone,
+    })
+}
+
+async fn send_entry(tx: &Out, path: &str, contents: Bytes, rate: Option<&RateLimiter>) -> Result<(), Produce> {
     let path = RelPath::new(path).expect("control entry paths are valid");
     let size = contents.len() as u64;
     send(tx, tar::header(&path, size)).await?;
@@ -277,7 +294,7 @@ async fn send_entry(
     Ok(())
 }
 
-async fn produce(tx: &mpsc::Sender<Chunk>, prepared: PreparedSnapshot, ctx: &StreamContext) -> Result<(), Produce> {
+async fn produce(tx: &Out, prepared: PreparedSnapshot, ctx: &StreamContext) -> Result<(), Produce> {
     let PreparedSnapshot { preamble, entries, skipped } = prepared;
     let json = serde_json::to_vec(&preamble).expect("preamble serializes");
     send_entry(tx, PREAMBLE_PATH, Bytes::from(json), None).await?;
@@ -401,7 +418,7 @@ async fn read_batch(batch: Vec<Planned>) -> Result<(Bytes, Vec<FileRecord>), Pro
 
 /// Streams `size` bytes of `source` from `offset`, hashing on the way.
 async fn send_file(
-    tx: &mpsc::Sender<Chunk>,
+    tx: &Out,
     path: &RelPath,
     source: &Path,
     offset: u64,

@@ -243,7 +243,7 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
             None => Vec::new(),
         };
         let fetched = tokio::select! {
-            r = fetch_snapshot(&shared.client, &request.source, &shared.token, &request.engine, &request.shard, &resume, &headers) => r,
+            r = fetch_snapshot(&shared.client, &request.source, &shared.token, &request.engine, &request.shard, &resume, &headers, shared.retry.stall_timeout) => r,
             _ = cancel.cancelled() => return Err(Ended::Cancelled),
         };
         let interruption = match fetched {
@@ -288,6 +288,7 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
                     }
                     Err(e @ ReceiveError::Refused(_)) => return Err(Ended::Failed(format!("streaming: {e}"))),
                     Err(ReceiveError::Local(why)) => return Err(Ended::Failed(format!("streaming: writing: {why}"))),
+                    Err(e @ ReceiveError::NoSpace { .. }) => return Err(Ended::Failed(format!("streaming: {e}"))),
                 }
             }
             Err(FetchError::Refused(why)) => return Err(Ended::Failed(format!("connecting: {why}"))),
