@@ -46,6 +46,17 @@ async fn a_source_silent_after_a_500_head_does_not_hold_the_incoming_slot() {
     server.abort();
 }
 
+/// Whether the node's end (local port `server`) of the connection to
+/// `client` is still ESTABLISHED, from /proc/net/tcp.
+fn server_side_established(server: u16, client: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap_or(""), 16).ok();
+        port(fields[1]) == Some(server) && port(fields[2]) == Some(client) && fields[3] == "01"
+    })
+}
+
 /// Asks `node` for a snapshot of `shard` over a raw connection and reads only
 /// the response head; returns the connection (never read again) and the
 /// status line.
@@ -75,7 +86,7 @@ async fn clients_that_never_read_lose_their_outgoing_slots() {
     let target = TestNode::start("target", NodeOptions::default());
 
     // Both outgoing slots (the default two) taken by clients that stop reading.
-    let (_first, status) = ask_and_never_read(&source, "s1").await;
+    let (mut first, status) = ask_and_never_read(&source, "s1").await;
     assert!(status.contains(" 200 "), "{status}");
     let (_second, status) = ask_and_never_read(&source, "s1").await;
     assert!(status.contains(" 200 "), "{status}");
@@ -88,4 +99,14 @@ async fn clients_that_never_read_lose_their_outgoing_slots() {
     let done = target.wait_transfer(&started.id, WITHIN).await;
     assert_eq!(done.state, State::Succeeded, "{done:?}");
     SegmentLog.assert_same(&source.shard_dir(ENGINE, "s1"), &target.shard_dir(ENGINE, "s1"));
+
+    // The stalled connection itself was given up by the node while its
+    // client still does not read: the node's end is no longer established.
+    let client_port = first.local_addr().unwrap().port();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while server_side_established(source.port, client_port) {
+        assert!(std::time::Instant::now() < deadline, "the node keeps a connection nobody reads");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(first);
 }

@@ -8,13 +8,18 @@
 //!   connecting, an idle attacker never does).
 //! - A TLS handshake and each request head must arrive within a deadline; an
 //!   idle keep-alive connection is closed after the same deadline.
+//! - A write that the client does not take for `write_timeout` (a reader
+//!   that stopped reading) closes the connection, and what it buffered.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -22,7 +27,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -35,14 +40,16 @@ pub struct Limits {
     pub max_unproven: usize,
     /// For a TLS handshake, and for each request head (idle keep-alive too).
     pub head_timeout: Duration,
+    /// How long one write may wait for the client to take data.
+    pub write_timeout: Duration,
 }
 
 impl Limits {
     /// Limits for `max` connections, kept under half of `fd_limit` (the rest
     /// is for files, peers and plugins).
-    pub fn new(max: usize, fd_limit: u64) -> Limits {
+    pub fn new(max: usize, fd_limit: u64, write_timeout: Duration) -> Limits {
         let max = max.min((fd_limit / 2).max(16) as usize);
-        Limits { max, max_unproven: (max / 4).max(8), head_timeout: Duration::from_secs(10) }
+        Limits { max, max_unproven: (max / 4).max(8), head_timeout: Duration::from_secs(10), write_timeout }
     }
 }
 
@@ -134,8 +141,8 @@ where
             let info = |verified_client| Arc::new(ConnInfo { peer, verified_client, id, tracker });
             match acceptor {
                 None => {
-                    let info = info(false);
-                    serve(TokioIo::new(stream), info, limits, evict, graceful_watch, handle).await
+                    let (info, io) = (info(false), WriteDeadline::new(stream, limits.write_timeout));
+                    serve(TokioIo::new(io), info, limits, evict, graceful_watch, handle).await
                 }
                 Some(acceptor) => {
                     let handshake = tokio::select! {
@@ -145,7 +152,8 @@ where
                     match handshake {
                         Ok(Ok(tls)) => {
                             let info = info(tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty()));
-                            serve(TokioIo::new(tls), info, limits, evict, graceful_watch, handle).await
+                            let io = WriteDeadline::new(tls, limits.write_timeout);
+                            serve(TokioIo::new(io), info, limits, evict, graceful_watch, handle).await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake: {e}"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -186,6 +194,82 @@ async fn serve<I, H, F>(
             }
         }
         _ = evict.cancelled() => tracing::debug!(%peer, "unauthenticated connection evicted"),
+    }
+}
+
+/// Fails a write (or flush) that has waited `timeout` for the client to take
+/// data: hyper then drops the connection.
+struct WriteDeadline<I> {
+    inner: I,
+    timeout: Duration,
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteDeadline<I> {
+    fn new(inner: I, timeout: Duration) -> Self {
+        WriteDeadline { inner, timeout, waiting: None }
+    }
+
+    /// After the inner write said `Pending`: the error once the wait is too long.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let timeout = self.timeout;
+        let sleep = self.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, format!("the client took no data for {timeout:?}")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteDeadline<I> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Pending => self.poll_deadline(cx).map(Err),
+            ready => {
+                self.waiting = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => self.poll_deadline(cx).map(Err),
+            ready => {
+                self.waiting = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => self.poll_deadline(cx).map(Err),
+            ready => {
+                self.waiting = None;
+                ready
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 

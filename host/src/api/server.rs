@@ -50,7 +50,8 @@ const PEER_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// finish for a few seconds.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let fd_limit = conn::raise_fd_limit();
-    let limits = conn::Limits::new(node.config.max_connections, fd_limit);
+    let write_timeout = Duration::from_secs(node.config.stall_timeout);
+    let limits = conn::Limits::new(node.config.max_connections, fd_limit, write_timeout);
     tracing::info!(fd_limit, max_connections = limits.max, "serving");
     let handler = {
         let node = node.clone();
