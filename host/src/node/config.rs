@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::plugin::{DEFAULT_MEMORY_LIMIT, HookDeadlines, RuntimeConfig};
+use crate::plugin::{
+    DEFAULT_MAX_CALLS_PER_ENGINE, DEFAULT_MEMORY_BUDGET, DEFAULT_MEMORY_LIMIT, HookDeadlines, RuntimeConfig,
+};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -32,13 +34,23 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct PluginSettings {
     pub memory_limit: usize,
+    /// Bytes all plugin instances of the node may hold; each call reserves
+    /// `memory_limit` of it, or waits.
+    pub memory_budget: usize,
+    /// Hook calls of one engine at once; more wait.
+    pub max_calls_per_engine: usize,
     /// Per-hook deadlines in milliseconds.
     pub deadlines: HookDeadlines,
 }
 
 impl Default for PluginSettings {
     fn default() -> Self {
-        PluginSettings { memory_limit: DEFAULT_MEMORY_LIMIT, deadlines: HookDeadlines::default() }
+        PluginSettings {
+            memory_limit: DEFAULT_MEMORY_LIMIT,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            max_calls_per_engine: DEFAULT_MAX_CALLS_PER_ENGINE,
+            deadlines: HookDeadlines::default(),
+        }
     }
 }
 
@@ -70,7 +82,25 @@ impl Config {
         anyhow::ensure!(self.max_incoming >= 1, "max_incoming must be at least 1");
         anyhow::ensure!(self.max_outgoing >= 1, "max_outgoing must be at least 1");
         anyhow::ensure!(self.max_attempts >= 1, "max_attempts must be at least 1");
-        anyhow::ensure!(self.plugin.memory_limit >= 1 << 20, "plugin.memory_limit must be at least 1 MiB");
+        let plugin = &self.plugin;
+        anyhow::ensure!(plugin.memory_limit >= 1 << 20, "plugin.memory_limit must be at least 1 MiB");
+        anyhow::ensure!(
+            plugin.memory_budget >> 20 >= plugin.memory_limit.div_ceil(1 << 20),
+            "plugin.memory_budget ({}) must be at least plugin.memory_limit ({}), in whole MiB",
+            plugin.memory_budget,
+            plugin.memory_limit
+        );
+        let slots = RuntimeConfig::default().max_instances as usize;
+        anyhow::ensure!(
+            (1..=slots).contains(&plugin.max_calls_per_engine),
+            "plugin.max_calls_per_engine must be 1-{slots}"
+        );
+        if plugin.max_calls_per_engine.saturating_mul(plugin.memory_limit) >= plugin.memory_budget {
+            tracing::warn!(
+                "plugin.max_calls_per_engine x plugin.memory_limit fills plugin.memory_budget: \
+                 one engine's calls can make every other engine's wait"
+            );
+        }
         Ok(())
     }
 
@@ -86,6 +116,8 @@ impl Config {
         RuntimeConfig {
             deadlines: self.plugin.deadlines,
             memory_limit: self.plugin.memory_limit,
+            memory_budget: self.plugin.memory_budget,
+            max_calls_per_engine: self.plugin.max_calls_per_engine,
             cache_dir: Some(self.data_dir.join("state").join("compiled")),
             ..RuntimeConfig::default()
         }
@@ -141,6 +173,21 @@ mod tests {
         assert_eq!(config.max_incoming, 2);
         assert_eq!(config.plugin.deadlines.term_check, std::time::Duration::from_millis(250));
         assert!(toml::from_str::<Config>("colour = \"blue\"").is_err());
+    }
+
+    #[test]
+    fn plugin_memory_budget_must_hold_one_limit() {
+        let config: Config =
+            toml::from_str("[plugin]\nmemory_limit = 67108864\nmemory_budget = 134217728\nmax_calls_per_engine = 1\n")
+                .unwrap();
+        config.check().unwrap();
+        assert_eq!(config.runtime_config().memory_budget, 128 << 20);
+        assert_eq!(config.runtime_config().max_calls_per_engine, 1);
+        let small: Config = toml::from_str("[plugin]\nmemory_limit = 67108864\nmemory_budget = 33554432\n").unwrap();
+        assert!(small.check().unwrap_err().to_string().contains("plugin.memory_budget"));
+        let none: Config = toml::from_str("[plugin]\nmax_calls_per_engine = 0\n").unwrap();
+        assert!(none.check().is_err());
+        Config::default().check().unwrap();
     }
 
     #[test]
