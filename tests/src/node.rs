@@ -28,6 +28,11 @@ pub struct NodeOptions {
     /// Run the node with a file-size limit (RLIMIT_FSIZE) of this many bytes,
     /// SIGXFSZ ignored: writes past it fail with EFBIG, like a full disk.
     pub file_size_limit: Option<u64>,
+    /// Plugins to put in the plugins dir besides segment-log and sqlite
+    /// (e.g. `plugins::MISBEHAVE`).
+    pub extra_plugins: Vec<PathBuf>,
+    /// Append the node's log (its stderr) to this file instead of the test's.
+    pub log_file: Option<PathBuf>,
 }
 
 /// A running node. Killed (SIGKILL) when dropped.
@@ -49,8 +54,9 @@ impl TestNode {
         let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.path().join("data"));
         let plugins_dir = dir.path().join("plugins");
         std::fs::create_dir_all(&plugins_dir).unwrap();
-        for plugin in [crate::plugins::SEGMENT_LOG, crate::plugins::SQLITE] {
-            std::fs::copy(plugin, plugins_dir.join(Path::new(plugin).file_name().unwrap())).unwrap();
+        let extra = options.extra_plugins.iter().map(PathBuf::as_path);
+        for plugin in [crate::plugins::SEGMENT_LOG, crate::plugins::SQLITE].map(Path::new).into_iter().chain(extra) {
+            std::fs::copy(plugin, plugins_dir.join(plugin.file_name().unwrap())).unwrap();
         }
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, TOKEN).unwrap();
@@ -83,7 +89,17 @@ impl TestNode {
             .args(&options.args)
             .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn,openraft=off".into()))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(match &options.log_file {
+                Some(path) => {
+                    let file = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+                    Stdio::from(file)
+                }
+                None => Stdio::inherit(),
+            });
+        if options.log_file.is_some() {
+            // Plain text in the file, for tests to read.
+            cmd.env("NO_COLOR", "1");
+        }
         if let Some(limit) = options.file_size_limit {
             use std::os::unix::process::CommandExt;
             // SAFETY: only async-signal-safe calls between fork and exec.
