@@ -61,8 +61,9 @@ impl Gate {
         Gate { semaphore: Arc::new(Semaphore::new(permits)), calls: Arc::default(), queue }
     }
 
-    /// Waits, in arrival order, for `units` until `deadline`. On timeout,
-    /// returns which queue it was and how many other calls were in it.
+    /// Waits, in arrival order, for `units` until `deadline`. On timeout (or
+    /// units got only once the deadline passed), returns which queue it was
+    /// and how many other calls were in it.
     ///
     /// # Cancel safety
     /// Cancel safe: a dropped wait takes nothing and leaves the queue.
@@ -71,9 +72,12 @@ impl Gate {
         let ticket = Ticket(self.calls.clone());
         let acquire = self.semaphore.clone().acquire_many_owned(units);
         match tokio::time::timeout_at(deadline.into(), acquire).await {
-            Ok(Ok(permit)) => Ok(Pass { _permit: permit, _ticket: ticket }),
+            // Units that came free just as (or after) the deadline passed are
+            // no use: the call would be interrupted before it did anything,
+            // and "queued" says better why.
+            Ok(Ok(permit)) if Instant::now() < deadline => Ok(Pass { _permit: permit, _ticket: ticket }),
             // The semaphore is never closed; treat it like a full queue.
-            Ok(Err(_)) | Err(_) => Err((self.queue, self.calls.load(Ordering::Relaxed).saturating_sub(1))),
+            Ok(_) | Err(_) => Err((self.queue, self.calls.load(Ordering::Relaxed).saturating_sub(1))),
         }
     }
 }
@@ -174,14 +178,19 @@ mod tests {
         let gate = Gate::new(2, Queue::EngineCalls(2));
         let soon = || Instant::now() + Duration::from_millis(50);
         let a = gate.enter(1, soon()).await.unwrap();
-        let _b = gate.enter(1, soon()).await.unwrap();
+        let b = gate.enter(1, soon()).await.unwrap();
         let (queue, behind) = gate.enter(1, soon()).await.err().unwrap();
         assert_eq!(queue, Queue::EngineCalls(2));
         assert_eq!(behind, 2);
         drop(a);
-        let _c = gate.enter(1, soon()).await.unwrap();
-        // A timed-out or dropped waiter leaves the count.
-        assert_eq!(gate.calls.load(Ordering::Relaxed), 2);
+        let c = gate.enter(1, soon()).await.unwrap();
+        // Units free, but too late: queued all the same.
+        drop(b);
+        assert!(gate.enter(1, Instant::now()).await.is_err());
+        // A timed-out waiter leaves the count: only `c` is in.
+        assert_eq!(gate.calls.load(Ordering::Relaxed), 1);
+        drop(c);
+        assert_eq!(gate.calls.load(Ordering::Relaxed), 0);
     }
 
     #[test]
