@@ -57,6 +57,7 @@ impl Drop for Ticket {
 }
 
 impl Gate {
+    /// A gate of `permits` units, named `queue` in errors.
     pub fn new(permits: usize, queue: Queue) -> Gate {
         Gate { semaphore: Arc::new(Semaphore::new(permits)), calls: Arc::default(), queue }
     }
@@ -93,11 +94,13 @@ pub(super) struct MemoryAccount {
 }
 
 impl MemoryAccount {
+    /// A call reserved `bytes` of the budget.
     pub fn reserve(&self, bytes: usize) {
         let now = self.reserved.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.reserved_peak.fetch_max(now, Ordering::Relaxed);
     }
 
+    /// A call gave its reservation back.
     pub fn release(&self, bytes: usize) {
         self.reserved.fetch_sub(bytes, Ordering::Relaxed);
     }
@@ -113,6 +116,7 @@ impl MemoryAccount {
         self.in_use.fetch_sub(bytes, Ordering::Relaxed);
     }
 
+    /// The figures now, against `budget`.
     pub fn usage(&self, budget: usize) -> MemoryUsage {
         MemoryUsage {
             budget,
@@ -129,9 +133,12 @@ impl MemoryAccount {
 /// memories really hold; peaks since the runtime started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct MemoryUsage {
+    /// `memory_budget`.
     pub budget: usize,
+    /// Memory limits of the calls holding a reservation now.
     pub reserved: usize,
     pub reserved_peak: usize,
+    /// Linear memory of the live instances now.
     pub in_use: usize,
     pub in_use_peak: usize,
 }
@@ -144,6 +151,7 @@ pub(super) struct Reservation {
 }
 
 impl Reservation {
+    /// Books `bytes` to `account` for as long as `pass` is held.
     pub fn new(pass: Pass, account: Arc<MemoryAccount>, bytes: usize) -> Reservation {
         account.reserve(bytes);
         Reservation { _pass: pass, account, bytes }

@@ -53,6 +53,7 @@ pub(super) struct PluginShared {
 }
 
 impl PluginShared {
+    /// See [`PluginRuntime::memory`](super::PluginRuntime::memory).
     pub fn memory_usage(&self) -> MemoryUsage {
         self.account.usage(self.config.memory_budget)
     }
@@ -144,14 +145,11 @@ impl Plugin {
     /// A fresh instance whose deadline covers queueing, instantiation and
     /// the call.
     async fn instantiate(&self, hook: Hook, dir: Option<(&Path, Access)>) -> Result<Call, HookError> {
-        let (mut store, instance, slot) = self.instantiate_raw(hook, dir).await?;
+        // Locals drop in reverse order: the store before the slot.
+        let (slot, mut store, instance) = self.instantiate_raw(hook, dir).await?;
         match v0::Engine::new(&mut store, &instance) {
             Ok(bindings) => Ok(Call { store, bindings, _slot: slot }),
-            Err(e) => {
-                let err = self.trap(hook, &store, e);
-                drop(store);
-                Err(err)
-            }
+            Err(e) => Err(self.trap(hook, &store, e)),
         }
     }
 
@@ -177,7 +175,7 @@ impl Plugin {
         &self,
         hook: Hook,
         dir: Option<(&Path, Access)>,
-    ) -> Result<(Store<CallState>, Instance, Slot), HookError> {
+    ) -> Result<(Slot, Store<CallState>, Instance), HookError> {
         let config = &self.shared.config;
         let deadline = Instant::now() + config.deadlines.get(hook);
         let slot = self.admit(hook, deadline).await?;
@@ -193,7 +191,7 @@ impl Plugin {
             Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
         });
         match self.pre.instance_pre().instantiate_async(&mut store).await {
-            Ok(instance) => Ok((store, instance, slot)),
+            Ok(instance) => Ok((slot, store, instance)),
             Err(e) => {
                 let err = self.trap(hook, &store, e);
                 drop(store);
@@ -209,7 +207,7 @@ impl Plugin {
         let hook = Hook::Describe;
         let describe_failed = |e| LoadErrorKind::Describe(Box::new(e));
         async {
-            let (mut store, instance, slot) = self.instantiate_raw(hook, None).await.map_err(describe_failed)?;
+            let (slot, mut store, instance) = self.instantiate_raw(hook, None).await.map_err(describe_failed)?;
             v0::typecheck(&mut store, &instance).map_err(LoadErrorKind::Mismatch)?;
             let bindings =
                 v0::Engine::new(&mut store, &instance).map_err(|e| LoadErrorKind::Mismatch(error_chain(&e)))?;

@@ -115,6 +115,7 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
 }
 
+/// Default memory limit of one instance.
 pub const DEFAULT_MEMORY_LIMIT: usize = 256 << 20;
 /// Eight calls at the default memory limit.
 pub const DEFAULT_MEMORY_BUDGET: usize = 2 << 30;

@@ -103,10 +103,7 @@ impl WasiView for CallState {
 
 impl v0::ferry::engine::log::Host for CallState {
     async fn log(&mut self, level: v0::ferry::engine::log::Level, message: String) {
-        if !self.log.admit(message.len()) {
-            return;
-        }
-        let message = guest_message(message);
+        let Some(message) = self.log.admit(message) else { return };
         // The caller's span names the plugin, the hook and the shard.
         match v0::level(level) {
             tracing::Level::TRACE => tracing::trace!(target: "ferry::guest", "{message}"),
@@ -146,23 +143,31 @@ impl GuestLog {
         }
     }
 
-    /// Whether a message of `len` bytes may be logged; counts it either way.
-    fn admit(&mut self, len: usize) -> bool {
+    /// The message as it may be logged (clipped, escaped), or `None` if it
+    /// is over the budget; counted either way. The byte budget counts what
+    /// would be written; the dropped bytes what the guest sent.
+    fn admit(&mut self, message: String) -> Option<String> {
         let now = Instant::now();
         let elapsed = now.duration_since(self.refilled).as_secs_f64();
         self.tokens = (self.tokens + elapsed * LOG_RATE).min(LOG_BURST);
         self.refilled = now;
-        let len = len as u64;
-        let within = self.messages < LOG_MAX_MESSAGES && self.bytes + len <= LOG_MAX_BYTES && self.tokens >= 1.0;
-        if within {
-            self.tokens -= 1.0;
-            self.messages += 1;
-            self.bytes += len;
-        } else {
-            self.dropped_messages += 1;
-            self.dropped_bytes += len;
+        let sent = message.len() as u64;
+        // Count and rate first: a flood is refused before any copying.
+        let text = (self.messages < LOG_MAX_MESSAGES && self.tokens >= 1.0)
+            .then(|| guest_message(message))
+            .filter(|text| self.bytes + text.len() as u64 <= LOG_MAX_BYTES);
+        match &text {
+            Some(text) => {
+                self.tokens -= 1.0;
+                self.messages += 1;
+                self.bytes += text.len() as u64;
+            }
+            None => {
+                self.dropped_messages += 1;
+                self.dropped_bytes += sent;
+            }
         }
-        within
+        text
     }
 
     /// Messages and bytes dropped so far.
@@ -365,14 +370,26 @@ mod tests {
     #[test]
     fn guest_log_is_bounded_and_counted() {
         let mut log = GuestLog::new();
-        let admitted = (0..10_000).filter(|_| log.admit(10)).count() as u64;
+        let admitted = (0..10_000).filter_map(|_| log.admit("0123456789".into())).count() as u64;
         // The burst, plus whatever the rate refilled meanwhile.
         assert!(admitted >= LOG_BURST as u64 && admitted < LOG_BURST as u64 + 10, "{admitted}");
         assert_eq!(log.dropped(), (10_000 - admitted, (10_000 - admitted) * 10));
 
+        // Bytes count as written: clipped, escaped.
         let mut log = GuestLog::new();
-        assert!(log.admit(LOG_MAX_BYTES as usize));
-        assert!(!log.admit(1));
+        assert_eq!(log.admit("a\nb".into()).unwrap(), "a\\nb");
+        let clipped = log.admit("x".repeat(1 << 20)).unwrap();
+        assert!(clipped.len() < 5000, "{}", clipped.len());
+        let mut written = 4 + clipped.len() as u64;
+        loop {
+            log.tokens = LOG_BURST;
+            match log.admit("y".repeat(4000)) {
+                Some(text) => written += text.len() as u64,
+                None => break,
+            }
+        }
+        assert!(written <= LOG_MAX_BYTES && written > LOG_MAX_BYTES - 4000, "{written}");
+        assert_eq!(log.dropped(), (1, 4000));
         log.report();
         assert_eq!(log.dropped(), (0, 0));
 
@@ -381,7 +398,7 @@ mod tests {
         let admitted = (0..5_000)
             .filter(|_| {
                 log.tokens = LOG_BURST;
-                log.admit(1)
+                log.admit("z".into()).is_some()
             })
             .count() as u64;
         assert_eq!(admitted, LOG_MAX_MESSAGES);
