@@ -100,6 +100,11 @@ pub struct NodeOptions {
     pub strict_sources: bool,
     /// Serve TLS with a certificate from this CA.
     pub tls: Option<TestPki>,
+    /// Plugins to put in the plugins dir besides segment-log and sqlite
+    /// (e.g. `plugins::MISBEHAVE`).
+    pub extra_plugins: Vec<PathBuf>,
+    /// Append the node's log (its stderr) to this file instead of the test's.
+    pub log_file: Option<PathBuf>,
 }
 
 /// A running node. Killed (SIGKILL) when dropped.
@@ -124,8 +129,9 @@ impl TestNode {
         let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.path().join("data"));
         let plugins_dir = dir.path().join("plugins");
         std::fs::create_dir_all(&plugins_dir).unwrap();
-        for plugin in [crate::plugins::SEGMENT_LOG, crate::plugins::SQLITE] {
-            std::fs::copy(plugin, plugins_dir.join(Path::new(plugin).file_name().unwrap())).unwrap();
+        let extra = options.extra_plugins.iter().map(PathBuf::as_path);
+        for plugin in [crate::plugins::SEGMENT_LOG, crate::plugins::SQLITE].map(Path::new).into_iter().chain(extra) {
+            std::fs::copy(plugin, plugins_dir.join(plugin.file_name().unwrap())).unwrap();
         }
         let token_file = dir.path().join("token");
         let token = match options.credentials {
@@ -169,7 +175,17 @@ impl TestNode {
             .args(&options.args)
             .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn,openraft=off".into()))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(match &options.log_file {
+                Some(path) => {
+                    let file = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+                    Stdio::from(file)
+                }
+                None => Stdio::inherit(),
+            });
+        if options.log_file.is_some() {
+            // Plain text in the file, for tests to read.
+            cmd.env("NO_COLOR", "1");
+        }
         let dir = self.token_file.parent().unwrap().to_owned();
         match options.credentials {
             Credentials::Single => {

@@ -1,12 +1,13 @@
 //! The sandbox holds against the misbehave guest: deadlines, memory limit,
 //! panics, path escapes, read-only preopens, output floods, garbage replies,
-//! and a fresh instance per call.
+//! a fresh instance per call, and queues (per engine, node-wide instance
+//! slots, memory budget) instead of a pool that runs out.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry::plugin::{EngineError, HookDeadlines, HookErrorKind, Plugin, PluginRuntime, RuntimeConfig};
+use ferry::plugin::{EngineError, HookDeadlines, HookErrorKind, Plugin, PluginRuntime, Queue, RuntimeConfig};
 use ferry_tests::plugins;
 
 const DEADLINE: Duration = Duration::from_millis(400);
@@ -114,7 +115,9 @@ async fn read_only_hooks_cannot_write_and_apply_can() {
 
 #[tokio::test]
 async fn garbage_plans_are_refused() {
-    let (_rt, plugin) = misbehave(config()).await;
+    // Building a 17 MiB or a 200,000-entry plan takes a while on a busy
+    // machine: the default deadline, not the test's short one.
+    let (_rt, plugin) = misbehave(RuntimeConfig { memory_limit: MEMORY_LIMIT, ..RuntimeConfig::default() }).await;
     let dir = tempfile::tempdir().unwrap();
     for (kind, want) in [
         ("absolute", "is absolute"),
@@ -168,6 +171,108 @@ async fn on_demand_allocation_enforces_the_same_limits() {
     assert!(matches!(err.kind, HookErrorKind::MemoryLimit { .. }), "{err}");
     let err = plugin.create_snapshot("loop", dir.path()).await.unwrap_err();
     assert!(matches!(err.kind, HookErrorKind::Deadline(_)), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_engine_cannot_starve_another() {
+    // Four instance slots for the node, two per engine: twelve runaway calls
+    // of misbehave once made every other call fail on a full pool.
+    let config = RuntimeConfig { max_instances: 4, max_calls_per_engine: 2, ..config() };
+    let (runtime, plugin) = misbehave(config).await;
+    let other = runtime.load(Path::new(plugins::SEGMENT_LOG)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let loops: Vec<_> = (0..12)
+        .map(|_| {
+            let (plugin, dir) = (plugin.clone(), dir.path().to_owned());
+            tokio::spawn(async move { plugin.create_snapshot("loop", &dir).await })
+        })
+        .collect();
+    // The other engine is served the whole time the runaways are queued or
+    // running.
+    let mut served = 0;
+    while !loops.iter().all(|l| l.is_finished()) || served == 0 {
+        assert_eq!(other.describe().await.unwrap().name, "segment-log");
+        served += 1;
+    }
+    let mut queued = 0;
+    for l in loops {
+        let err = l.await.unwrap().unwrap_err();
+        match err.kind {
+            HookErrorKind::Deadline(d) => assert_eq!(d, DEADLINE),
+            HookErrorKind::Queued { deadline, queue, .. } => {
+                assert_eq!((deadline, queue), (DEADLINE, Queue::EngineCalls(2)), "{err}");
+                queued += 1;
+            }
+            _ => panic!("a runaway ended with something else than its deadline: {err}"),
+        }
+    }
+    assert!(queued > 0, "no call waited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_call_counts_its_wait_against_its_deadline() {
+    // One call slot: a runaway create-snapshot holds it for 1.5 s, and a
+    // shard-status behind it has 1 s in all.
+    let mut config = RuntimeConfig { max_calls_per_engine: 1, ..config() };
+    config.deadlines.create_snapshot = Duration::from_millis(1500);
+    config.deadlines.shard_status = Duration::from_millis(1000);
+    let (_rt, plugin) = misbehave(config).await;
+    let dir = tempfile::tempdir().unwrap();
+    let timed = async {
+        let started = Instant::now();
+        let result = plugin.shard_status("loop", dir.path()).await;
+        (result, started.elapsed())
+    };
+    // `join!` polls the first future first: it takes the slot.
+    let (running, (waiting, waited)) = tokio::join!(plugin.create_snapshot("loop", dir.path()), timed);
+    let running = running.unwrap_err();
+    assert!(matches!(running.kind, HookErrorKind::Deadline(d) if d == Duration::from_millis(1500)), "{running}");
+    let waiting = waiting.unwrap_err();
+    assert!(matches!(waiting.kind, HookErrorKind::Queued { behind: 1, queue: Queue::EngineCalls(1), .. }), "{waiting}");
+    assert!(
+        waiting.to_string().contains(
+            "shard-status: deadline of 1s exceeded while queued behind 1 other calls for one of this engine's 1 call slots"
+        ),
+        "{waiting}"
+    );
+    // It gave up at its own deadline, not after the slot came free.
+    assert!(waited >= Duration::from_millis(1000) && waited < Duration::from_millis(1000) + SLACK, "{waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_bounds_all_instances_together() {
+    // Room for two instances at their limit; six calls that each grow to it,
+    // slowly, so that unqueued they would all hold memory at once.
+    let limit = 32 << 20;
+    let budget = 2 * limit;
+    let mut config = RuntimeConfig { memory_limit: limit, memory_budget: budget, ..config() };
+    config.deadlines.create_snapshot = Duration::from_secs(60);
+    let (runtime, plugin) = misbehave(config).await;
+    let dir = tempfile::tempdir().unwrap();
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let (plugin, dir) = (plugin.clone(), dir.path().to_owned());
+            tokio::spawn(async move { plugin.create_snapshot("alloc-slow", &dir).await })
+        })
+        .collect();
+    for call in calls {
+        let err = call.await.unwrap().unwrap_err();
+        assert!(matches!(err.kind, HookErrorKind::MemoryLimit { limit: l } if l == limit), "{err}");
+    }
+    let memory = runtime.memory();
+    assert_eq!(memory.budget, budget);
+    assert!(memory.reserved_peak <= budget, "{memory:?}");
+    assert!(memory.in_use_peak <= budget, "instances held more than the budget: {memory:?}");
+    // Two did run at once (or the test proves nothing).
+    assert!(memory.in_use_peak > limit, "{memory:?}");
+    assert_eq!((memory.reserved, memory.in_use), (0, 0), "{memory:?}");
+}
+
+#[tokio::test]
+async fn a_budget_below_the_memory_limit_is_refused() {
+    let config = RuntimeConfig { memory_limit: 64 << 20, memory_budget: 32 << 20, ..config() };
+    let err = PluginRuntime::new(config).err().expect("refused");
+    assert!(err.to_string().contains("memory budget"), "{err}");
 }
 
 fn meta() -> ferry::plugin::SnapshotMeta {

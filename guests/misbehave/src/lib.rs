@@ -3,17 +3,33 @@
 //! The shard name picks the behaviour, in every hook:
 //! - `loop`: spins forever (the deadline must stop it);
 //! - `alloc`: allocates without bound (the memory limit must stop it);
+//! - `alloc-slow`: the same, 1 MiB every 10 ms, so that calls overlap;
 //! - `panic`: panics with a message the host must show;
 //! - `escape`: tries to read and write outside `/shard`; returns `io` with what
 //!   was denied, or a plan holding what it could read if anything got out;
 //! - `write`: tries to create a file in `/shard`;
 //! - `stderr-flood`: writes 10 MiB to stderr, then succeeds;
+//! - `log-flood`: calls `log` at level error in a tight loop, forever (the
+//!   host must bound and count what reaches its log; the deadline stops it);
+//! - `log-newline`: logs a message, and writes a stderr line, holding
+//!   "\nFORGED ..." (and a CR), then succeeds: neither may forge a log line;
+//! - `apply-symlink`: `create-snapshot` plans one small inline entry
+//!   (`control`), `validate` succeeds, and `apply` makes a relative symlink
+//!   `link -> ../../../../etc/passwd` in `/shard`, tries an absolute one
+//!   `abs -> /etc/passwd` and a hard link `hard` to `control`, logs which it
+//!   made, then succeeds (`io` if the relative link was refused). With
+//!   wasmtime-wasi 48 the relative link and the hard link are made, the
+//!   absolute link is refused; FIFOs, devices and sockets cannot be made
+//!   through WASI at all;
 //! - `count`: `shard-status` returns how many calls this instance has seen
 //!   (always 1 when every call gets a fresh instance);
 //! - `garbage-<kind>`: returns a plan the host must reject (`absolute`,
 //!   `dotdot`, `duplicate`, `empty-path`, `big-inline`, `many-entries`,
 //!   `backslash`, `dot`);
 //! - anything else: behaves, with an empty plan.
+
+// For `std::os::wasi::fs::symlink_path` (guests build with RUSTC_BOOTSTRAP).
+#![feature(wasi_ext, wasip2)]
 
 wit_bindgen::generate!({
     world: "engine",
@@ -62,6 +78,28 @@ fn misbehave(shard: &str, hook: &str) -> Result<(), EngineError> {
                 std::hint::black_box(&hoard);
             }
         }
+        "alloc-slow" => {
+            log(Level::Info, &format!("{hook}: allocating 1 MiB every 10 ms"));
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        "log-flood" => {
+            let padding = "x".repeat(100);
+            let mut n: u64 = 0;
+            loop {
+                n += 1;
+                log(Level::Error, &format!("{hook}: flood message {n} {padding}"));
+            }
+        }
+        "log-newline" => {
+            log(Level::Error, &format!("{hook}: one message\nFORGED ERROR ferry: a host line\rFORGED-CR"));
+            eprintln!("{hook}: one stderr line\rFORGED-STDERR\u{1b}[2K");
+            Ok(())
+        }
         "panic" => panic!("misbehave: deliberate panic in {hook}"),
         "escape" => escape(),
         "write" => match fs::write("/shard/intruder", b"written") {
@@ -108,6 +146,17 @@ fn escape() -> Result<(), EngineError> {
     Err(EngineError::Io(format!("denied: {}", denied.join("; "))))
 }
 
+/// Makes what `apply-symlink` promises; logs which links WASI let it make.
+fn apply_links() -> Result<(), EngineError> {
+    use std::os::wasi::fs::symlink_path;
+    symlink_path("../../../../etc/passwd", "/shard/link")
+        .map_err(|e| EngineError::Io(format!("symlink denied: {e}")))?;
+    let absolute = symlink_path("/etc/passwd", "/shard/abs");
+    let hard = fs::hard_link("/shard/control", "/shard/hard");
+    log(Level::Info, &format!("apply: made link; abs: {absolute:?}; hard: {hard:?}"));
+    Ok(())
+}
+
 fn garbage_plan(kind: &str) -> Option<SnapshotPlan> {
     let entries = match kind {
         "absolute" => vec![file("/etc/passwd")],
@@ -139,6 +188,9 @@ impl Guest for Misbehave {
         if let Some(plan) = shard.strip_prefix("garbage-").and_then(garbage_plan) {
             return Ok(plan);
         }
+        if shard == "apply-symlink" {
+            return Ok(SnapshotPlan { meta: meta(), entries: vec![inline("control", 9)] });
+        }
         misbehave(&shard, "create-snapshot")?;
         Ok(SnapshotPlan { meta: meta(), entries: Vec::new() })
     }
@@ -153,6 +205,9 @@ impl Guest for Misbehave {
     }
 
     fn apply(shard: String, _meta: SnapshotMeta) -> Result<(), EngineError> {
+        if shard == "apply-symlink" {
+            return apply_links();
+        }
         misbehave(&shard, "apply")
     }
 }

@@ -14,7 +14,8 @@ use crate::node::Node;
 use crate::node::config::{Config, read_token};
 use crate::node::credentials::AuthFiles;
 use crate::plugin::{
-    DEFAULT_MEMORY_LIMIT, Hook, HookDeadlines, HookError, Plugin, PluginRuntime, RuntimeConfig, SnapshotMeta,
+    DEFAULT_MEMORY_BUDGET, DEFAULT_MEMORY_LIMIT, Hook, HookDeadlines, HookError, Plugin, PluginRuntime, RuntimeConfig,
+    SnapshotMeta,
 };
 use crate::transfer::{State, TransferStatus};
 
@@ -310,7 +311,10 @@ impl RuntimeArgs {
             None => DEFAULT_MEMORY_LIMIT,
         };
         let cache_dir = if self.no_cache { None } else { self.cache_dir.clone().or_else(default_cache_dir) };
-        Ok(RuntimeConfig { deadlines, memory_limit, cache_dir, ..RuntimeConfig::default() })
+        // One command runs one call: the budget only has to hold it.
+        let memory_budget =
+            memory_limit.checked_next_multiple_of(1 << 20).unwrap_or(usize::MAX).max(DEFAULT_MEMORY_BUDGET);
+        Ok(RuntimeConfig { deadlines, memory_limit, memory_budget, cache_dir, ..RuntimeConfig::default() })
     }
 }
 

@@ -11,7 +11,9 @@ use super::credentials::AuthFiles;
 pub use super::credentials::read_token;
 use crate::http::base_url;
 use crate::http::tls::TlsFiles;
-use crate::plugin::{DEFAULT_MEMORY_LIMIT, HookDeadlines, RuntimeConfig};
+use crate::plugin::{
+    DEFAULT_MAX_CALLS_PER_ENGINE, DEFAULT_MEMORY_BUDGET, DEFAULT_MEMORY_LIMIT, HookDeadlines, RuntimeConfig,
+};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -55,13 +57,23 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct PluginSettings {
     pub memory_limit: usize,
+    /// Bytes all plugin instances of the node may hold; each call reserves
+    /// `memory_limit` of it, or waits.
+    pub memory_budget: usize,
+    /// Hook calls of one engine at once; more wait.
+    pub max_calls_per_engine: usize,
     /// Per-hook deadlines in milliseconds.
     pub deadlines: HookDeadlines,
 }
 
 impl Default for PluginSettings {
     fn default() -> Self {
-        PluginSettings { memory_limit: DEFAULT_MEMORY_LIMIT, deadlines: HookDeadlines::default() }
+        PluginSettings {
+            memory_limit: DEFAULT_MEMORY_LIMIT,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            max_calls_per_engine: DEFAULT_MAX_CALLS_PER_ENGINE,
+            deadlines: HookDeadlines::default(),
+        }
     }
 }
 
@@ -100,7 +112,6 @@ impl Config {
         anyhow::ensure!(self.max_outgoing >= 1, "max_outgoing must be at least 1");
         anyhow::ensure!(self.max_attempts >= 1, "max_attempts must be at least 1");
         anyhow::ensure!(self.stall_timeout >= 1, "stall_timeout must be at least 1 second");
-        anyhow::ensure!(self.plugin.memory_limit >= 1 << 20, "plugin.memory_limit must be at least 1 MiB");
         anyhow::ensure!(self.max_connections >= 16, "max_connections must be at least 16");
         anyhow::ensure!((1..=3600).contains(&self.request_timeout), "request_timeout must be 1 to 3600 seconds");
         anyhow::ensure!(
@@ -110,6 +121,25 @@ impl Config {
         for source in &self.allowed_sources {
             base_url(source.strip_suffix(":*").unwrap_or(source))
                 .map_err(|e| anyhow::anyhow!("allowed_sources: {source:?} {e}"))?;
+        }
+        let plugin = &self.plugin;
+        anyhow::ensure!(plugin.memory_limit >= 1 << 20, "plugin.memory_limit must be at least 1 MiB");
+        anyhow::ensure!(
+            plugin.memory_budget >> 20 >= plugin.memory_limit.div_ceil(1 << 20),
+            "plugin.memory_budget ({}) must be at least plugin.memory_limit ({}), in whole MiB",
+            plugin.memory_budget,
+            plugin.memory_limit
+        );
+        let slots = RuntimeConfig::default().max_instances as usize;
+        anyhow::ensure!(
+            (1..=slots).contains(&plugin.max_calls_per_engine),
+            "plugin.max_calls_per_engine must be 1-{slots}"
+        );
+        if plugin.max_calls_per_engine.saturating_mul(plugin.memory_limit) >= plugin.memory_budget {
+            tracing::warn!(
+                "plugin.max_calls_per_engine x plugin.memory_limit fills plugin.memory_budget: \
+                 one engine's calls can make every other engine's wait"
+            );
         }
         Ok(())
     }
@@ -126,6 +156,8 @@ impl Config {
         RuntimeConfig {
             deadlines: self.plugin.deadlines,
             memory_limit: self.plugin.memory_limit,
+            memory_budget: self.plugin.memory_budget,
+            max_calls_per_engine: self.plugin.max_calls_per_engine,
             cache_dir: Some(self.data_dir.join("state").join("compiled")),
             ..RuntimeConfig::default()
         }
@@ -152,5 +184,20 @@ mod tests {
     fn token_file_and_auth_exclude_each_other() {
         let config: Config = toml::from_str("token_file = \"t\"\n[auth]\nnode_token_file = \"n\"\n").unwrap();
         assert!(config.check().unwrap_err().to_string().contains("exclude"));
+    }
+
+    #[test]
+    fn plugin_memory_budget_must_hold_one_limit() {
+        let config: Config =
+            toml::from_str("[plugin]\nmemory_limit = 67108864\nmemory_budget = 134217728\nmax_calls_per_engine = 1\n")
+                .unwrap();
+        config.check().unwrap();
+        assert_eq!(config.runtime_config().memory_budget, 128 << 20);
+        assert_eq!(config.runtime_config().max_calls_per_engine, 1);
+        let small: Config = toml::from_str("[plugin]\nmemory_limit = 67108864\nmemory_budget = 33554432\n").unwrap();
+        assert!(small.check().unwrap_err().to_string().contains("plugin.memory_budget"));
+        let none: Config = toml::from_str("[plugin]\nmax_calls_per_engine = 0\n").unwrap();
+        assert!(none.check().is_err());
+        Config::default().check().unwrap();
     }
 }

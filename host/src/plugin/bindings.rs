@@ -13,7 +13,7 @@ pub mod v0_1_0 {
         exports: { default: async },
     });
 
-    use crate::plugin::types::{self as host, RawEntry, ReplyError, clip_message};
+    use crate::plugin::types::{self as host, RawEntry, ReplyError, guest_message};
     use ferry::engine::types as wit;
 
     /// The exported interface's name in a component of this version.
@@ -46,11 +46,11 @@ pub mod v0_1_0 {
     impl From<wit::EngineError> for host::EngineError {
         fn from(v: wit::EngineError) -> Self {
             match v {
-                wit::EngineError::Invalid(m) => host::EngineError::Invalid(clip_message(m)),
-                wit::EngineError::Io(m) => host::EngineError::Io(clip_message(m)),
-                wit::EngineError::TermChanged(m) => host::EngineError::TermChanged(clip_message(m)),
-                wit::EngineError::Unsupported(m) => host::EngineError::Unsupported(clip_message(m)),
-                wit::EngineError::Other(m) => host::EngineError::Other(clip_message(m)),
+                wit::EngineError::Invalid(m) => host::EngineError::Invalid(guest_message(m)),
+                wit::EngineError::Io(m) => host::EngineError::Io(guest_message(m)),
+                wit::EngineError::TermChanged(m) => host::EngineError::TermChanged(guest_message(m)),
+                wit::EngineError::Unsupported(m) => host::EngineError::Unsupported(guest_message(m)),
+                wit::EngineError::Other(m) => host::EngineError::Other(guest_message(m)),
             }
         }
     }

@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::limits::Queue;
 use super::types::{EngineError, ReplyError};
 
 /// A hook of the contract.
@@ -100,6 +101,10 @@ pub enum HookErrorKind {
     Engine(EngineError),
     #[error("deadline of {0:?} exceeded")]
     Deadline(Duration),
+    /// The deadline passed before the call could start: it waited in a queue
+    /// the whole time, behind `behind` other calls.
+    #[error("deadline of {deadline:?} exceeded while queued behind {behind} other calls for {queue}")]
+    Queued { deadline: Duration, behind: usize, queue: Queue },
     #[error("memory limit of {limit} bytes exceeded")]
     MemoryLimit { limit: usize },
     #[error("guest panicked: {0}")]

@@ -8,12 +8,15 @@
 //!    compiled cache), finds which contract version it implements, checks its
 //!    exports and imports, pre-instantiates it and calls `describe`.
 //! 3. [`Registry`] maps engine names to loaded plugins.
-//! 4. Each hook call ([`Plugin::create_snapshot`], …) runs in a fresh instance
-//!    that sees only the call's directory, under a deadline and a memory limit.
+//! 4. Each hook call ([`Plugin::create_snapshot`], …) queues for a call slot
+//!    of its plugin, an instance slot and memory out of the node's budget,
+//!    then runs in a fresh instance that sees only the call's directory, under
+//!    a deadline (queueing included) and a memory limit, its log bounded.
 
 mod bindings;
 mod cache;
 mod error;
+mod limits;
 #[allow(clippy::module_inception)]
 mod plugin;
 mod registry;
@@ -22,8 +25,12 @@ mod sandbox;
 pub mod types;
 
 pub use error::{Hook, HookError, HookErrorKind, LoadError, LoadErrorKind};
+pub use limits::{MemoryUsage, Queue};
 pub use plugin::{BenchInstance, ContractVersion, Plugin};
 pub use registry::Registry;
-pub use runtime::{DEFAULT_MEMORY_LIMIT, EPOCH_TICK, HookDeadlines, PluginRuntime, RuntimeConfig, RuntimeError};
-pub use sandbox::GUEST_SHARD_DIR;
+pub use runtime::{
+    DEFAULT_MAX_CALLS_PER_ENGINE, DEFAULT_MEMORY_BUDGET, DEFAULT_MEMORY_LIMIT, EPOCH_TICK, HookDeadlines,
+    PluginRuntime, RuntimeConfig, RuntimeError,
+};
+pub use sandbox::{GUEST_SHARD_DIR, LOG_BURST, LOG_MAX_BYTES, LOG_MAX_MESSAGES, LOG_RATE};
 pub use types::{EngineError, EngineInfo, PlanEntry, ShardPosition, SnapshotMeta, SnapshotPlan};

@@ -2,7 +2,10 @@
 //!
 //! Every call gets a fresh instance from the pre-instantiated component, so
 //! nothing leaks between shards or calls; the instance sees only the call's
-//! directory and dies with the call.
+//! directory and dies with the call. Before it instantiates, a call queues
+//! for a call slot of its plugin, an instance slot of the node and its memory
+//! limit out of the node's budget (see `limits`); the wait counts against its
+//! deadline.
 //!
 //! # Cancel safety
 //! Every hook method is cancel safe: dropping its future drops the instance
@@ -19,9 +22,10 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::bindings::v0_1_0 as v0;
 use super::error::{Hook, HookError, HookErrorKind, LoadErrorKind};
+use super::limits::{Gate, MIB, MemoryAccount, MemoryUsage, Queue, Reservation, Slot};
 use super::runtime::{RuntimeConfig, error_chain};
-use super::sandbox::{Access, CallState, MemoryLimitExceeded, panic_message};
-use super::types::{EngineInfo, ShardPosition, SnapshotMeta, SnapshotPlan};
+use super::sandbox::{Access, CallState, MemoryLimitExceeded, log_output_tail, panic_message};
+use super::types::{EngineInfo, ShardPosition, SnapshotMeta, SnapshotPlan, escape_guest_text};
 
 /// The contract versions this host implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +45,18 @@ impl ContractVersion {
 pub(super) struct PluginShared {
     pub engine: wasmtime::Engine,
     pub config: RuntimeConfig,
+    /// The node's instance slots.
+    pub instances: Gate,
+    /// The node's memory budget, in MiB.
+    pub memory: Gate,
+    pub account: Arc<MemoryAccount>,
+}
+
+impl PluginShared {
+    /// See [`PluginRuntime::memory`](super::PluginRuntime::memory).
+    pub fn memory_usage(&self) -> MemoryUsage {
+        self.account.usage(self.config.memory_budget)
+    }
 }
 
 /// A loaded, checked plugin. Cheap to share (`Arc`) across tasks.
@@ -52,12 +68,16 @@ pub struct Plugin {
     info: Option<EngineInfo>,
     compile_time: Duration,
     cached: bool,
+    /// This plugin's call slots.
+    calls: Gate,
 }
 
 /// A live instance for one call.
 struct Call {
     store: Store<CallState>,
     bindings: v0::Engine,
+    /// Declared last, so dropped after the store: its slots are free by then.
+    _slot: Slot,
 }
 
 impl Plugin {
@@ -69,7 +89,9 @@ impl Plugin {
         compile_time: Duration,
         cached: bool,
     ) -> Plugin {
-        Plugin { shared, path, contract, pre, info: None, compile_time, cached }
+        let slots = shared.config.max_calls_per_engine;
+        let calls = Gate::new(slots, Queue::EngineCalls(slots));
+        Plugin { shared, path, contract, pre, info: None, compile_time, cached, calls }
     }
 
     pub(super) fn with_info(mut self, info: EngineInfo) -> Plugin {
@@ -112,40 +134,70 @@ impl Plugin {
         HookError { plugin: self.name(), hook, kind }
     }
 
+    /// The span of a call: every line of the call, the guest's included, is
+    /// inside it. At level ERROR so that any filter that lets a line of the
+    /// call through also keeps the span: without it a guest's line would
+    /// not say whose it is.
     fn span(&self, hook: Hook, shard: &str) -> tracing::Span {
-        tracing::info_span!("plugin", plugin = %self.name(), hook = hook.name(), shard)
+        tracing::error_span!("plugin", plugin = %self.name(), hook = hook.name(), shard)
     }
 
-    /// A fresh instance whose deadline covers instantiation and the call.
+    /// A fresh instance whose deadline covers queueing, instantiation and
+    /// the call.
     async fn instantiate(&self, hook: Hook, dir: Option<(&Path, Access)>) -> Result<Call, HookError> {
-        let (mut store, instance) = self.instantiate_raw(hook, dir).await?;
+        // Locals drop in reverse order: the store before the slot.
+        let (slot, mut store, instance) = self.instantiate_raw(hook, dir).await?;
         match v0::Engine::new(&mut store, &instance) {
-            Ok(bindings) => Ok(Call { store, bindings }),
+            Ok(bindings) => Ok(Call { store, bindings, _slot: slot }),
             Err(e) => Err(self.trap(hook, &store, e)),
         }
     }
 
+    /// Waits for this plugin's call slot, the node's instance slot and the
+    /// call's memory, in that order (so a call holds node-wide units only
+    /// once its engine let it through), until `deadline`.
+    async fn admit(&self, hook: Hook, deadline: Instant) -> Result<Slot, HookError> {
+        let shared = &self.shared;
+        let queued = |(queue, behind)| {
+            self.error(hook, HookErrorKind::Queued { deadline: shared.config.deadlines.get(hook), behind, queue })
+        };
+        let engine = self.calls.enter(1, deadline).await.map_err(queued)?;
+        let instance = shared.instances.enter(1, deadline).await.map_err(queued)?;
+        let limit = shared.config.memory_limit;
+        let units = u32::try_from(limit.div_ceil(MIB)).unwrap_or(u32::MAX);
+        let memory = shared.memory.enter(units, deadline).await.map_err(queued)?;
+        let memory = Reservation::new(memory, shared.account.clone(), limit);
+        Ok(Slot { _engine: engine, _instance: instance, _memory: memory })
+    }
+
+    /// Returns the slot with the store; the caller must drop the store first.
     async fn instantiate_raw(
         &self,
         hook: Hook,
         dir: Option<(&Path, Access)>,
-    ) -> Result<(Store<CallState>, Instance), HookError> {
+    ) -> Result<(Slot, Store<CallState>, Instance), HookError> {
         let config = &self.shared.config;
-        let state = CallState::new(dir, config.memory_limit)
+        let deadline = Instant::now() + config.deadlines.get(hook);
+        let slot = self.admit(hook, deadline).await?;
+        let state = CallState::new(dir, config.memory_limit, self.shared.account.clone())
             .map_err(|e| self.error(hook, HookErrorKind::Sandbox(e.to_string())))?;
         let mut store = Store::new(&self.shared.engine, state);
         store.limiter(|state| &mut state.limiter);
         // Every epoch tick the guest yields to the async runtime (so a long
         // validate never holds a worker thread), until the deadline passes;
         // then it traps.
-        let deadline = Instant::now() + config.deadlines.get(hook);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
         });
         match self.pre.instance_pre().instantiate_async(&mut store).await {
-            Ok(instance) => Ok((store, instance)),
-            Err(e) => Err(self.trap(hook, &store, e)),
+            Ok(instance) => Ok((slot, store, instance)),
+            Err(e) => {
+                let err = self.trap(hook, &store, e);
+                drop(store);
+                drop(slot);
+                Err(err)
+            }
         }
     }
 
@@ -155,11 +207,11 @@ impl Plugin {
         let hook = Hook::Describe;
         let describe_failed = |e| LoadErrorKind::Describe(Box::new(e));
         async {
-            let (mut store, instance) = self.instantiate_raw(hook, None).await.map_err(describe_failed)?;
+            let (slot, mut store, instance) = self.instantiate_raw(hook, None).await.map_err(describe_failed)?;
             v0::typecheck(&mut store, &instance).map_err(LoadErrorKind::Mismatch)?;
             let bindings =
                 v0::Engine::new(&mut store, &instance).map_err(|e| LoadErrorKind::Mismatch(error_chain(&e)))?;
-            let mut call = Call { store, bindings };
+            let mut call = Call { store, bindings, _slot: slot };
             let result = call.bindings.ferry_engine_hooks().call_describe(&mut call.store).await;
             self.finish(hook, call, result.map(Ok), |info| {
                 EngineInfo::from(info).check().map_err(HookErrorKind::BadReply)
@@ -181,35 +233,33 @@ impl Plugin {
             return self.error(hook, HookErrorKind::Deadline(self.shared.config.deadlines.get(hook)));
         }
         let (stderr, _) = state.stderr.text();
+        // What the guest printed goes into errors, and so into the node's
+        // log: escaped, like its log messages.
         if let Some(message) = panic_message(&stderr) {
-            return self.error(hook, HookErrorKind::Panic(message));
+            return self.error(hook, HookErrorKind::Panic(escape_guest_text(&message).into_owned()));
         }
         let mut message = error_chain(&err);
         let last_lines: Vec<&str> = stderr.lines().rev().take(5).collect();
         if !last_lines.is_empty() {
             message.push_str("; stderr: ");
-            message.push_str(&last_lines.into_iter().rev().collect::<Vec<_>>().join(" | "));
+            let lines: Vec<_> = last_lines.into_iter().rev().map(escape_guest_text).collect();
+            message.push_str(&lines.join(" | "));
         }
         self.error(hook, HookErrorKind::Trap(message))
     }
 
-    /// Logs what the guest printed, then maps the call's outcome.
+    /// Logs what the guest printed and what of its log was dropped, then
+    /// maps the call's outcome.
     fn finish<T, R>(
         &self,
         hook: Hook,
-        call: Call,
+        mut call: Call,
         result: wasmtime::Result<Result<T, v0::ferry::engine::types::EngineError>>,
         convert: impl FnOnce(T) -> Result<R, HookErrorKind>,
     ) -> Result<R, HookError> {
-        for (stream, tail) in [("stdout", &call.store.data().stdout), ("stderr", &call.store.data().stderr)] {
-            let (text, dropped) = tail.text();
-            if dropped > 0 {
-                tracing::info!(target: "ferry::guest", stream, "({dropped} earlier bytes dropped)");
-            }
-            for line in text.lines() {
-                tracing::info!(target: "ferry::guest", stream, "{line}");
-            }
-        }
+        log_output_tail("stdout", &call.store.data().stdout);
+        log_output_tail("stderr", &call.store.data().stderr);
+        call.store.data_mut().log.report();
         match result {
             Ok(Ok(value)) => convert(value).map_err(|kind| self.error(hook, kind)),
             Ok(Err(engine_error)) => Err(self.error(hook, HookErrorKind::Engine(engine_error.into()))),
@@ -308,7 +358,7 @@ impl BenchInstance {
 
     /// One typed call of `describe` on this warm instance.
     pub async fn describe(&mut self) -> wasmtime::Result<String> {
-        let Call { store, bindings } = &mut self.0;
+        let Call { store, bindings, .. } = &mut self.0;
         Ok(bindings.ferry_engine_hooks().call_describe(store).await?.name)
     }
 }

@@ -16,6 +16,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::bindings::v0_1_0 as v0;
 use super::cache::CompiledCache;
 use super::error::{Hook, LoadError, LoadErrorKind};
+use super::limits::{Gate, MIB, MemoryUsage, Queue};
 use super::plugin::{ContractVersion, Plugin, PluginShared};
 use super::sandbox::CallState;
 
@@ -98,23 +99,37 @@ mod millis {
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
     pub deadlines: HookDeadlines,
-    /// Most linear memory one instance may grow to.
+    /// Most linear memory one instance may grow to (all its memories).
     pub memory_limit: usize,
+    /// Most memory all instances of the node may hold: each call reserves
+    /// `memory_limit` of it before it instantiates, or waits. At least
+    /// `memory_limit`.
+    pub memory_budget: usize,
+    /// Calls of one plugin that may run at once; more wait.
+    pub max_calls_per_engine: usize,
     /// Where compiled components are kept; `None` compiles on every load.
     pub cache_dir: Option<PathBuf>,
     /// Use the pooling allocator when the machine allows it.
     pub pooling: bool,
-    /// Instances that may be alive at once (pooling slots).
+    /// Instances that may be alive at once (pooling slots); more calls wait.
     pub max_instances: u32,
 }
 
+/// Default memory limit of one instance.
 pub const DEFAULT_MEMORY_LIMIT: usize = 256 << 20;
+/// Eight calls at the default memory limit.
+pub const DEFAULT_MEMORY_BUDGET: usize = 2 << 30;
+/// Half of what the default budget holds at the default limit, so one
+/// engine's calls always leave room for another's.
+pub const DEFAULT_MAX_CALLS_PER_ENGINE: usize = 4;
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             deadlines: HookDeadlines::default(),
             memory_limit: DEFAULT_MEMORY_LIMIT,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            max_calls_per_engine: DEFAULT_MAX_CALLS_PER_ENGINE,
             cache_dir: None,
             pooling: true,
             max_instances: 64,
@@ -138,6 +153,17 @@ pub struct RuntimeError(String);
 
 impl PluginRuntime {
     pub fn new(config: RuntimeConfig) -> Result<PluginRuntime, RuntimeError> {
+        // The budget is counted in whole MiB (see below).
+        if config.memory_limit == 0 || config.memory_limit.div_ceil(MIB) > config.memory_budget / MIB {
+            return Err(RuntimeError(format!(
+                "the plugin memory budget ({} bytes) must hold at least one instance's memory limit ({} bytes), \
+                 in whole MiB",
+                config.memory_budget, config.memory_limit
+            )));
+        }
+        if config.max_calls_per_engine == 0 || config.max_instances == 0 {
+            return Err(RuntimeError("max_calls_per_engine and max_instances must be at least 1".into()));
+        }
         let (engine, pooling) = build_engine(&config)?;
         let mut linker = Linker::<CallState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RuntimeError(e.to_string()))?;
@@ -145,8 +171,13 @@ impl PluginRuntime {
             .map_err(|e| RuntimeError(e.to_string()))?;
         let cache = config.cache_dir.clone().map(|dir| Arc::new(CompiledCache::new(dir, &engine)));
         let ticker = EpochTicker::start(engine.clone());
+        // The memory gate counts whole MiB: a call takes its limit rounded
+        // up, out of the budget rounded down, so reservations never add up
+        // to more than the budget.
+        let memory = Gate::new(config.memory_budget / MIB, Queue::Memory(config.memory_budget));
+        let instances = Gate::new(config.max_instances as usize, Queue::Instances(config.max_instances as usize));
         Ok(PluginRuntime {
-            shared: Arc::new(PluginShared { engine, config }),
+            shared: Arc::new(PluginShared { engine, config, instances, memory, account: Arc::default() }),
             linker: Arc::new(linker),
             cache,
             pooling,
@@ -161,6 +192,12 @@ impl PluginRuntime {
 
     pub fn config(&self) -> &RuntimeConfig {
         &self.shared.config
+    }
+
+    /// Plugin memory reserved by calls and held by instances, now and at
+    /// its peak.
+    pub fn memory(&self) -> MemoryUsage {
+        self.shared.memory_usage()
     }
 
     /// Loads, checks and describes the plugin in `path`.
@@ -210,14 +247,18 @@ fn build_engine(config: &RuntimeConfig) -> Result<(Engine, bool), RuntimeError> 
         let mut pool = PoolingAllocationConfig::default();
         let instances = config.max_instances.max(1);
         // A component built by wasm-component-ld has a few core instances
-        // (the program, the WASI adapter, shims) and up to two memories.
+        // (the program, the WASI adapter, shims), two memories and three
+        // tables. Every total is the per-component maximum times the
+        // instance slots: calls wait for a slot (see `limits`), and once they
+        // have one the pool cannot run out of anything else.
+        let (core, memories, tables) = (16, 4, 8);
         pool.total_component_instances(instances)
-            .total_core_instances(instances * 8)
-            .max_core_instances_per_component(16)
-            .total_memories(instances * 2)
-            .max_memories_per_component(4)
-            .total_tables(instances * 4)
-            .max_tables_per_component(8)
+            .total_core_instances(instances * core)
+            .max_core_instances_per_component(core)
+            .total_memories(instances * memories)
+            .max_memories_per_component(memories)
+            .total_tables(instances * tables)
+            .max_tables_per_component(tables)
             .total_stacks(instances)
             .max_memory_size(config.memory_limit);
         let mut pooled = base.clone();

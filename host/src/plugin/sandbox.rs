@@ -1,6 +1,6 @@
 //! What one hook call's instance can see and use: a WASI context holding only
 //! the call's shard directory, captured stdout/stderr, a memory limiter, and
-//! the `log` import.
+//! the `log` import (bounded per call, escaped to one line per message).
 
 use std::collections::VecDeque;
 use std::io;
@@ -8,6 +8,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
@@ -15,11 +16,25 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::v0_1_0 as v0;
+use super::limits::MemoryAccount;
+use super::types::{escape_guest_text, guest_message};
 
 /// Where the call's shard directory appears inside the guest.
 pub const GUEST_SHARD_DIR: &str = "/shard";
 /// How much of the guest's stdout and stderr is kept, per stream and call.
 const OUTPUT_TAIL: usize = 16 * 1024;
+/// Most lines of each kept tail that go into the host's log.
+const OUTPUT_TAIL_LINES: usize = 200;
+
+/// Most `log` messages one hook call may write; later ones are dropped and
+/// counted.
+pub const LOG_MAX_MESSAGES: u64 = 1000;
+/// Most bytes of `log` messages one hook call may write.
+pub const LOG_MAX_BYTES: u64 = 256 * 1024;
+/// Messages a call may log in a burst before [`LOG_RATE`] applies.
+pub const LOG_BURST: f64 = 100.0;
+/// Messages per second a call may log once its burst is spent.
+pub const LOG_RATE: f64 = 20.0;
 
 /// Access the guest gets to the call's directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,10 +50,17 @@ pub struct CallState {
     pub(super) limiter: MemoryLimiter,
     pub(super) stdout: OutputTail,
     pub(super) stderr: OutputTail,
+    pub(super) log: GuestLog,
 }
 
 impl CallState {
-    pub fn new(dir: Option<(&Path, Access)>, memory_limit: usize) -> io::Result<CallState> {
+    /// `account` is the node's plugin memory, which the instance's growth is
+    /// added to.
+    pub fn new(
+        dir: Option<(&Path, Access)>,
+        memory_limit: usize,
+        account: Arc<MemoryAccount>,
+    ) -> io::Result<CallState> {
         let stdout = OutputTail::default();
         let stderr = OutputTail::default();
         let mut builder = WasiCtx::builder();
@@ -65,9 +87,10 @@ impl CallState {
         Ok(CallState {
             wasi: builder.build(),
             table: ResourceTable::new(),
-            limiter: MemoryLimiter { limit: memory_limit, exceeded: None },
+            limiter: MemoryLimiter { limit: memory_limit, used: 0, last_growth: 0, account, exceeded: None },
             stdout,
             stderr,
+            log: GuestLog::new(),
         })
     }
 }
@@ -80,7 +103,7 @@ impl WasiView for CallState {
 
 impl v0::ferry::engine::log::Host for CallState {
     async fn log(&mut self, level: v0::ferry::engine::log::Level, message: String) {
-        let message = super::types::clip_message(message);
+        let Some(message) = self.log.admit(message) else { return };
         // The caller's span names the plugin, the hook and the shard.
         match v0::level(level) {
             tracing::Level::TRACE => tracing::trace!(target: "ferry::guest", "{message}"),
@@ -94,10 +117,115 @@ impl v0::ferry::engine::log::Host for CallState {
 
 impl v0::ferry::engine::types::Host for CallState {}
 
-/// Caps an instance's linear memories and tables; remembers a refusal so the
-/// host can say "memory limit" instead of the guest's own abort.
+/// One call's `log` budget: at most [`LOG_MAX_MESSAGES`] messages and
+/// [`LOG_MAX_BYTES`] bytes, at most [`LOG_RATE`] a second after a burst of
+/// [`LOG_BURST`] (a token bucket). What is over is dropped and counted, and
+/// said once when the call ends, so a looping guest cannot flood the node's
+/// log.
+pub struct GuestLog {
+    messages: u64,
+    bytes: u64,
+    tokens: f64,
+    refilled: Instant,
+    dropped_messages: u64,
+    dropped_bytes: u64,
+}
+
+impl GuestLog {
+    fn new() -> GuestLog {
+        GuestLog {
+            messages: 0,
+            bytes: 0,
+            tokens: LOG_BURST,
+            refilled: Instant::now(),
+            dropped_messages: 0,
+            dropped_bytes: 0,
+        }
+    }
+
+    /// The message as it may be logged (clipped, escaped), or `None` if it
+    /// is over the budget; counted either way. The byte budget counts what
+    /// would be written; the dropped bytes what the guest sent.
+    fn admit(&mut self, message: String) -> Option<String> {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * LOG_RATE).min(LOG_BURST);
+        self.refilled = now;
+        let sent = message.len() as u64;
+        // Count and rate first: a flood is refused before any copying.
+        let text = (self.messages < LOG_MAX_MESSAGES && self.tokens >= 1.0)
+            .then(|| guest_message(message))
+            .filter(|text| self.bytes + text.len() as u64 <= LOG_MAX_BYTES);
+        match &text {
+            Some(text) => {
+                self.tokens -= 1.0;
+                self.messages += 1;
+                self.bytes += text.len() as u64;
+            }
+            None => {
+                self.dropped_messages += 1;
+                self.dropped_bytes += sent;
+            }
+        }
+        text
+    }
+
+    /// Messages and bytes dropped so far.
+    pub fn dropped(&self) -> (u64, u64) {
+        (self.dropped_messages, self.dropped_bytes)
+    }
+
+    /// Says, once, in the caller's span, what was dropped.
+    pub fn report(&mut self) {
+        let (messages, bytes) = self.dropped();
+        if messages > 0 {
+            tracing::warn!(
+                target: "ferry::plugin",
+                dropped_messages = messages,
+                dropped_bytes = bytes,
+                "guest log over its per-call limit ({LOG_MAX_MESSAGES} messages, {LOG_MAX_BYTES} bytes, \
+                 {LOG_RATE}/s after {LOG_BURST}): dropped {messages} messages ({bytes} bytes)"
+            );
+            self.dropped_messages = 0;
+            self.dropped_bytes = 0;
+        }
+    }
+}
+
+impl Drop for GuestLog {
+    /// A call that ended without [`report`](GuestLog::report) (a trap while
+    /// instantiating, a dropped future) still says what it dropped.
+    fn drop(&mut self) {
+        self.report();
+    }
+}
+
+/// Logs the kept tail of a guest's stdout or stderr, one escaped line per
+/// line the guest wrote, inside the caller's span and under the guest's
+/// target: at most [`OUTPUT_TAIL_LINES`] lines, the earlier ones counted.
+pub(super) fn log_output_tail(stream: &'static str, tail: &OutputTail) {
+    let (text, dropped_bytes) = tail.text();
+    let lines: Vec<&str> = text.lines().collect();
+    let skip = lines.len().saturating_sub(OUTPUT_TAIL_LINES);
+    if dropped_bytes > 0 || skip > 0 {
+        tracing::info!(target: "ferry::guest", stream, "({dropped_bytes} earlier bytes and {skip} earlier lines dropped)");
+    }
+    for line in &lines[skip..] {
+        tracing::info!(target: "ferry::guest", stream, "{}", escape_guest_text(line));
+    }
+}
+
+/// Caps the total of an instance's linear memories, and its tables; remembers
+/// a refusal so the host can say "memory limit" instead of the guest's own
+/// abort. What the instance holds is added to the node's memory account
+/// until the instance is dropped.
 pub struct MemoryLimiter {
     limit: usize,
+    /// Bytes of all the instance's linear memories.
+    used: usize,
+    /// The last growth allowed, taken back if it then fails.
+    last_growth: usize,
+    account: Arc<MemoryAccount>,
     pub(super) exceeded: Option<usize>,
 }
 
@@ -110,19 +238,40 @@ pub struct MemoryLimitExceeded {
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.limit {
-            self.exceeded = Some(desired);
+    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        // The limit is on all memories of the instance together: a component
+        // has several (the program's, its adapter's), and the node's budget
+        // reserves one limit per call.
+        let growth = desired.saturating_sub(current);
+        let total = self.used.saturating_add(growth);
+        if total > self.limit {
+            self.exceeded = Some(total);
             // Trap at once: the guest's allocator would otherwise abort with a
             // bare `unreachable` that says nothing.
-            return Err(MemoryLimitExceeded { limit: self.limit, desired }.into());
+            return Err(MemoryLimitExceeded { limit: self.limit, desired: total }.into());
         }
+        self.used = total;
+        self.last_growth = growth;
+        self.account.grow(growth);
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.used -= self.last_growth;
+        self.account.shrink(self.last_growth);
+        self.last_growth = 0;
+        Ok(())
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         // Tables hold function references; 1M entries is far past any real guest.
         Ok(desired <= 1 << 20)
+    }
+}
+
+impl Drop for MemoryLimiter {
+    fn drop(&mut self) {
+        self.account.shrink(self.used);
     }
 }
 
@@ -216,6 +365,43 @@ mod tests {
         let (text, dropped) = tail.text();
         assert!(text.bytes().all(|b| b == b'b'));
         assert_eq!(dropped, 3 + OUTPUT_TAIL as u64 + 2 * OUTPUT_TAIL as u64);
+    }
+
+    #[test]
+    fn guest_log_is_bounded_and_counted() {
+        let mut log = GuestLog::new();
+        let admitted = (0..10_000).filter_map(|_| log.admit("0123456789".into())).count() as u64;
+        // The burst, plus whatever the rate refilled meanwhile.
+        assert!(admitted >= LOG_BURST as u64 && admitted < LOG_BURST as u64 + 10, "{admitted}");
+        assert_eq!(log.dropped(), (10_000 - admitted, (10_000 - admitted) * 10));
+
+        // Bytes count as written: clipped, escaped.
+        let mut log = GuestLog::new();
+        assert_eq!(log.admit("a\nb".into()).unwrap(), "a\\nb");
+        let clipped = log.admit("x".repeat(1 << 20)).unwrap();
+        assert!(clipped.len() < 5000, "{}", clipped.len());
+        let mut written = 4 + clipped.len() as u64;
+        loop {
+            log.tokens = LOG_BURST;
+            match log.admit("y".repeat(4000)) {
+                Some(text) => written += text.len() as u64,
+                None => break,
+            }
+        }
+        assert!(written <= LOG_MAX_BYTES && written > LOG_MAX_BYTES - 4000, "{written}");
+        assert_eq!(log.dropped(), (1, 4000));
+        log.report();
+        assert_eq!(log.dropped(), (0, 0));
+
+        // With the rate out of the way, the message cap holds.
+        let mut log = GuestLog::new();
+        let admitted = (0..5_000)
+            .filter(|_| {
+                log.tokens = LOG_BURST;
+                log.admit("z".into()).is_some()
+            })
+            .count() as u64;
+        assert_eq!(admitted, LOG_MAX_MESSAGES);
     }
 
     #[test]

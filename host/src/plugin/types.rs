@@ -4,7 +4,9 @@
 //! version converts its bindgen types into these, checking on the way in
 //! everything a guest could get wrong (a guest's reply is untrusted input).
 
+use std::borrow::Cow;
 use std::collections::HashSet;
+use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
@@ -106,6 +108,46 @@ pub fn clip_message(mut s: String) -> String {
         s.push('…');
     }
     s
+}
+
+/// A guest's message as the host keeps it: clipped, and escaped to one line.
+/// Error messages of an engine end up in the node's log as much as its log
+/// messages do.
+pub fn guest_message(s: String) -> String {
+    let s = clip_message(s);
+    if let Cow::Owned(escaped) = escape_guest_text(&s) {
+        return escaped;
+    }
+    s
+}
+
+/// Guest text as one unambiguous log line: `\`, newline, CR and tab become
+/// `\\`, `\n`, `\r`, `\t`; every other control character, the Unicode
+/// line and paragraph separators and the bidi overrides become `\u{..}`. A
+/// guest can then never start a line of its own or pass for the host.
+pub fn escape_guest_text(text: &str) -> Cow<'_, str> {
+    let needs = |c: char| {
+        c == '\\'
+            || c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(needs) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 impl EngineInfo {
@@ -236,6 +278,19 @@ mod tests {
 
     fn meta() -> SnapshotMeta {
         SnapshotMeta { term: 1, position: 2, attributes: vec![] }
+    }
+
+    #[test]
+    fn guest_text_is_one_line() {
+        assert!(matches!(escape_guest_text("plain text, é"), Cow::Borrowed(_)));
+        assert_eq!(
+            escape_guest_text("a\nFORGED\r\t\\ \u{1b}[31m \u{7f} \u{85} \u{2028} \u{202e}"),
+            "a\\nFORGED\\r\\t\\\\ \\u{1b}[31m \\u{7f} \\u{85} \\u{2028} \\u{202e}"
+        );
+        // Clipped first, then escaped.
+        let long = guest_message("x\ny".repeat(2000));
+        assert!(long.starts_with("x\\ny") && long.ends_with('…') && !long.contains('\n'), "{long}");
+        assert_eq!(long.len(), 1365 * 4 + 1 + '…'.len_utf8());
     }
 
     #[test]

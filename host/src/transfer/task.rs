@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use super::status::{Stage, State, TransferStatus};
 use super::{Fencing, Shared, TransferRequest};
 use crate::http::{TRANSFER_EPOCH_HEADER, TRANSFER_ID_HEADER};
-use crate::install::publish;
 use crate::install::sync::syncfs;
+use crate::install::{check_tree, publish};
 use crate::stream::client::{FetchError, fetch_snapshot};
 use crate::stream::receive::{Destination, Held, Progress, ReceiveError, receive};
 use crate::stream::{FileRecord, ResumeRequest};
@@ -343,6 +343,13 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
         _ = cancel.cancelled() => return Err(Ended::Cancelled),
     };
     applied.map_err(|e| Ended::Failed(format!("applying: {e}")))?;
+    // apply could write anything WASI allows, symlinks included: publish
+    // only regular files and directories.
+    let dir = data_dir.clone();
+    tokio::task::spawn_blocking(move || check_tree(&dir))
+        .await
+        .map_err(|e| Ended::Failed(format!("applying: {e}")))?
+        .map_err(|e| Ended::Failed(format!("applying: {e}")))?;
     let dir = data_dir.clone();
     blocking(move || syncfs(&dir)).await.map_err(|e| Ended::Failed(format!("applying: syncfs: {e}")))?;
 
