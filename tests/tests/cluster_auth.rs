@@ -26,6 +26,10 @@ async fn status_of(node: &TestNode, token: &str, method: Method, path: &str, bod
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_credential_does_only_what_its_scope_allows() {
     let node = TestNode::start("scoped", NodeOptions { credentials: Credentials::Scoped, ..Default::default() });
+    // The node's own state (tokens, Raft log, compiled plugins) is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(node.data_dir.join("state")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "state/ is {mode:o}");
     let propose = json!({"op": "register-replica", "engine": "sqlite", "shard": "s", "node": 1});
     let vote = json!({"vote": {"leader_id": {"term": 1, "node_id": 1}, "committed": false}, "last_log_id": null});
     let transfer = json!({"engine": "sqlite", "shard": "s1", "source": "http://127.0.0.1:9"});
