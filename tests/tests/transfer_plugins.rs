@@ -30,7 +30,7 @@ fn node(name: &str, dir: &Path, config: &str, log_filter: &str) -> (TestNode, Pa
 /// `shard-status` on a directory made for it.
 async fn shard_status(node: &TestNode, shard: &str) -> anyhow::Result<serde_json::Value> {
     std::fs::create_dir_all(node.shard_dir(ENGINE, shard)).unwrap();
-    node.api().call(Method::GET, &format!("/v1/engines/{ENGINE}/shards/{shard}/status"), None).await
+    Ok(node.api().call(Method::GET, &format!("/v1/engines/{ENGINE}/shards/{shard}/status"), None).await?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
