@@ -283,10 +283,10 @@ async fn snapshot(node: &Node, engine: &str, shard: &str, req: Request<Incoming>
     let Some(plugin) = node.plugins.get(engine).cloned() else {
         return not_found(format!("no plugin for engine {engine:?} on node {}", node.config.node_id));
     };
-    if let Err(e) = check_shard_id(shard) {
-        return bad_request(e);
-    }
-    let dir = node.data.shard(engine, shard);
+    let dir = match node.data.shard(engine, shard) {
+        Ok(dir) => dir,
+        Err(e) => return bad_request(e.to_string()),
+    };
     if !dir.is_dir() {
         return not_found(format!("no shard {engine}/{shard} on node {}", node.config.node_id));
     }
@@ -462,10 +462,10 @@ async fn choose_donor(node: &Node, engine: &str, shard: &str) -> Result<u64, Str
 
 async fn shard_status(node: &Node, engine: &str, shard: &str) -> Response<Body> {
     let Some(plugin) = node.plugins.get(engine) else { return not_found(format!("no plugin for engine {engine:?}")) };
-    if let Err(e) = check_shard_id(shard) {
-        return bad_request(e);
-    }
-    let dir = node.data.shard(engine, shard);
+    let dir = match node.data.shard(engine, shard) {
+        Ok(dir) => dir,
+        Err(e) => return bad_request(e.to_string()),
+    };
     if !dir.is_dir() {
         return not_found(format!("no shard {engine}/{shard} on node {}", node.config.node_id));
     }
