@@ -27,7 +27,9 @@ pub async fn run(node: Arc<Node>, stop: tokio_util::sync::CancellationToken) {
     }
 }
 
-/// The shards on this node's disk, as (engine, shard).
+/// The shards on this node's disk, as (engine, shard): real directories
+/// whose names follow the rules (anything else can be neither served nor
+/// registered, and is left alone).
 pub fn local_shards(node: &Node) -> std::io::Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for engine in std::fs::read_dir(node.data.shards_root())? {
@@ -38,10 +40,11 @@ pub fn local_shards(node: &Node) -> std::io::Result<Vec<(String, String)>> {
         for shard in std::fs::read_dir(engine.path())? {
             let shard = shard?;
             if shard.file_type()?.is_dir() {
-                out.push((
-                    engine.file_name().to_string_lossy().into_owned(),
-                    shard.file_name().to_string_lossy().into_owned(),
-                ));
+                let (engine, shard) = (engine.file_name(), shard.file_name());
+                let (Some(engine), Some(shard)) = (engine.to_str(), shard.to_str()) else { continue };
+                if node.data.shard(engine, shard).is_ok() {
+                    out.push((engine.to_owned(), shard.to_owned()));
+                }
             }
         }
     }
