@@ -86,7 +86,7 @@ async fn clients_that_never_read_lose_their_outgoing_slots() {
     let target = TestNode::start("target", NodeOptions::default());
 
     // Both outgoing slots (the default two) taken by clients that stop reading.
-    let (mut first, status) = ask_and_never_read(&source, "s1").await;
+    let (first, status) = ask_and_never_read(&source, "s1").await;
     assert!(status.contains(" 200 "), "{status}");
     let (_second, status) = ask_and_never_read(&source, "s1").await;
     assert!(status.contains(" 200 "), "{status}");

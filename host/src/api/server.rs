@@ -3,7 +3,7 @@
 //!
 //! | method | path | |
 //! | --- | --- | --- |
-//! | GET | `/v1/health` | node id |
+//! | GET | `/v1/health` | node id and consensus health (503 when unhealthy) |
 //! | GET | `/v1/plugins` | loaded plugins |
 //! | GET | `/v1/shards` | live replicas on this node |
 //! | GET, POST | `/v1/engines/{engine}/shards/{shard}/snapshot` | stream a snapshot (POST: resume) |
@@ -134,7 +134,7 @@ async fn handle(node: &Node, req: Request<Incoming>, info: &ConnInfo) -> Respons
         return response;
     }
     match (&method, segments.as_slice()) {
-        (&Method::GET, ["v1", "health"]) => json_response(StatusCode::OK, &json!({ "node_id": node.config.node_id })),
+        (&Method::GET, ["v1", "health"]) => health(node),
         (&Method::GET, ["v1", "plugins"]) => plugins(node),
         (&Method::GET, ["v1", "shards"]) => shards(node),
         (&Method::GET, ["v1", "cluster"]) => json_response(StatusCode::OK, &node.consensus.status()),
@@ -233,6 +233,20 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map(Some).map_err(|e| bad_request(format!("request body: {e}")))
 }
 
+/// 200 with the node id and its consensus view while Raft runs and a leader
+/// is known; 503 with the reason (and the same fields) otherwise.
+fn health(node: &Node) -> Response<Body> {
+    let health = node.consensus.health();
+    let mut body = json!({ "node_id": node.config.node_id, "consensus": health });
+    match &health.problem {
+        None => json_response(StatusCode::OK, &body),
+        Some(problem) => {
+            body["error"] = json!({ "code": "unhealthy", "message": problem });
+            json_response(StatusCode::SERVICE_UNAVAILABLE, &body)
+        }
+    }
+}
+
 fn plugins(node: &Node) -> Response<Body> {
     let list: Vec<_> = node
         .plugins
@@ -326,29 +340,42 @@ async fn add_member(node: &Node, req: Request<Incoming>) -> Response<Body> {
     leader_answer(node.consensus.add_member(&join).await)
 }
 
-/// Raft's own RPCs, from other members.
+/// Raft's own RPCs, from other members; each passes the consensus guard
+/// (sender, terms, indexes, sizes) before openraft sees it.
 async fn raft_rpc(node: &Node, rpc: &str, req: Request<Incoming>) -> Response<Body> {
     let raft = node.consensus.raft();
+    let guard = match node.consensus.guard().await {
+        Ok(guard) => guard,
+        Err(e) => return consensus_error(e),
+    };
     macro_rules! call {
-        ($ty:ty, $method:ident) => {{
+        ($ty:ty, $method:ident, $check:ident) => {{
             let body: $ty = match read_json(node, req).await {
                 Ok(Some(body)) => body,
                 Ok(None) => return bad_request("empty Raft request"),
                 Err(response) => return response,
             };
+            if let Err(refused) = guard.$check(&body) {
+                return bad_request(refused.to_string());
+            }
             json_response(StatusCode::OK, &raft.$method(body).await)
         }};
     }
     match rpc {
-        "append" => call!(openraft::raft::AppendEntriesRequest<TypeConfig>, append_entries),
-        "vote" => call!(openraft::raft::VoteRequest<u64>, vote),
-        "install-snapshot" => call!(openraft::raft::InstallSnapshotRequest<TypeConfig>, install_snapshot),
+        "append" => call!(openraft::raft::AppendEntriesRequest<TypeConfig>, append_entries, append),
+        "vote" => call!(openraft::raft::VoteRequest<u64>, vote, vote),
+        "install-snapshot" => {
+            call!(openraft::raft::InstallSnapshotRequest<TypeConfig>, install_snapshot, install_snapshot)
+        }
         "snapshot" => {
             let body: FullSnapshot = match read_json(node, req).await {
                 Ok(Some(body)) => body,
                 Ok(None) => return bad_request("empty snapshot"),
                 Err(response) => return response,
             };
+            if let Err(refused) = guard.full_snapshot(&body.vote, &body.meta, body.data.len()) {
+                return bad_request(refused.to_string());
+            }
             let (vote, snapshot) = body.into_parts();
             json_response(StatusCode::OK, &raft.install_full_snapshot(vote, snapshot).await)
         }
@@ -368,10 +395,10 @@ async fn snapshot(node: &Node, engine: &str, shard: &str, req: Request<Incoming>
     let Some(plugin) = node.plugins.get(engine).cloned() else {
         return not_found(format!("no plugin for engine {engine:?} on node {}", node.config.node_id));
     };
-    if let Err(e) = check_shard_id(shard) {
-        return bad_request(e);
-    }
-    let dir = node.data.shard(engine, shard);
+    let dir = match node.data.shard(engine, shard) {
+        Ok(dir) => dir,
+        Err(e) => return bad_request(e.to_string()),
+    };
     if !dir.is_dir() {
         return not_found(format!("no shard {engine}/{shard} on node {}", node.config.node_id));
     }
@@ -426,10 +453,13 @@ async fn check_fencing(node: &Node, engine: &str, shard: &str, req: &Request<Inc
     let (Some(id), Some(epoch)) = (header(TRANSFER_ID_HEADER), header(TRANSFER_EPOCH_HEADER)) else {
         return Ok(()); // a direct pull, outside consensus
     };
-    let refuse = |why: String| Err(error_response(StatusCode::CONFLICT, "stale-epoch", why));
-    let Ok(epoch) = epoch.parse::<u64>() else { return refuse(format!("bad epoch {epoch:?}")) };
-    // The epoch is a log index: this node may not have applied it yet.
-    let _ = node.consensus.wait_applied(epoch, Duration::from_secs(5)).await;
+    let refuse = |why: String| error_response(StatusCode::CONFLICT, "stale-epoch", why);
+    let Ok(epoch) = epoch.parse::<u64>() else { return Err(refuse(format!("bad epoch {epoch:?}"))) };
+    // The epoch is a log index: this node may not have applied it yet. One
+    // that no leader's log holds is invented: refused at once.
+    if let Err(e) = node.consensus.wait_logged(epoch, Duration::from_secs(5)).await {
+        return Err(refuse(format!("transfer {id} epoch {epoch}: {e}")));
+    }
     let state = node.consensus.state();
     match state.transfers.get(&id) {
         Some(t)
@@ -441,11 +471,11 @@ async fn check_fencing(node: &Node, engine: &str, shard: &str, req: &Request<Inc
         {
             Ok(())
         }
-        Some(t) => refuse(format!(
+        Some(t) => Err(refuse(format!(
             "transfer {id} epoch {epoch} is not current here (epoch {}, {:?}, source {})",
             t.epoch, t.stage, t.source
-        )),
-        None => refuse(format!("no transfer {id} in this node's state")),
+        ))),
+        None => Err(refuse(format!("no transfer {id} in this node's state"))),
     }
 }
 
@@ -559,10 +589,10 @@ async fn choose_donor(node: &Node, engine: &str, shard: &str) -> Result<u64, Str
 
 async fn shard_status(node: &Node, engine: &str, shard: &str) -> Response<Body> {
     let Some(plugin) = node.plugins.get(engine) else { return not_found(format!("no plugin for engine {engine:?}")) };
-    if let Err(e) = check_shard_id(shard) {
-        return bad_request(e);
-    }
-    let dir = node.data.shard(engine, shard);
+    let dir = match node.data.shard(engine, shard) {
+        Ok(dir) => dir,
+        Err(e) => return bad_request(e.to_string()),
+    };
     if !dir.is_dir() {
         return not_found(format!("no shard {engine}/{shard} on node {}", node.config.node_id));
     }

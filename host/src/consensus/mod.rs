@@ -8,7 +8,10 @@
 //!   another; `leave` does the reverse.
 //! - Writes go to the leader: any node forwards a proposal to the leader it
 //!   knows, retrying through elections.
+//! - Raft RPCs from the HTTP API pass [`guard`] before openraft sees them;
+//!   proposals are checked ([`Command::check`]) before they reach the log.
 
+pub mod guard;
 pub mod network;
 pub mod state;
 pub mod store;
@@ -16,8 +19,8 @@ pub mod store;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use openraft::error::{ClientWriteError, RaftError};
@@ -60,6 +63,18 @@ pub fn membership_proof(token: &str, nonce_hex: &str) -> Result<String, String> 
     let key = blake3::derive_key("ferry 2026 cluster membership proof v1", token.as_bytes());
     Ok(blake3::keyed_hash(&key, nonce.as_bytes()).to_hex().to_string())
 }
+
+/// How long a node may know no leader (or, leading, have no quorum confirm
+/// it) before its health says so: several elections' worth.
+pub const LEADERLESS_BOUND: Duration = Duration::from_secs(10);
+
+/// How often the leader watch looks, and how long a leader's quorum check
+/// may take.
+const LEADER_WATCH_PERIOD: Duration = Duration::from_millis(500);
+const QUORUM_CHECK: Duration = Duration::from_secs(2);
+
+/// How long a follower asks the leader whether an index exists.
+const LEADER_QUERY: Duration = Duration::from_secs(2);
 
 /// The Raft id of a node: derived from its name, so it is stable across
 /// restarts and address changes.
@@ -110,11 +125,26 @@ pub struct JoinRequest {
     pub addr: String,
 }
 
+/// A node's consensus health, as `GET /v1/health` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub state: String,
+    /// The leader's name, if one is known.
+    pub leader: Option<String>,
+    pub term: u64,
+    pub last_applied: u64,
+    /// Why this node cannot serve writes now, if it cannot.
+    pub problem: Option<String>,
+}
+
 pub struct Consensus {
     pub id: NodeId,
     pub name: String,
     pub addr: String,
-    raft: RwLock<Raft>,
+    /// Shared with the leader watch, which ends when this is dropped.
+    raft: Arc<RwLock<Raft>>,
+    /// When this node last knew a leader (leading: had a quorum confirm it).
+    leader_seen: Arc<std::sync::Mutex<Instant>>,
     db: Db,
     sm: StateMachine,
     network: Network,
@@ -154,11 +184,15 @@ impl Consensus {
         let raft = Raft::new(id, config.clone(), network.clone(), LogStore::new(db.clone()), sm.clone())
             .await
             .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        let raft = Arc::new(RwLock::new(raft));
+        let leader_seen = Arc::new(std::sync::Mutex::new(Instant::now()));
+        tokio::spawn(watch_leader(Arc::downgrade(&raft), leader_seen.clone()));
         let consensus = Consensus {
             id,
             name: name.to_owned(),
             addr: addr.to_owned(),
-            raft: RwLock::new(raft),
+            raft,
+            leader_seen,
             db,
             sm,
             network,
@@ -206,9 +240,62 @@ impl Consensus {
             .map_err(|e| ConsensusError::Raft(e.to_string()))
     }
 
+    /// Waits until this node has applied `index`, a log index someone says
+    /// exists (a transfer's epoch). An index no leader's log holds is refused
+    /// at once, not waited for: a leader holds every committed entry in its
+    /// stored log, a follower asks its leader, and one that knows no leader
+    /// cannot learn of new entries anyway.
+    pub async fn wait_logged(&self, index: u64, within: Duration) -> Result<(), ConsensusError> {
+        if self.applied_index() >= index {
+            return Ok(());
+        }
+        let last = self.db.logged_index();
+        if index > last {
+            let refuse = |why: String| Err(ConsensusError::Refused(format!("index {index} is beyond {why}")));
+            let raft = self.raft();
+            let (state, vote) = raft
+                .with_raft_state(|st| (st.server_state, *st.vote_ref()))
+                .await
+                .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+            if state == ServerState::Leader {
+                return refuse(format!("the leader's log (last index {last})"));
+            }
+            let leader = vote.committed.then_some(vote.leader_id.node_id);
+            let leader = leader.and_then(|l| self.state().members.get(&l).map(|m| m.addr.clone()));
+            let Some(leader) = leader else {
+                return refuse(format!("this node's log (last index {last}) and no leader is known"));
+            };
+            let asked = self.forward::<(), ClusterStatus>(&leader, "/v1/cluster", hyper::Method::GET, None);
+            match tokio::time::timeout(LEADER_QUERY, asked).await {
+                Ok(Ok(status)) if index > status.last_log_index => {
+                    return refuse(format!("the leader's log (last index {})", status.last_log_index));
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return refuse(format!("this node's log (last index {last}): {}", e.describe(&leader))),
+                Err(_) => return refuse(format!("this node's log (last index {last}); the leader did not answer")),
+            }
+        }
+        self.wait_applied(index, within).await
+    }
+
+    /// The checks a Raft RPC passes before openraft sees it, with this node's
+    /// membership and term as its Raft core has them now (its metrics lag,
+    /// and read empty for a moment after a start).
+    pub async fn guard(&self) -> Result<guard::Guard, ConsensusError> {
+        let raft = self.raft();
+        let view = raft.with_raft_state(|st| {
+            let members = st.membership_state.effective().nodes().map(|(id, _)| *id).collect();
+            (members, st.vote_ref().leader_id.term)
+        });
+        let (members, term) = view.await.map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        Ok(guard::Guard::new(members, term))
+    }
+
     /// Commits `command` through the leader, wherever it is. Returns where it
     /// was applied; a refused command is an error with the reason.
     pub async fn propose(&self, command: Command) -> Result<Applied, ConsensusError> {
+        let command = command.bounded();
+        command.check().map_err(ConsensusError::Refused)?;
         let command = &command;
         let applied = self
             .leader_call(|leader| async move {
@@ -306,8 +393,12 @@ impl Consensus {
         serde_json::from_slice(&bytes).map_err(|e| Attempt::Retry(format!("{url}: {e}")))
     }
 
-    /// Commits `command` if this node is the leader; else says who is.
+    /// Commits `command` if this node is the leader; else says who is. A
+    /// command that breaks a name or size rule is refused before the log.
     pub async fn propose_here(&self, command: Command) -> Result<Applied, NotLeaderOr> {
+        if let Err(why) = command.check() {
+            return Err(NotLeaderOr::Error(ConsensusError::Refused(why)));
+        }
         match self.raft().client_write(command).await {
             Ok(response) => Ok(response.data),
             Err(e) => Err(self.not_leader_or(e)),
@@ -325,6 +416,11 @@ impl Consensus {
     /// Leader side of a join: learner first (it catches up), then voter, then
     /// its name and address in the state.
     pub async fn add_member(&self, join: &JoinRequest) -> Result<Applied, NotLeaderOr> {
+        // Checked before the membership changes, not only when applied.
+        let member = Member { name: join.name.clone(), addr: join.addr.clone() };
+        if let Err(why) = (Command::SetMember { id: join.id, member }).check() {
+            return Err(NotLeaderOr::Error(ConsensusError::Refused(why)));
+        }
         let raft = self.raft();
         let node = BasicNode::new(&join.addr);
         raft.add_learner(join.id, node, true).await.map_err(|e| self.not_leader_or(e))?;
@@ -533,13 +629,74 @@ impl Consensus {
             leader,
             term: metrics.current_term,
             last_applied: metrics.last_applied.map(|l| l.index).unwrap_or(0),
-            last_log_index: metrics.last_log_index.unwrap_or(0),
+            // The stored log is ahead of the metrics for a moment.
+            last_log_index: metrics.last_log_index.unwrap_or(0).max(self.db.logged_index()),
             members,
+        }
+    }
+
+    /// Whether this node can serve writes: Raft runs and a leader has been
+    /// known (leading: confirmed by a quorum) within [`LEADERLESS_BOUND`].
+    pub fn health(&self) -> Health {
+        let metrics = self.raft().metrics().borrow().clone();
+        let since = self.leader_seen.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+        let status = self.status();
+        Health {
+            state: status.state,
+            leader: status.leader.map(|l| if l.name.is_empty() { l.id.to_string() } else { l.name }),
+            term: status.term,
+            last_applied: status.last_applied,
+            problem: judge_health(&metrics, since).err(),
         }
     }
 
     pub async fn shutdown(&self) {
         let _ = self.raft().shutdown().await;
+    }
+}
+
+/// The health decision: `since` is how long ago a leader was last known.
+fn judge_health(metrics: &openraft::RaftMetrics<NodeId, BasicNode>, since: Duration) -> Result<(), String> {
+    if let Err(fatal) = &metrics.running_state {
+        return Err(format!("raft has stopped: {fatal}"));
+    }
+    if metrics.state == ServerState::Shutdown {
+        return Err("raft has shut down".into());
+    }
+    if since > LEADERLESS_BOUND {
+        let secs = since.as_secs();
+        return Err(if metrics.state == ServerState::Leader {
+            format!("this node leads term {} but no quorum has confirmed it for {secs} s", metrics.current_term)
+        } else {
+            format!("no leader known for {secs} s (term {}, {:?})", metrics.current_term, metrics.state)
+        });
+    }
+    Ok(())
+}
+
+/// Records when a leader is known, while the [`Consensus`] lives: a
+/// follower's view of the leader, or, for a leader with other voters, a
+/// quorum confirming it (a leader cut off from its followers stays leader
+/// in openraft 0.9).
+async fn watch_leader(raft: Weak<RwLock<Raft>>, seen: Arc<std::sync::Mutex<Instant>>) {
+    let mut tick = tokio::time::interval(LEADER_WATCH_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(lock) = raft.upgrade() else { return };
+        let raft = lock.read().unwrap_or_else(|e| e.into_inner()).clone();
+        drop(lock);
+        let metrics = raft.metrics().borrow().clone();
+        let known = match metrics.state {
+            _ if metrics.running_state.is_err() => false,
+            ServerState::Leader if metrics.membership_config.voter_ids().any(|v| v != metrics.id) => {
+                matches!(tokio::time::timeout(QUORUM_CHECK, raft.get_read_log_id()).await, Ok(Ok(_)))
+            }
+            _ => metrics.current_leader.is_some(),
+        };
+        if known {
+            *seen.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
     }
 }
 
@@ -584,6 +741,101 @@ impl NotLeaderOr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_needs_a_running_raft_and_a_recent_leader() {
+        let mut m = openraft::RaftMetrics::<NodeId, BasicNode>::new_initial(1);
+        m.current_leader = Some(1);
+        m.state = ServerState::Leader;
+        assert_eq!(judge_health(&m, Duration::from_secs(1)), Ok(()));
+        // An election in progress is not yet a problem; a long one is.
+        m.state = ServerState::Candidate;
+        m.current_leader = None;
+        assert_eq!(judge_health(&m, LEADERLESS_BOUND / 2), Ok(()));
+        let why = judge_health(&m, LEADERLESS_BOUND + Duration::from_secs(1)).unwrap_err();
+        assert!(why.contains("no leader known for 11 s"), "{why}");
+        // A leader no quorum confirms.
+        m.state = ServerState::Leader;
+        let why = judge_health(&m, LEADERLESS_BOUND * 2).unwrap_err();
+        assert!(why.contains("no quorum"), "{why}");
+        // Raft stopped or failed: unhealthy at once.
+        m.state = ServerState::Shutdown;
+        assert!(judge_health(&m, Duration::ZERO).unwrap_err().contains("shut down"));
+        m.running_state = Err(openraft::error::Fatal::Panicked);
+        assert!(judge_health(&m, Duration::ZERO).unwrap_err().contains("panicked"));
+    }
+
+    async fn open_alone(dir: &Path) -> Consensus {
+        let client = crate::http::client();
+        // Whatever the previous instance's tasks still hold of the database
+        // is released a moment after its shutdown.
+        for _ in 0..100 {
+            match Consensus::open(dir, "solo", "http://127.0.0.1:1", client.clone(), "t".into()).await {
+                Ok(consensus) => return consensus,
+                Err(ConsensusError::Storage(e)) if e.contains("lock") || e.contains("already open") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("open: {e}"),
+            }
+        }
+        panic!("the database stayed locked");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_whose_vote_was_poisoned_starts_and_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let member = |addr: &str| Command::SetMember {
+            id: raft_id("solo"),
+            member: Member { name: "solo".into(), addr: addr.into() },
+        };
+        let consensus = open_alone(dir.path()).await;
+        consensus.propose(member("http://127.0.0.1:1")).await.unwrap();
+        consensus.shutdown().await;
+        let db = consensus.db.clone();
+        drop(consensus);
+        // What a forged append at term u64::MAX used to leave behind.
+        db.put_meta_for_test("vote", &openraft::Vote::new_committed(u64::MAX, 77)).await;
+        drop(db);
+
+        let consensus = open_alone(dir.path()).await;
+        let applied = consensus.propose(member("http://127.0.0.1:2")).await.unwrap();
+        assert!(applied.index > 0);
+        assert_eq!(consensus.state().members[&raft_id("solo")].addr, "http://127.0.0.1:2");
+        assert!(consensus.status().term <= guard::MAX_TERM);
+        consensus.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn proposals_that_break_a_rule_never_reach_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let consensus = open_alone(dir.path()).await;
+        // At once after a start (metrics still read empty), a stranger's
+        // Raft message is refused.
+        let stranger = openraft::raft::VoteRequest::new(openraft::Vote::new(1, 12345), None);
+        let refused = consensus.guard().await.unwrap().vote(&stranger).unwrap_err();
+        assert!(refused.to_string().contains("not a member"), "{refused}");
+        consensus
+            .propose(Command::SetMember {
+                id: raft_id("solo"),
+                member: Member { name: "solo".into(), addr: "http://127.0.0.1:1".into() },
+            })
+            .await
+            .unwrap();
+        let before = consensus.status().last_log_index;
+        let bad =
+            Command::RegisterReplica { engine: "/some/absolute/dir".into(), shard: "s".into(), node: consensus.id };
+        let Err(NotLeaderOr::Error(ConsensusError::Refused(why))) = consensus.propose_here(bad.clone()).await else {
+            panic!("accepted");
+        };
+        assert!(why.contains("engine name"), "{why}");
+        assert!(matches!(consensus.propose(bad).await, Err(ConsensusError::Refused(_))));
+        assert_eq!(consensus.status().last_log_index, before);
+        // Fencing: an index beyond the leader's log is refused without waiting.
+        let error = consensus.wait_logged(before + 1000, Duration::from_secs(600)).await.unwrap_err();
+        assert!(error.to_string().contains("beyond the leader's log"), "{error}");
+        consensus.wait_logged(before, Duration::from_secs(5)).await.unwrap();
+        consensus.shutdown().await;
+    }
 
     #[test]
     fn raft_ids_are_stable_and_nonzero() {

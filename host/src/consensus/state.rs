@@ -2,11 +2,42 @@
 //! `apply` is deterministic, so every member computes the same state from the
 //! same log. Commands that break a rule are applied as no-ops and answer an
 //! error to the proposer.
+//!
+//! Every name is checked where it is applied, not only at the public API: a
+//! command can reach the log through `POST /v1/raft/propose` or a Raft
+//! message, and names in the state become directory names on every node.
+//! A command that adds a name to the state checks its rule (engines as plugin
+//! engine names, shards as shard ids, transfer ids, member names and
+//! addresses); a command that only refers to an existing record accepts any
+//! reference up to [`MAX_REFERENCE`] bytes, so records made before these
+//! rules can still be aborted or forgotten. Failure reasons are clipped, and
+//! only the last [`MAX_ENDED_TRANSFERS`] ended transfers are kept.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+use crate::install::layout::{check_shard_id, check_transfer_id};
+use crate::plugin::types::check_engine_name;
+
+/// Ended (finished or aborted) transfers kept in the state; older ones are
+/// dropped, oldest epoch first. Live transfers are never dropped.
+pub const MAX_ENDED_TRANSFERS: usize = 1000;
+
+/// Longest failure reason kept in a transfer record, in bytes.
+pub const MAX_REASON: usize = 1024;
+
+/// Longest failure reason a command may carry (it is clipped to
+/// [`MAX_REASON`] when applied), in bytes.
+pub const MAX_PROPOSED_REASON: usize = 64 << 10;
+
+/// Longest reference to an existing record (a transfer id, an engine or shard
+/// to forget) a command may carry, in bytes.
+pub const MAX_REFERENCE: usize = 256;
+
+/// Longest member address, in bytes.
+pub const MAX_ADDR: usize = 256;
 
 /// A Raft node id.
 pub type NodeId = u64;
@@ -18,6 +49,60 @@ pub struct Member {
     pub name: String,
     /// Base URL of its API.
     pub addr: String,
+}
+
+/// Member names are node ids (`--node-id`): 1-64 of `A-Z a-z 0-9 . _ -`,
+/// not starting with `.` or `-`.
+pub fn check_member_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "node name {:?} is not 1-64 of A-Z, a-z, 0-9, '.', '_', '-' (not starting with '.' or '-')",
+            clip(name, 80)
+        ))
+    }
+}
+
+/// Member addresses are base URLs: `http://` or `https://`, a host, an
+/// optional port, no user, path or query; at most [`MAX_ADDR`] bytes.
+pub fn check_member_addr(addr: &str) -> Result<(), String> {
+    let bad = || format!("address {:?} is not a base URL like http://host:port", clip(addr, 80));
+    if addr.is_empty() || addr.len() > MAX_ADDR || !addr.is_ascii() {
+        return Err(bad());
+    }
+    let uri: hyper::Uri = addr.parse().map_err(|_| bad())?;
+    let authority = uri.authority().ok_or_else(bad)?;
+    let base = matches!(uri.scheme_str(), Some("http" | "https"))
+        && !authority.as_str().contains('@')
+        && !authority.host().is_empty()
+        && matches!(uri.path(), "" | "/")
+        && uri.query().is_none();
+    if base { Ok(()) } else { Err(bad()) }
+}
+
+/// `s` cut to at most `max` bytes (at a character boundary), marked with `…`
+/// when cut. Deterministic: every member clips alike.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn check_reference(what: &str, value: &str) -> Result<(), String> {
+    if value.len() > MAX_REFERENCE {
+        return Err(format!("{what} {:?} is longer than {MAX_REFERENCE} bytes", clip(value, 80)));
+    }
+    Ok(())
 }
 
 /// A replica's state on one node (Qdrant's states).
@@ -147,6 +232,58 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The command with its free text clipped as `apply` would keep it (a
+    /// proposer's long failure reason is not refused, only shortened).
+    pub fn bounded(mut self) -> Command {
+        if let Command::AbortTransfer { reason, .. } = &mut self
+            && reason.len() > MAX_REASON
+        {
+            *reason = clip(reason, MAX_REASON);
+        }
+        self
+    }
+
+    /// Checks the command's names and sizes alone, without the state: what
+    /// `apply` refuses first anyway. A proposal that fails it is refused
+    /// before it reaches the log.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Command::SetMember { id, member } => {
+                check_member_name(&member.name)?;
+                check_member_addr(&member.addr)?;
+                if *id != super::raft_id(&member.name) {
+                    return Err(format!("node id {id} is not the id of node name {:?}", member.name));
+                }
+            }
+            Command::RemoveMember { .. } => {}
+            Command::RegisterReplica { engine, shard, .. } => {
+                check_engine_name(engine)?;
+                check_shard_id(shard)?;
+            }
+            Command::StartTransfer { id, engine, shard, .. } => {
+                check_transfer_id(id)?;
+                check_engine_name(engine)?;
+                check_shard_id(shard)?;
+            }
+            Command::MarkPartial { transfer, .. } | Command::FinishTransfer { transfer, .. } => {
+                check_reference("transfer", transfer)?;
+            }
+            Command::AbortTransfer { transfer, reason, .. } => {
+                check_reference("transfer", transfer)?;
+                if reason.len() > MAX_PROPOSED_REASON {
+                    return Err(format!("a failure reason of {} bytes, at most {MAX_PROPOSED_REASON}", reason.len()));
+                }
+            }
+            Command::ForgetReplica { engine, shard, .. } => {
+                check_reference("engine", engine)?;
+                check_reference("shard", shard)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What applying a command answers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
@@ -201,6 +338,7 @@ impl ClusterState {
     }
 
     fn try_apply(&mut self, index: u64, command: &Command) -> Result<(), String> {
+        command.check()?;
         match command {
             Command::SetMember { id, member } => {
                 self.members.insert(*id, member.clone());
@@ -285,6 +423,7 @@ impl ClusterState {
                 if kind == TransferKind::Move {
                     self.set_replica(&engine, &shard, source, Some(ReplicaState::Dead));
                 }
+                self.prune_history();
             }
             Command::AbortTransfer { transfer, epoch, reason, now } => {
                 let t = self.transfers.get_mut(transfer).ok_or_else(|| format!("no transfer {transfer}"))?;
@@ -296,12 +435,13 @@ impl ClusterState {
                 }
                 let (engine, shard, target, was) = (t.engine.clone(), t.shard.clone(), t.target, t.target_was);
                 t.stage = TransferStage::Aborted;
-                t.failure = Some(reason.clone());
+                t.failure = Some(clip(reason, MAX_REASON));
                 t.updated_at = *now;
                 // Never leave anything partial: back to what it was, and a
                 // replica that was not there becomes Dead (its files, if any,
                 // are removed by its node).
                 self.set_replica(&engine, &shard, target, Some(was.unwrap_or(ReplicaState::Dead)));
+                self.prune_history();
             }
             Command::ForgetReplica { engine, shard, node } => match self.replica(engine, shard, *node) {
                 Some(ReplicaState::Dead) => self.set_replica(engine, shard, *node, None),
@@ -310,6 +450,19 @@ impl ClusterState {
             },
         }
         Ok(())
+    }
+
+    /// Drops the oldest ended transfers (by epoch, then id) beyond
+    /// [`MAX_ENDED_TRANSFERS`]; live ones stay.
+    fn prune_history(&mut self) {
+        let mut ended: Vec<(u64, &String)> =
+            self.transfers.values().filter(|t| !t.stage.is_live()).map(|t| (t.epoch, &t.id)).collect();
+        let Some(excess) = ended.len().checked_sub(MAX_ENDED_TRANSFERS).filter(|n| *n > 0) else { return };
+        ended.sort_unstable();
+        let doomed: Vec<String> = ended[..excess].iter().map(|(_, id)| (*id).clone()).collect();
+        for id in doomed {
+            self.transfers.remove(&id);
+        }
     }
 
     fn member(&self, id: NodeId) -> Result<&Member, String> {
@@ -370,27 +523,41 @@ mod shard_map {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consensus::raft_id;
+
+    /// Node ids of members "a", "b", "c".
+    fn n(i: usize) -> NodeId {
+        raft_id(["a", "b", "c"][i - 1])
+    }
 
     fn cluster() -> ClusterState {
         let mut s = ClusterState::default();
-        for (id, name) in [(1, "a"), (2, "b"), (3, "c")] {
-            let member = Member { name: name.into(), addr: format!("http://{name}") };
-            assert_eq!(s.apply(id, &Command::SetMember { id, member }).error, None);
+        for (i, name) in [(1, "a"), (2, "b"), (3, "c")] {
+            let member = Member { name: name.into(), addr: format!("http://{name}:7070") };
+            assert_eq!(s.apply(i, &Command::SetMember { id: n(i as usize), member }).error, None);
         }
-        let reg = Command::RegisterReplica { engine: "e".into(), shard: "s".into(), node: 1 };
+        let reg = Command::RegisterReplica { engine: "e".into(), shard: "s".into(), node: n(1) };
         assert_eq!(s.apply(4, &reg).error, None);
         s
     }
 
-    fn start(id: &str, source: NodeId, target: NodeId, kind: TransferKind) -> Command {
-        Command::StartTransfer { id: id.into(), engine: "e".into(), shard: "s".into(), source, target, kind, now: 0 }
+    fn start(id: &str, source: usize, target: usize, kind: TransferKind) -> Command {
+        Command::StartTransfer {
+            id: id.into(),
+            engine: "e".into(),
+            shard: "s".into(),
+            source: n(source),
+            target: n(target),
+            kind,
+            now: 0,
+        }
     }
 
     #[test]
     fn a_move_goes_through_every_phase() {
         let mut s = cluster();
         assert_eq!(s.apply(10, &start("t1", 1, 2, TransferKind::Move)).error, None);
-        assert_eq!(s.replica("e", "s", 2), Some(ReplicaState::PartialSnapshot));
+        assert_eq!(s.replica("e", "s", n(2)), Some(ReplicaState::PartialSnapshot));
         assert_eq!(s.transfers["t1"].epoch, 10);
         // Out of order or stale epoch: refused.
         let finish = Command::FinishTransfer { transfer: "t1".into(), epoch: 10, now: 1 };
@@ -398,13 +565,13 @@ mod tests {
         let stale = Command::MarkPartial { transfer: "t1".into(), epoch: 9, now: 1 };
         assert!(s.apply(11, &stale).error.unwrap().contains("epoch 10, not 9"));
         assert_eq!(s.apply(12, &Command::MarkPartial { transfer: "t1".into(), epoch: 10, now: 1 }).error, None);
-        assert_eq!(s.replica("e", "s", 2), Some(ReplicaState::Partial));
+        assert_eq!(s.replica("e", "s", n(2)), Some(ReplicaState::Partial));
         assert_eq!(s.apply(13, &finish).error, None);
-        assert_eq!(s.replica("e", "s", 2), Some(ReplicaState::Active));
-        assert_eq!(s.replica("e", "s", 1), Some(ReplicaState::Dead));
-        let forget = Command::ForgetReplica { engine: "e".into(), shard: "s".into(), node: 1 };
+        assert_eq!(s.replica("e", "s", n(2)), Some(ReplicaState::Active));
+        assert_eq!(s.replica("e", "s", n(1)), Some(ReplicaState::Dead));
+        let forget = Command::ForgetReplica { engine: "e".into(), shard: "s".into(), node: n(1) };
         assert_eq!(s.apply(14, &forget).error, None);
-        assert_eq!(s.replica("e", "s", 1), None);
+        assert_eq!(s.replica("e", "s", n(1)), None);
     }
 
     #[test]
@@ -415,7 +582,7 @@ mod tests {
         assert!(s.apply(11, &start("t3", 1, 1, TransferKind::Replicate)).error.unwrap().contains("same node"));
         let abort = Command::AbortTransfer { transfer: "t1".into(), epoch: 10, reason: "x".into(), now: 2 };
         assert_eq!(s.apply(12, &abort).error, None);
-        assert_eq!(s.replica("e", "s", 2), Some(ReplicaState::Dead), "nothing partial stays");
+        assert_eq!(s.replica("e", "s", n(2)), Some(ReplicaState::Dead), "nothing partial stays");
         assert!(s.apply(13, &abort).error.unwrap().contains("already ended"));
         // Node 1 is Active: a transfer to it is refused (Qdrant #2805).
         assert!(s.apply(14, &start("t4", 2, 1, TransferKind::Replicate)).error.is_some());
@@ -426,10 +593,10 @@ mod tests {
     fn registering_does_not_override_a_transfer() {
         let mut s = cluster();
         assert_eq!(s.apply(10, &start("t1", 1, 2, TransferKind::Replicate)).error, None);
-        let reg = Command::RegisterReplica { engine: "e".into(), shard: "s".into(), node: 2 };
+        let reg = Command::RegisterReplica { engine: "e".into(), shard: "s".into(), node: n(2) };
         assert!(s.apply(11, &reg).error.is_some());
-        assert_eq!(s.replica("e", "s", 2), Some(ReplicaState::PartialSnapshot));
-        let remove = Command::RemoveMember { id: 2 };
+        assert_eq!(s.replica("e", "s", n(2)), Some(ReplicaState::PartialSnapshot));
+        let remove = Command::RemoveMember { id: n(2) };
         assert!(s.apply(12, &remove).error.unwrap().contains("live transfer"));
     }
 
@@ -439,5 +606,171 @@ mod tests {
         s.apply(10, &start("t1", 1, 2, TransferKind::Move));
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<ClusterState>(&json).unwrap(), s);
+    }
+
+    /// Applies `command` and asserts it is refused, mentioning `why`, and
+    /// changed nothing.
+    fn refused(s: &mut ClusterState, command: Command, why: &str) {
+        let before = s.clone();
+        let error = s.apply(100, &command).error.unwrap_or_else(|| panic!("accepted: {command:?}"));
+        assert!(error.contains(why), "{error}");
+        assert!(error.len() < 400, "the error is not clipped: {} bytes", error.len());
+        assert_eq!(*s, before, "a refused command changed the state");
+    }
+
+    #[test]
+    fn engine_names_are_plugin_engine_names() {
+        let mut s = cluster();
+        for engine in ["/some/absolute/dir", "../../x", "..", "Sqlite", "a/b", "", "-x", &"e".repeat(65)] {
+            let reg = Command::RegisterReplica { engine: engine.into(), shard: "s".into(), node: n(1) };
+            refused(&mut s, reg, "engine name");
+            let start = Command::StartTransfer {
+                id: "t9".into(),
+                engine: engine.into(),
+                shard: "s".into(),
+                source: n(1),
+                target: n(2),
+                kind: TransferKind::Move,
+                now: 0,
+            };
+            refused(&mut s, start, "engine name");
+        }
+        let reg = Command::RegisterReplica { engine: "segment-log".into(), shard: "s".into(), node: n(1) };
+        assert_eq!(s.apply(100, &reg).error, None);
+    }
+
+    #[test]
+    fn shard_ids_are_checked_and_bounded() {
+        let mut s = cluster();
+        let huge = "x".repeat(20 << 20);
+        for shard in ["..", ".", "../../x", "/abs", "a/b", "", ".hidden", huge.as_str()] {
+            let reg = Command::RegisterReplica { engine: "e".into(), shard: shard.into(), node: n(1) };
+            refused(&mut s, reg, "shard id");
+        }
+    }
+
+    #[test]
+    fn transfer_ids_are_checked_and_references_bounded() {
+        let mut s = cluster();
+        for id in ["../../x", "/abs", "a.b", "", &"t".repeat(65)] {
+            refused(&mut s, start(id, 1, 2, TransferKind::Move), "transfer id");
+        }
+        let long = "t".repeat(MAX_REFERENCE + 1);
+        refused(&mut s, Command::MarkPartial { transfer: long.clone(), epoch: 1, now: 0 }, "longer than");
+        refused(&mut s, Command::FinishTransfer { transfer: long.clone(), epoch: 1, now: 0 }, "longer than");
+        let abort = Command::AbortTransfer { transfer: long.clone(), epoch: 1, reason: "x".into(), now: 0 };
+        refused(&mut s, abort, "longer than");
+        let forget = Command::ForgetReplica { engine: long, shard: "s".into(), node: n(1) };
+        refused(&mut s, forget, "longer than");
+        // An existing record is still found by a reference outside today's
+        // rules (records made before them can be aborted).
+        s.transfers.insert("old.id".into(), TransferRecord { id: "old.id".into(), ..record(10) });
+        let abort = Command::AbortTransfer { transfer: "old.id".into(), epoch: 10, reason: "x".into(), now: 0 };
+        assert_eq!(s.apply(101, &abort).error, None);
+    }
+
+    #[test]
+    fn member_names_and_addresses_are_checked() {
+        let mut s = cluster();
+        for name in ["", "-x", ".x", "a/b", "../x", "a b", "ü", &"n".repeat(65)] {
+            let member = Member { name: name.into(), addr: "http://x:1".into() };
+            refused(&mut s, Command::SetMember { id: raft_id(name), member }, "node name");
+        }
+        for addr in [
+            "",
+            "ftp://x:1",
+            "x:1",
+            "/path",
+            "http://x:1/path",
+            "http://x:1?q",
+            "http://user@x:1",
+            "http://x:1\n",
+            &format!("http://{}:1", "h".repeat(MAX_ADDR)),
+        ] {
+            let member = Member { name: "d".into(), addr: addr.into() };
+            refused(&mut s, Command::SetMember { id: raft_id("d"), member }, "address");
+        }
+        // The id is the name's: no record of one node under another's id.
+        let member = Member { name: "d".into(), addr: "http://d:7070".into() };
+        refused(&mut s, Command::SetMember { id: n(1), member: member.clone() }, "not the id");
+        for addr in ["http://d:7070", "https://d.example.com", "http://[::1]:7070/", "http://127.0.0.1:1"] {
+            let member = Member { name: "d".into(), addr: addr.into() };
+            assert_eq!(s.apply(102, &Command::SetMember { id: raft_id("d"), member }).error, None, "{addr}");
+        }
+        for name in ["node-1", "alpha", "db1.example.com", "N_2"] {
+            assert!(check_member_name(name).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn failure_reasons_are_clipped_deterministically() {
+        let mut s = cluster();
+        assert_eq!(s.apply(10, &start("t1", 1, 2, TransferKind::Move)).error, None);
+        let reason = "é".repeat(MAX_REASON); // 2 bytes each: the cut falls mid-character
+        let abort = Command::AbortTransfer { transfer: "t1".into(), epoch: 10, reason: reason.clone(), now: 0 };
+        let mut other = s.clone();
+        assert_eq!(s.apply(11, &abort).error, None);
+        assert_eq!(other.apply(11, &abort).error, None);
+        assert_eq!(s, other);
+        let kept = s.transfers["t1"].failure.clone().unwrap();
+        assert!(kept.len() <= MAX_REASON + '…'.len_utf8() && kept.ends_with('…'), "{} bytes", kept.len());
+        assert!(reason.starts_with(kept.trim_end_matches('…')));
+        // A proposer's long reason is shortened, a hand-made huge one refused.
+        let Command::AbortTransfer { reason: shortened, .. } = abort.bounded() else { unreachable!() };
+        assert_eq!(shortened, clip(&reason, MAX_REASON));
+        let huge = Command::AbortTransfer { transfer: "t1".into(), epoch: 10, reason: "x".repeat(1 << 20), now: 0 };
+        assert!(huge.check().unwrap_err().contains("failure reason"));
+    }
+
+    fn record(epoch: u64) -> TransferRecord {
+        TransferRecord {
+            id: format!("t{epoch}"),
+            engine: "e".into(),
+            shard: format!("s{epoch}"),
+            source: n(1),
+            target: n(2),
+            kind: TransferKind::Replicate,
+            stage: TransferStage::Snapshot,
+            epoch,
+            target_was: None,
+            started_at: 0,
+            updated_at: 0,
+            failure: None,
+        }
+    }
+
+    #[test]
+    fn ended_transfers_are_pruned_oldest_first_and_live_ones_kept() {
+        let mut s = cluster();
+        // Live transfers older than all the ended ones.
+        for epoch in 1..=3 {
+            s.transfers.insert(format!("t{epoch}"), record(epoch));
+        }
+        let mut index = 10;
+        for i in 0..MAX_ENDED_TRANSFERS + 50 {
+            let shard = format!("h{i}");
+            let reg = Command::RegisterReplica { engine: "e".into(), shard: shard.clone(), node: n(1) };
+            assert_eq!(s.apply(index, &reg).error, None);
+            let start = Command::StartTransfer {
+                id: format!("x{i}"),
+                engine: "e".into(),
+                shard,
+                source: n(1),
+                target: n(2),
+                kind: TransferKind::Replicate,
+                now: 0,
+            };
+            assert_eq!(s.apply(index + 1, &start).error, None);
+            let abort =
+                Command::AbortTransfer { transfer: format!("x{i}"), epoch: index + 1, reason: "r".into(), now: 0 };
+            assert_eq!(s.apply(index + 2, &abort).error, None);
+            index += 3;
+        }
+        let ended: Vec<&TransferRecord> = s.transfers.values().filter(|t| !t.stage.is_live()).collect();
+        assert_eq!(ended.len(), MAX_ENDED_TRANSFERS);
+        assert!(!s.transfers.contains_key("x49") && s.transfers.contains_key("x50"), "the oldest go first");
+        for epoch in 1..=3 {
+            assert!(s.transfers[&format!("t{epoch}")].stage.is_live(), "a live transfer was pruned");
+        }
     }
 }

@@ -4,11 +4,16 @@
 //! Every write is one redb transaction committed with immediate durability
 //! (fsync) before openraft is told it is done. redb calls block, so they run
 //! on tokio's blocking pool.
+//!
+//! The state machine's snapshot is stored as its meta (JSON) and its data as
+//! raw bytes, under two keys written together; a database from before that
+//! (one JSON value whose data was an array of numbers) is still read.
 
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -21,36 +26,60 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::TypeConfig;
+use super::guard::MAX_TERM;
 use super::state::{Applied, ClusterState, NodeId};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// Keys of the stored snapshot: meta as JSON, data as raw bytes.
+const SNAPSHOT_META: &str = "snapshot_meta";
+const SNAPSHOT_DATA: &str = "snapshot_data";
+/// The snapshot as one JSON value, data as an array of numbers (older
+/// databases); replaced by the two keys above on the next write.
+const LEGACY_SNAPSHOT: &str = "snapshot";
+
+/// How far above the highest term in its own log a poisoned vote is put
+/// back: past any term this node may have voted in before it was poisoned
+/// (each leader writes an entry of its term), so it never votes twice in one.
+const REPAIRED_VOTE_MARGIN: u64 = 1000;
+
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
 /// The redb database, shared by the log store and the state machine.
 #[derive(Clone)]
-pub struct Db(Arc<Database>);
+pub struct Db {
+    db: Arc<Database>,
+    /// The index of the last entry in the stored log (0: none), kept with
+    /// every write: openraft's metrics lag behind it.
+    logged: Arc<AtomicU64>,
+}
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db, redb::Error> {
         let db = Database::create(path)?;
         let tx = db.begin_write()?;
-        tx.open_table(LOG)?;
+        let last = tx.open_table(LOG)?.last()?.map(|(k, _)| k.value()).unwrap_or(0);
         tx.open_table(META)?;
         tx.commit()?;
-        Ok(Db(Arc::new(db)))
+        Ok(Db { db: Arc::new(db), logged: Arc::new(AtomicU64::new(last)) })
+    }
+
+    /// The index of the last entry in the stored log, 0 if there is none.
+    pub fn logged_index(&self) -> u64 {
+        self.logged.load(Ordering::SeqCst)
     }
 
     /// Forgets everything: log, vote, state machine, snapshot (a node that
     /// joins another cluster starts from that cluster's log).
     pub fn wipe(&self) -> Result<(), redb::Error> {
-        let tx = self.0.begin_write()?;
+        let tx = self.db.begin_write()?;
         tx.delete_table(LOG)?;
         tx.delete_table(META)?;
         tx.open_table(LOG)?;
         tx.open_table(META)?;
         tx.commit()?;
+        self.logged.store(0, Ordering::SeqCst);
         Ok(())
     }
 
@@ -58,7 +87,7 @@ impl Db {
         &self,
         f: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
     ) -> Result<T, redb::Error> {
-        let db = self.0.clone();
+        let db = self.db.clone();
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .unwrap_or_else(|e| Err(redb::Error::Io(std::io::Error::other(e))))
@@ -86,6 +115,49 @@ impl Db {
             tx.open_table(META)?.insert(key, bytes.as_slice())?;
             tx.commit()?;
             Ok(())
+        })
+        .await
+    }
+}
+
+impl Db {
+    /// Writes a raw meta value, as an older or damaged database may hold it.
+    #[cfg(test)]
+    pub(crate) async fn put_meta_for_test<T: Serialize>(&self, key: &'static str, value: &T) {
+        self.put_meta(key, value).await.unwrap();
+    }
+
+    /// Stores a snapshot: meta as JSON, data as it is, in one transaction.
+    async fn put_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, data: Vec<u8>) -> Result<(), redb::Error> {
+        let meta = serde_json::to_vec(meta).map_err(|e| redb::Error::Io(e.into()))?;
+        self.blocking(move |db| {
+            let tx = db.begin_write()?;
+            {
+                let mut table = tx.open_table(META)?;
+                table.insert(SNAPSHOT_META, meta.as_slice())?;
+                table.insert(SNAPSHOT_DATA, data.as_slice())?;
+                table.remove(LEGACY_SNAPSHOT)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The stored snapshot, in either form.
+    async fn get_snapshot(&self) -> Result<Option<StoredSnapshot>, redb::Error> {
+        self.blocking(|db| {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(META)?;
+            let json = |e: serde_json::Error| redb::Error::Io(e.into());
+            if let (Some(meta), Some(data)) = (table.get(SNAPSHOT_META)?, table.get(SNAPSHOT_DATA)?) {
+                let meta = serde_json::from_slice(meta.value()).map_err(json)?;
+                return Ok(Some(StoredSnapshot { meta, data: data.value().to_vec() }));
+            }
+            match table.get(LEGACY_SNAPSHOT)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(json)?)),
+                None => Ok(None),
+            }
         })
         .await
     }
@@ -159,7 +231,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
-        self.db.get_meta("vote").await.map_err(|e| StorageIOError::read_vote(&io_err(e)).into())
+        let vote: Option<Vote<NodeId>> =
+            self.db.get_meta("vote").await.map_err(|e| StorageIOError::read_vote(&io_err(e)))?;
+        match vote {
+            Some(poisoned) if poisoned.leader_id.term > MAX_TERM => self.repair_vote(poisoned).await.map(Some),
+            vote => Ok(vote),
+        }
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
@@ -185,6 +262,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
             rows.push((entry.log_id.index, bytes));
         }
+        let last = rows.last().map(|(index, _)| *index);
         let result = self
             .db
             .blocking(move |db| {
@@ -201,6 +279,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await;
         match result {
             Ok(()) => {
+                if let Some(last) = last {
+                    // Appends follow a truncation of anything after them.
+                    self.db.logged.store(last, Ordering::SeqCst);
+                }
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
@@ -213,7 +295,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        self.remove_logs((Bound::Included(log_id.index), Bound::Unbounded), None).await
+        self.remove_logs((Bound::Included(log_id.index), Bound::Unbounded), None).await?;
+        self.db.logged.fetch_min(log_id.index.saturating_sub(1), Ordering::SeqCst);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
@@ -222,6 +306,37 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 impl LogStore {
+    /// A persisted vote beyond [`MAX_TERM`] can only come from a forged
+    /// message (before the guard existed); openraft would overflow on it
+    /// (`term + 1`) and panic at every start. It is replaced by an
+    /// uncommitted vote a margin above the highest term this node's own log
+    /// and state machine hold, loudly. A log whose own terms are poisoned is
+    /// not repaired: the node refuses to start, saying so.
+    async fn repair_vote(&mut self, poisoned: Vote<NodeId>) -> StorageResult<Vote<NodeId>> {
+        let log = self.get_log_state().await?;
+        let committed = self.read_committed().await?;
+        let sm: Option<SmData> = self.db.get_meta("sm").await.map_err(|e| StorageIOError::read_vote(&io_err(e)))?;
+        let applied = sm.and_then(|sm| sm.last_applied);
+        let terms = [log.last_log_id, log.last_purged_log_id, committed, applied];
+        let highest = terms.iter().flatten().map(|id| id.leader_id.term).max().unwrap_or(0);
+        if highest > MAX_TERM {
+            let message = format!(
+                "the Raft log holds term {highest}, beyond {MAX_TERM}: it was poisoned by a forged message; \
+                 remove state/raft.redb and join the cluster again"
+            );
+            return Err(StorageIOError::read_logs(&std::io::Error::other(message)).into());
+        }
+        let repaired = Vote::new(highest + REPAIRED_VOTE_MARGIN, poisoned.leader_id.node_id);
+        tracing::error!(
+            poisoned = %poisoned,
+            repaired = %repaired,
+            "the persisted Raft vote has a term beyond {MAX_TERM}, which only a forged message makes; \
+             replaced by a vote above this node's own log"
+        );
+        self.save_vote(&repaired).await?;
+        Ok(repaired)
+    }
+
     async fn remove_logs(&self, range: (Bound<u64>, Bound<u64>), purged: Option<LogId<NodeId>>) -> StorageResult<()> {
         let purged = purged.map(|p| serde_json::to_vec(&p).expect("log id serializes"));
         self.db
@@ -250,6 +365,7 @@ pub struct SmData {
     pub state: ClusterState,
 }
 
+/// A stored snapshot; as one JSON value only in older databases.
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, BasicNode>,
@@ -291,8 +407,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             None => "empty".into(),
         };
         let meta = SnapshotMeta { last_log_id: sm.last_applied, last_membership: sm.last_membership, snapshot_id };
-        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
-        self.db.put_meta("snapshot", &stored).await.map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?;
+        self.db
+            .put_snapshot(&meta, data.clone())
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -357,15 +475,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
         }
         self.persist().await?;
-        let stored = StoredSnapshot { meta: meta.clone(), data };
-        self.db.put_meta("snapshot", &stored).await.map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?;
+        self.db.put_snapshot(meta, data).await.map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?;
         self.applied.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let stored: Option<StoredSnapshot> =
-            self.db.get_meta("snapshot").await.map_err(|e| StorageIOError::read_snapshot(None, &io_err(e)))?;
+        let stored = self.db.get_snapshot().await.map_err(|e| StorageIOError::read_snapshot(None, &io_err(e)))?;
         Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }
@@ -391,5 +507,82 @@ mod tests {
     #[test]
     fn redb_store_conforms() {
         Suite::test_all(Builder).unwrap();
+    }
+
+    fn open() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("raft.redb")).unwrap();
+        (dir, db)
+    }
+
+    fn meta() -> SnapshotMeta<NodeId, BasicNode> {
+        SnapshotMeta {
+            last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(2, 1), 7)),
+            last_membership: Default::default(),
+            snapshot_id: "2-1-7".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn snapshots_are_stored_as_raw_bytes() {
+        let (_dir, db) = open();
+        let data = br#"{"state":{"members":{}}}"#.to_vec();
+        db.put_snapshot(&meta(), data.clone()).await.unwrap();
+        let raw = db
+            .blocking(|db| {
+                let tx = db.begin_read()?;
+                Ok(tx.open_table(META)?.get(SNAPSHOT_DATA)?.map(|v| v.value().to_vec()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(raw.as_deref(), Some(data.as_slice()), "not stored as the bytes themselves");
+        let mut sm = StateMachine::load(db).await.unwrap();
+        let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(snapshot.meta, meta());
+        assert_eq!(snapshot.snapshot.into_inner(), data);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_in_the_old_form_is_still_read_and_replaced() {
+        let (_dir, db) = open();
+        let data = b"{}".to_vec();
+        // The old form: one JSON value, data as an array of numbers.
+        db.put_meta(LEGACY_SNAPSHOT, &StoredSnapshot { meta: meta(), data: data.clone() }).await.unwrap();
+        let stored: serde_json::Value = db.get_meta(LEGACY_SNAPSHOT).await.unwrap().unwrap();
+        assert_eq!(stored["data"], serde_json::json!([123, 125]));
+        let mut sm = StateMachine::load(db.clone()).await.unwrap();
+        let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!((snapshot.meta, snapshot.snapshot.into_inner()), (meta(), data));
+        db.put_snapshot(&meta(), b"{ }".to_vec()).await.unwrap();
+        assert!(db.get_meta::<serde_json::Value>(LEGACY_SNAPSHOT).await.unwrap().is_none());
+        assert_eq!(sm.get_current_snapshot().await.unwrap().unwrap().snapshot.into_inner(), b"{ }");
+    }
+
+    #[tokio::test]
+    async fn a_poisoned_vote_is_repaired_at_load() {
+        let (_dir, db) = open();
+        db.put_meta("vote", &Vote::new_committed(u64::MAX, 5)).await.unwrap();
+        let entry: Entry<TypeConfig> =
+            Entry { log_id: LogId::new(openraft::CommittedLeaderId::new(3, 1), 4), payload: EntryPayload::Blank };
+        let row = serde_json::to_vec(&entry).unwrap();
+        db.blocking(move |db| {
+            let tx = db.begin_write()?;
+            tx.open_table(LOG)?.insert(4, row.as_slice())?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let mut store = LogStore::new(db.clone());
+        let vote = store.read_vote().await.unwrap().unwrap();
+        assert_eq!(vote, Vote::new(3 + REPAIRED_VOTE_MARGIN, 5));
+        // Persisted: the next start reads the repaired vote as it is.
+        assert_eq!(db.get_meta::<Vote<NodeId>>("vote").await.unwrap(), Some(vote));
+
+        // A log poisoned itself is refused with a clear error, not a panic.
+        db.put_meta("vote", &Vote::new_committed(u64::MAX, 5)).await.unwrap();
+        db.put_meta("committed", &Some(LogId::new(openraft::CommittedLeaderId::new(u64::MAX, 5), 9))).await.unwrap();
+        let error = store.read_vote().await.unwrap_err().to_string();
+        assert!(error.contains("poisoned"), "{error}");
     }
 }

@@ -131,7 +131,7 @@ async fn steps(node: &Node, t: &TransferRecord) -> Result<(), String> {
             }
             Err(e) => return Err(format!("marking partial: {e}")),
         }
-    } else if !node.data.shard(&t.engine, &t.shard).is_dir() {
+    } else if !node.data.shard(&t.engine, &t.shard).is_ok_and(|dir| dir.is_dir()) {
         return Err("the installed replica is missing".into());
     }
 

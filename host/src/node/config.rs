@@ -107,7 +107,7 @@ impl Config {
     }
 
     pub fn check(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(!self.node_id.is_empty() && self.node_id.len() <= 64, "node id must be 1-64 characters");
+        crate::consensus::state::check_member_name(&self.node_id).map_err(anyhow::Error::msg)?;
         anyhow::ensure!(self.max_incoming >= 1, "max_incoming must be at least 1");
         anyhow::ensure!(self.max_outgoing >= 1, "max_outgoing must be at least 1");
         anyhow::ensure!(self.max_attempts >= 1, "max_attempts must be at least 1");

@@ -209,10 +209,13 @@ pub fn remove_stale_staging(data: &DataDir, keep: &[String], min_age: std::time:
         if age < min_age {
             continue;
         }
-        let path = entry.path();
-        let result = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-        result.with_context(|| format!("removing {}", path.display()))?;
-        removed += 1;
+        // Only ever the entry itself: a symlink goes, never what it points to.
+        if data
+            .remove_staging_entry(&entry.file_name())
+            .with_context(|| format!("removing {}", entry.path().display()))?
+        {
+            removed += 1;
+        }
     }
     Ok(removed)
 }

@@ -27,7 +27,9 @@ pub async fn run(node: Arc<Node>, stop: tokio_util::sync::CancellationToken) {
     }
 }
 
-/// The shards on this node's disk, as (engine, shard).
+/// The shards on this node's disk, as (engine, shard): real directories
+/// whose names follow the rules (anything else can be neither served nor
+/// registered, and is left alone).
 pub fn local_shards(node: &Node) -> std::io::Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for engine in std::fs::read_dir(node.data.shards_root())? {
@@ -38,10 +40,11 @@ pub fn local_shards(node: &Node) -> std::io::Result<Vec<(String, String)>> {
         for shard in std::fs::read_dir(engine.path())? {
             let shard = shard?;
             if shard.file_type()?.is_dir() {
-                out.push((
-                    engine.file_name().to_string_lossy().into_owned(),
-                    shard.file_name().to_string_lossy().into_owned(),
-                ));
+                let (engine, shard) = (engine.file_name(), shard.file_name());
+                let (Some(engine), Some(shard)) = (engine.to_str(), shard.to_str()) else { continue };
+                if node.data.shard(engine, shard).is_ok() {
+                    out.push((engine.to_owned(), shard.to_owned()));
+                }
             }
         }
     }
@@ -65,23 +68,32 @@ async fn register(node: &Node) -> anyhow::Result<()> {
         consensus.propose(Command::SetMember { id: me, member }).await?;
     }
     let state = consensus.state();
-    // Dead replicas here: remove their files, then forget them.
+    // Dead replicas here: remove their files, then forget them. Only a real
+    // directory directly under shards/<engine>/ is ever removed; a name that
+    // makes no such path (a record from before names were checked) names no
+    // files of ours, so it is just forgotten.
     for ((engine, shard), replicas) in &state.replicas {
         if replicas.get(&me) != Some(&ReplicaState::Dead)
             || state.live_transfer(engine, shard).is_some_and(|t| t.target == me)
         {
             continue;
         }
-        let dir = node.data.shard(engine, shard);
-        if dir.exists() {
-            tracing::info!(engine, shard, "removing the files of a dead replica");
-            let doomed = dir.clone();
-            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&doomed)).await??;
-            if let Some(parent) = dir.parent() {
-                crate::install::sync::fsync_dir(parent)?;
+        if node.data.shard(engine, shard).is_ok() {
+            let (data, e, s) = (node.data.clone(), engine.clone(), shard.clone());
+            match tokio::task::spawn_blocking(move || data.remove_shard(&e, &s)).await? {
+                Ok(true) => tracing::info!(engine, shard, "removed the files of a dead replica"),
+                Ok(false) => {}
+                Err(e) => {
+                    // Kept, and kept in the table: someone must look at it.
+                    tracing::warn!(engine, shard, "not removing a dead replica: {e}");
+                    continue;
+                }
             }
         }
-        consensus.propose(Command::ForgetReplica { engine: engine.clone(), shard: shard.clone(), node: me }).await?;
+        let forget = Command::ForgetReplica { engine: engine.clone(), shard: shard.clone(), node: me };
+        if let Err(e) = consensus.propose(forget).await {
+            tracing::warn!(engine, shard, "cannot forget a dead replica: {e}");
+        }
     }
     // Replicas on disk the table does not know: Active.
     let state = consensus.state();

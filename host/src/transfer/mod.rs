@@ -22,7 +22,7 @@ pub use task::Transfer;
 
 use crate::http::Client;
 use crate::install::DataDir;
-use crate::install::layout::check_shard_id;
+use crate::install::layout::{check_shard_id, check_transfer_id};
 use crate::plugin::Registry;
 use crate::stream::RateLimiter;
 
@@ -118,6 +118,9 @@ impl TransferManager {
         fencing: Option<Fencing>,
     ) -> Result<TransferStatus, StartError> {
         check_shard_id(&request.shard).map_err(StartError::Invalid)?;
+        if let Some(id) = &id {
+            check_transfer_id(id).map_err(StartError::Invalid)?;
+        }
         if self.shared.plugins.get(&request.engine).is_none() {
             return Err(StartError::UnknownEngine(request.engine));
         }

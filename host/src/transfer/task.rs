@@ -153,7 +153,6 @@ impl Transfer {
 
 /// Runs a transfer to its end, then removes its staging directory.
 pub async fn run(shared: Arc<Shared>, transfer: Arc<Transfer>) {
-    let staging = shared.data.staging(&transfer.id);
     let permit = tokio::select! {
         permit = shared.incoming.clone().acquire_owned() => {
             permit.map_err(|_| Ended::Failed("the node is shutting down".into()))
@@ -177,14 +176,10 @@ pub async fn run(shared: Arc<Shared>, transfer: Arc<Transfer>) {
         && shared.stopping.load(std::sync::atomic::Ordering::SeqCst)
         && matches!(outcome, Err(Ended::Cancelled));
     if !keep {
-        let staging = staging.clone();
-        let cleanup = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&staging) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        })
-        .await;
+        let (data, id) = (shared.data.clone(), transfer.id.clone());
+        let cleanup = tokio::task::spawn_blocking(move || data.remove_staging(&id)).await;
         if let Ok(Err(e)) | Err(e) = cleanup.map_err(std::io::Error::other) {
-            tracing::error!(transfer = %transfer.id, "cannot remove {}: {e}", shared.data.staging(&transfer.id).display());
+            tracing::error!(transfer = %transfer.id, "cannot remove its staging directory: {e}");
         }
     }
     {
@@ -216,12 +211,12 @@ pub async fn run(shared: Arc<Shared>, transfer: Arc<Transfer>) {
 async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
     let request = &transfer.request;
     let plugin = shared.plugins.get(&request.engine).ok_or_else(|| Ended::Failed("plugin unloaded".into()))?;
-    let data_dir = shared.data.staging(&transfer.id).join("data");
+    let staging = shared.data.staging(&transfer.id).map_err(|e| Ended::Failed(e.to_string()))?;
+    let data_dir = staging.join("data");
     let cancel = &transfer.cancel;
 
     // Connect and stream, resuming after interruptions (and after a restart:
     // a consensus transfer's staging survives it, with what it holds).
-    let staging = shared.data.staging(&transfer.id);
     let mut held = {
         let (staging, data_dir) = (staging.clone(), data_dir.clone());
         tokio::task::spawn_blocking(move || Held::load(&staging, &data_dir)).await.unwrap_or_default()
@@ -362,7 +357,8 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
     {
         return Err(Ended::Failed(format!("publishing: epoch {} is no longer current", fencing.epoch)));
     }
-    let live = shared.data.shard(&request.engine, &request.shard);
+    let live =
+        shared.data.shard(&request.engine, &request.shard).map_err(|e| Ended::Failed(format!("publishing: {e}")))?;
     let replaced =
         blocking(move || publish(&data_dir, &live)).await.map_err(|e| Ended::Failed(format!("publishing: {e}")))?;
     tracing::info!(transfer = %transfer.id, shard = %request.shard, replaced, "published");
