@@ -508,6 +508,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.stall_timeout = v;
     }
 
+    // Before anything opens files or sockets (idempotent: the server asks again).
+    crate::api::conn::raise_fd_limit();
     // Bind first: the address is part of the node's identity in the cluster.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
