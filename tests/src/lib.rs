@@ -6,7 +6,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use ferry::plugin::{PlanEntry, SnapshotPlan};
+use ferry::plugin::{DeltaEntry, DeltaPlan, PlanEntry, SnapshotPlan};
 
 /// Paths of the guest plugins, built by this crate's build script.
 pub mod plugins {
@@ -57,6 +57,55 @@ pub fn materialize(plan: &SnapshotPlan, src: &Path, dst: &Path) -> anyhow::Resul
                 std::io::copy(&mut input.take(length), &mut output)?;
                 output.flush()?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// Applies what a delta plan names from the shard `src` to the replica `dst`,
+/// as the receiving host would: ranges written in place (the file created or
+/// extended), block-diff files made equal block by block and cut to length,
+/// inline entries replacing the file, removals.
+pub fn materialize_delta(plan: &DeltaPlan, src: &Path, dst: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    for entry in &plan.entries {
+        let target = entry.path().join_to(dst);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let source = entry.path().join_to(src);
+        match entry {
+            DeltaEntry::Range { path, offset, length } => {
+                let input = fs::File::open(&source).with_context(|| source.display().to_string())?;
+                let mut bytes = vec![0u8; *length as usize];
+                input.read_exact_at(&mut bytes, *offset).with_context(|| format!("{path}: range {offset}+{length}"))?;
+                let output = fs::OpenOptions::new().create(true).write(true).truncate(false).open(&target)?;
+                output.write_all_at(&bytes, *offset)?;
+                output.sync_all()?;
+            }
+            DeltaEntry::BlockDiff { path, block_size, length } => {
+                let input = fs::read(&source).with_context(|| source.display().to_string())?;
+                if (input.len() as u64) < *length {
+                    bail!("{path}: {} bytes, shorter than {length}", input.len());
+                }
+                let output =
+                    fs::OpenOptions::new().create(true).read(true).write(true).truncate(false).open(&target)?;
+                let mut have = Vec::new();
+                (&output).read_to_end(&mut have)?;
+                for (i, block) in input[..*length as usize].chunks(*block_size as usize).enumerate() {
+                    let at = i * *block_size as usize;
+                    if have.get(at..at + block.len()) != Some(block) {
+                        output.write_all_at(block, at as u64)?;
+                    }
+                }
+                output.set_len(*length)?;
+                output.sync_all()?;
+            }
+            DeltaEntry::Inline { contents, .. } => fs::write(&target, contents)?,
+            DeltaEntry::Remove { .. } => match fs::remove_file(&target) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            },
         }
     }
     Ok(())

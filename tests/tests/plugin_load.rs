@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use ferry::plugin::{LoadError, LoadErrorKind, PluginRuntime, Registry, RuntimeConfig};
+use ferry::plugin::{
+    ContractVersion, Hook, HookErrorKind, LoadError, LoadErrorKind, PluginRuntime, Registry, RuntimeConfig,
+    ShardPosition,
+};
 use ferry_tests::plugins;
 
 /// A component that exports an instance `name` holding functions `funcs`,
@@ -20,6 +23,29 @@ pub fn component_exporting(name: &str, funcs: &[&str]) -> Vec<u8> {
     ))
     .unwrap()
 }
+
+/// A component that exports instances `(name, funcs)`, each function
+/// `func() -> u32` (the wrong type for every real hook).
+pub fn component_exporting_all(instances: &[(&str, &[&str])]) -> Vec<u8> {
+    let exports: String = instances
+        .iter()
+        .enumerate()
+        .map(|(i, (name, funcs))| {
+            let funcs: String = funcs.iter().map(|f| format!("(export \"{f}\" (func $f))")).collect();
+            format!("(instance $i{i} {funcs}) (export \"{name}\" (instance $i{i}))")
+        })
+        .collect();
+    wat::parse_str(format!(
+        r#"(component
+            (core module $m (func (export "f") (result i32) i32.const 0))
+            (core instance $i (instantiate $m))
+            (func $f (result u32) (canon lift (core func $i "f")))
+            {exports})"#
+    ))
+    .unwrap()
+}
+
+const LIVE_HOOKS: [&str; 6] = ["changes-since", "delta-check", "apply-changes", "fence", "unfence", "retire"];
 
 const ALL_HOOKS: [&str; 6] = ["describe", "shard-status", "create-snapshot", "term-check", "validate", "apply"];
 
@@ -81,7 +107,7 @@ async fn another_contract_version() {
     match &err.kind {
         LoadErrorKind::UnsupportedVersion { found, supported } => {
             assert_eq!(found, "ferry:engine/hooks@0.0.9");
-            assert_eq!(*supported, "ferry:engine/hooks@0.1.0");
+            assert_eq!(*supported, "ferry:engine/hooks@0.2.0, ferry:engine/hooks@0.1.0");
         }
         other => panic!("{other}"),
     }
@@ -96,6 +122,59 @@ async fn missing_exports() {
         }
         other => panic!("{other}"),
     }
+}
+
+#[tokio::test]
+async fn contract_0_2_0_loads_with_its_live_hooks() {
+    let runtime = PluginRuntime::new(RuntimeConfig::default()).unwrap();
+    let live = runtime.load(Path::new(plugins::SEGMENT_LOG)).await.unwrap();
+    assert_eq!(live.contract(), ContractVersion::V0_2_0);
+    assert_eq!(live.contract().package(), "ferry:engine@0.2.0");
+    assert_eq!(live.contract().hooks(), &Hook::ALL);
+    assert!(live.contract().has(Hook::Fence) && live.contract().has(Hook::ChangesSince));
+
+    // A 0.1.0 plugin loads as before and says, typed, that it has no live
+    // hooks; nothing runs.
+    let old = runtime.load(Path::new(plugins::SQLITE)).await.unwrap();
+    assert_eq!(old.contract(), ContractVersion::V0_1_0);
+    assert_eq!(old.contract().hooks(), &Hook::HOOKS);
+    let dir = tempfile::tempdir().unwrap();
+    let err = old.fence("s1", dir.path(), 1).await.unwrap_err();
+    assert!(matches!(err.kind, HookErrorKind::Unsupported { contract: "ferry:engine@0.1.0" }), "{err}");
+    assert!(err.to_string().contains("fence: unsupported by contract ferry:engine@0.1.0"), "{err}");
+    let err = old.changes_since("s1", dir.path(), ShardPosition { term: 1, position: 0 }).await.unwrap_err();
+    assert!(matches!(err.kind, HookErrorKind::Unsupported { .. }), "{err}");
+    assert!(ferry_tests::tree(dir.path()).is_empty());
+}
+
+#[tokio::test]
+async fn contract_0_2_0_without_a_live_export_is_refused() {
+    let err = load_err(&component_exporting_all(&[("ferry:engine/hooks@0.2.0", &ALL_HOOKS)])).await;
+    match &err.kind {
+        LoadErrorKind::MissingInterface { contract, interface } => {
+            assert_eq!((*contract, *interface), ("ferry:engine@0.2.0", "ferry:engine/live@0.2.0"));
+        }
+        other => panic!("{other}"),
+    }
+
+    let wasm = component_exporting_all(&[
+        ("ferry:engine/hooks@0.2.0", &ALL_HOOKS),
+        ("ferry:engine/live@0.2.0", &LIVE_HOOKS[..5]),
+    ]);
+    let err = load_err(&wasm).await;
+    match &err.kind {
+        LoadErrorKind::MissingExports { interface, missing } => {
+            assert_eq!(interface, "ferry:engine/live@0.2.0");
+            assert_eq!(missing, &["retire"]);
+        }
+        other => panic!("{other}"),
+    }
+    assert!(err.to_string().contains("without retire"), "{err}");
+
+    // All there, but of the wrong types: refused when loaded.
+    let wasm =
+        component_exporting_all(&[("ferry:engine/hooks@0.2.0", &ALL_HOOKS), ("ferry:engine/live@0.2.0", &LIVE_HOOKS)]);
+    assert!(matches!(load_err(&wasm).await.kind, LoadErrorKind::Mismatch(_)));
 }
 
 #[tokio::test]

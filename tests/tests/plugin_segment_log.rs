@@ -3,9 +3,13 @@
 use std::fs;
 use std::path::Path;
 
-use ferry::plugin::{EngineError, HookErrorKind, PlanEntry, PluginRuntime, RuntimeConfig, ShardPosition};
-use ferry_tests::segment_log::{Control, Generator, ShardState, check_shard, segment_name};
-use ferry_tests::{materialize, plugins};
+use ferry::plugin::{
+    DeltaEntry, DeltaPlan, EngineError, HookErrorKind, PlanEntry, Plugin, PluginRuntime, RuntimeConfig, ShardPosition,
+};
+use ferry_tests::segment_log::{
+    Control, FormatError, Generator, LOCK_FILE, LiveState, ShardState, Writer, check_shard, segment_name,
+};
+use ferry_tests::{materialize, materialize_delta, plugins};
 
 const SEGMENT: u64 = 64 * 1024;
 
@@ -158,4 +162,225 @@ async fn validate_refuses_missing_segment_and_wrong_meta() {
     // A live shard is not a received snapshot.
     let err = plugin.apply("s1", src.path(), &plan.meta).await.unwrap_err();
     assert!(err.to_string().contains("not in snapshot state"), "{err}");
+}
+
+/// Appends `n` records of 1000 bytes through the real writer.
+fn append(dir: &Path, n: usize) -> u64 {
+    let payloads: Vec<Vec<u8>> = (0..n).map(|i| vec![(i % 251) as u8; 1000]).collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+    Writer::open(dir).unwrap().append(&refs).unwrap()
+}
+
+fn engine_error(err: ferry::plugin::HookError) -> EngineError {
+    match err.kind {
+        HookErrorKind::Engine(e) => e,
+        other => panic!("expected an engine error, got {other}"),
+    }
+}
+
+/// The ranges a delta of `[since, until)` must hold.
+fn expected_ranges(control: &Control, since: u64, until: u64) -> Vec<DeltaEntry> {
+    control
+        .ranges(since, until)
+        .into_iter()
+        .map(|(index, offset, length)| DeltaEntry::Range {
+            path: ferry::relpath::RelPath::new(&segment_name(index)).unwrap(),
+            offset,
+            length,
+        })
+        .collect()
+}
+
+/// A replica of `src` in `dst`, through a snapshot, as a receiver holds it.
+async fn replica(plugin: &Plugin, src: &Path, dst: &Path) -> ShardPosition {
+    let plan = plugin.create_snapshot("s1", src).await.unwrap();
+    materialize(&plan, src, dst).unwrap();
+    let pos = plugin.validate("s1", dst, &plan.meta).await.unwrap();
+    plugin.apply("s1", dst, &plan.meta).await.unwrap();
+    pos
+}
+
+/// One catch-up round from `src` to `dst`, as the hosts run it.
+async fn round(plugin: &Plugin, src: &Path, dst: &Path, since: ShardPosition) -> (DeltaPlan, ShardPosition) {
+    let plan = plugin.changes_since("s1", src, since).await.unwrap();
+    materialize_delta(&plan, src, dst).unwrap();
+    plugin.delta_check("s1", src, &plan.meta).await.unwrap();
+    let pos = plugin.apply_changes("s1", dst, &plan.meta).await.unwrap();
+    assert_eq!(pos, plan.meta.end());
+    (plan, pos)
+}
+
+fn assert_same_log(src: &Path, dst: &Path) {
+    let (a, b) = (check_shard(src).unwrap().control, check_shard(dst).unwrap().control);
+    assert_eq!(
+        (a.term, a.flush, a.commit, a.segment_size, a.start),
+        (b.term, b.flush, b.commit, b.segment_size, b.start)
+    );
+    for index in a.segments() {
+        let name = segment_name(index);
+        assert!(fs::read(src.join(&name)).unwrap() == fs::read(dst.join(&name)).unwrap(), "{name} differs");
+    }
+}
+
+#[tokio::test]
+async fn changes_since_covers_the_new_bytes_round_after_round() {
+    let (_rt, plugin) = plugin().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let first = shard(tmp.path(), 150_000);
+    let mid = first.flush;
+    let second = append(tmp.path(), 200);
+    let plan = plugin.changes_since("s1", tmp.path(), ShardPosition { term: 3, position: mid }).await.unwrap();
+    assert_eq!((plan.meta.term, plan.meta.since, plan.meta.until), (3, mid, second));
+    let control = Control::read(tmp.path()).unwrap();
+    assert_eq!(plan.entries, expected_ranges(&control, mid, second));
+    assert!(plan.entries.len() >= 3, "the delta spans segments: {:?}", plan.entries);
+
+    // After more writes, the next round covers exactly the new bytes.
+    let third = append(tmp.path(), 30);
+    let next = plugin.changes_since("s1", tmp.path(), ShardPosition { term: 3, position: second }).await.unwrap();
+    assert_eq!((next.meta.since, next.meta.until), (second, third));
+    let covered: u64 =
+        next.entries.iter().map(|e| if let DeltaEntry::Range { length, .. } = e { *length } else { 0 }).sum();
+    assert_eq!(covered, third - second);
+
+    // Nothing new: an empty round.
+    let empty = plugin.changes_since("s1", tmp.path(), ShardPosition { term: 3, position: third }).await.unwrap();
+    assert!(empty.entries.is_empty() && empty.meta.since == empty.meta.until);
+}
+
+#[tokio::test]
+async fn snapshot_then_deltas_then_fenced_round_make_an_equal_replica() {
+    let (_rt, plugin) = plugin().await;
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    shard(src.path(), 150_000);
+    let mut pos = replica(&plugin, src.path(), dst.path()).await;
+
+    for n in [100, 1, 250] {
+        append(src.path(), n);
+        pos = round(&plugin, src.path(), dst.path(), pos).await.1;
+        assert_eq!(pos, plugin.shard_status("s1", src.path()).await.unwrap());
+        assert_same_log(src.path(), dst.path());
+    }
+    // apply-changes is idempotent: the host repeats it after a lost answer.
+    let (plan, _) = round(&plugin, src.path(), dst.path(), ShardPosition { term: 3, position: pos.position }).await;
+    assert_eq!(plugin.apply_changes("s1", dst.path(), &plan.meta).await.unwrap(), pos);
+
+    // Writes in flight, then the fence: the final round, planned from the
+    // old term's position, takes the replica to exactly the fence's position.
+    append(src.path(), 40);
+    let (_, mid) = round(&plugin, src.path(), dst.path(), pos).await;
+    append(src.path(), 40);
+    let fence = plugin.fence("s1", src.path(), 11).await.unwrap();
+    assert_eq!(fence.last.term, 4, "the fence bumped the term");
+    let (last_plan, last) = round(&plugin, src.path(), dst.path(), mid).await;
+    assert_eq!(last, fence.last);
+    assert!(!last_plan.entries.is_empty());
+    assert_same_log(src.path(), dst.path());
+    assert_eq!(check_shard(dst.path()).unwrap().control.live, LiveState::default());
+    // The new owner's writers continue at the fence's term.
+    let mut writer = Writer::open(dst.path()).unwrap();
+    assert_eq!(writer.term(), 4);
+    writer.append(&[b"on the new owner"]).unwrap();
+    check_shard(dst.path()).unwrap();
+}
+
+#[tokio::test]
+async fn apply_changes_refuses_a_gap_and_a_flipped_byte() {
+    let (_rt, plugin) = plugin().await;
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    shard(src.path(), 100_000);
+    let pos = replica(&plugin, src.path(), dst.path()).await;
+    let after = append(src.path(), 50);
+    append(src.path(), 50);
+
+    // A delta that starts past where the replica stands.
+    let plan = plugin.changes_since("s1", src.path(), ShardPosition { term: 3, position: after }).await.unwrap();
+    materialize_delta(&plan, src.path(), dst.path()).unwrap();
+    let err = engine_error(plugin.apply_changes("s1", dst.path(), &plan.meta).await.unwrap_err());
+    assert!(matches!(&err, EngineError::Invalid(m) if m.contains("stands at")), "{err}");
+
+    let plan = plugin.changes_since("s1", src.path(), pos).await.unwrap();
+    materialize_delta(&plan, src.path(), dst.path()).unwrap();
+    let DeltaEntry::Range { path, offset, .. } = &plan.entries[0] else { panic!("ranges") };
+    let victim = dst.path().join(path.as_str());
+    let mut bytes = fs::read(&victim).unwrap();
+    bytes[*offset as usize + 20] ^= 0x08;
+    fs::write(&victim, bytes).unwrap();
+    let err = engine_error(plugin.apply_changes("s1", dst.path(), &plan.meta).await.unwrap_err());
+    assert!(matches!(&err, EngineError::Invalid(m) if m.contains("CRC")), "{err}");
+    assert_eq!(Control::read(dst.path()).unwrap().flush, pos.position, "the replica did not move");
+}
+
+#[tokio::test]
+async fn history_gone_and_term_changed() {
+    let (_rt, plugin) = plugin().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let control = shard(tmp.path(), 300_000);
+    let since = ShardPosition { term: 3, position: 1000 };
+
+    let plan = plugin.changes_since("s1", tmp.path(), since).await.unwrap();
+    // The log is cut below the receiver's position: history gone.
+    let cut = Control { start: 2 * SEGMENT, ..control };
+    cut.write(tmp.path()).unwrap();
+    let err = engine_error(plugin.changes_since("s1", tmp.path(), since).await.unwrap_err());
+    assert!(matches!(&err, EngineError::HistoryGone(m) if m.contains("starts at 131072")), "{err}");
+    let err = engine_error(plugin.delta_check("s1", tmp.path(), &plan.meta).await.unwrap_err());
+    assert!(matches!(err, EngineError::HistoryGone(_)), "{err}");
+
+    // A new leader's term (not a fence): the receiver's history may differ.
+    Control { term: 4, ..control }.write(tmp.path()).unwrap();
+    let err = engine_error(plugin.changes_since("s1", tmp.path(), since).await.unwrap_err());
+    assert!(matches!(err, EngineError::TermChanged(_)), "{err}");
+    let err = engine_error(plugin.delta_check("s1", tmp.path(), &plan.meta).await.unwrap_err());
+    assert!(matches!(&err, EngineError::TermChanged(m) if m.contains("from 3 to 4")), "{err}");
+    // A receiver ahead of the source is not on its history either.
+    let ahead = ShardPosition { term: 4, position: control.flush + 1 };
+    let err = engine_error(plugin.changes_since("s1", tmp.path(), ahead).await.unwrap_err());
+    assert!(matches!(err, EngineError::TermChanged(_)), "{err}");
+}
+
+#[tokio::test]
+async fn fence_unfence_and_retire_follow_the_epoch() {
+    let (_rt, plugin) = plugin().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let control = shard(tmp.path(), 100_000);
+    let flush = append(tmp.path(), 10);
+
+    let fence = plugin.fence("s1", tmp.path(), 7).await.unwrap();
+    assert_eq!(fence.last, ShardPosition { term: 4, position: flush });
+    assert_eq!(fence.locks.len(), 1);
+    let lock = &fence.locks[0];
+    assert_eq!((lock.path.as_str(), lock.offset, lock.length, lock.exclusive), (LOCK_FILE, 0, 1, true));
+    let fenced = Control::read(tmp.path()).unwrap();
+    assert_eq!((fenced.term, fenced.live.fenced_epoch, fenced.live.fence_term), (4, 7, control.term));
+    assert_eq!(plugin.shard_status("s1", tmp.path()).await.unwrap(), fence.last);
+    // Idempotent for its epoch; another epoch is told who holds it.
+    assert_eq!(plugin.fence("s1", tmp.path(), 7).await.unwrap(), fence);
+    let err = engine_error(plugin.fence("s1", tmp.path(), 8).await.unwrap_err());
+    assert!(matches!(&err, EngineError::Fenced(m) if m.contains("epoch 7")), "{err}");
+    let err = engine_error(plugin.unfence("s1", tmp.path(), 8).await.unwrap_err());
+    assert!(matches!(err, EngineError::Fenced(_)), "{err}");
+    assert!(matches!(Writer::open(tmp.path()), Err(FormatError::Fenced(_))));
+
+    // Unfenced: writers re-open and continue at the new term.
+    plugin.unfence("s1", tmp.path(), 7).await.unwrap();
+    plugin.unfence("s1", tmp.path(), 7).await.unwrap();
+    let flush = append(tmp.path(), 5);
+    assert_eq!(plugin.shard_status("s1", tmp.path()).await.unwrap(), ShardPosition { term: 4, position: flush });
+
+    // Retired by a move's epoch: no writer, snapshot or unfence ever again.
+    let mut writer = Writer::open(tmp.path()).unwrap();
+    plugin.fence("s1", tmp.path(), 9).await.unwrap();
+    plugin.retire("s1", tmp.path(), 9).await.unwrap();
+    plugin.retire("s1", tmp.path(), 9).await.unwrap();
+    let err = writer.append(&[b"late write"]).unwrap_err();
+    assert!(matches!(&err, FormatError::Fenced(m) if m.contains("retired")), "{err}");
+    assert!(matches!(Writer::open(tmp.path()), Err(FormatError::Fenced(_))));
+    let err = engine_error(plugin.unfence("s1", tmp.path(), 9).await.unwrap_err());
+    assert!(matches!(err, EngineError::Fenced(_)), "{err}");
+    let err = engine_error(plugin.create_snapshot("s1", tmp.path()).await.unwrap_err());
+    assert!(matches!(err, EngineError::Fenced(_)), "{err}");
+    assert_eq!(Control::read(tmp.path()).unwrap().flush, flush, "nothing was written after the fence");
 }

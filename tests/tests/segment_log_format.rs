@@ -40,8 +40,15 @@ fn flipped_byte_is_found() {
 
 #[test]
 fn control_roundtrip_and_corruption() {
-    let control =
-        Control { state: ShardState::Snapshot, term: 7, flush: 9000, commit: 8000, segment_size: 4096, start: 4096 };
+    let control = Control {
+        state: ShardState::Snapshot,
+        term: 7,
+        flush: 9000,
+        commit: 8000,
+        segment_size: 4096,
+        start: 4096,
+        live: Default::default(),
+    };
     assert_eq!(Control::decode(&control.encode()).unwrap(), control);
     let mut bytes = control.encode();
     bytes[20] ^= 1;

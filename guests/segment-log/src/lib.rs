@@ -9,21 +9,42 @@
 //! - `validate`: contiguity, sizes, every record's CRC, control consistency.
 //! - `apply`: extends the last segment to full size and rewrites the control
 //!   file as `active` for its new home.
+//!
+//! Live moves (contract 0.2.0; the rules on terms and fences are the format
+//! crate's): a position is a byte offset of the log.
+//! - `changes-since`: one range per segment overlapping `[since, flush)`, at
+//!   most [`MAX_DELTA_SEGMENTS`] (the host asks again from `until`);
+//!   `term-changed` if `since` is not on the shard's history, `history-gone`
+//!   if it lies before `start`.
+//! - `delta-check`: the history up to `until` is still the shard's.
+//! - `apply-changes`: the replica must stand at `since` (or already at
+//!   `until`: idempotent); checks the records' CRCs in `[since, until)`, then
+//!   rewrites the control file at `until`.
+//! - `fence` / `unfence` / `retire`: rewrite the control file; the fence's
+//!   lock is the writers' lock on `control.lock`.
 
 wit_bindgen::generate!({
     world: "engine",
-    path: "../../wit/v0.1.0",
+    path: "../../wit/v0.2.0",
 });
 
 use std::fs;
 use std::path::Path;
 
 use exports::ferry::engine::hooks::Guest;
+use exports::ferry::engine::live::Guest as Live;
 use ferry::engine::log::{Level, log};
 use ferry::engine::types::{
-    EngineError, EngineInfo, Entry, FileEntry, InlineEntry, ShardPosition, SnapshotMeta, SnapshotPlan,
+    DeltaEntry, DeltaMeta, DeltaPlan, EngineError, EngineInfo, Entry, FenceInfo, FileEntry, FileLock, InlineEntry,
+    RangeEntry, ShardPosition, SnapshotMeta, SnapshotPlan,
 };
-use segment_log_format::{CONTROL_FILE, Control, FormatError, ShardState, check_shard, segment_name};
+use segment_log_format::{
+    CONTROL_FILE, Control, FormatError, LOCK_FILE, LiveState, ShardState, WRITER_LOCK, check_range, check_shard,
+    segment_index, segment_name,
+};
+
+/// Most segments one delta plan covers; a longer lag takes several rounds.
+const MAX_DELTA_SEGMENTS: u64 = 1024;
 
 const SHARD: &str = "/shard";
 
@@ -33,6 +54,7 @@ fn to_engine_error(err: FormatError) -> EngineError {
     match err {
         FormatError::Io { .. } => EngineError::Io(err.to_string()),
         FormatError::Invalid(msg) => EngineError::Invalid(msg),
+        FormatError::Fenced(msg) => EngineError::Fenced(msg),
     }
 }
 
@@ -81,11 +103,13 @@ impl Guest for SegmentLog {
         if control.state != ShardState::Active {
             return Err(EngineError::Invalid(format!("shard {shard} is a received snapshot that was never applied")));
         }
-        let snapshot_control = Control { state: ShardState::Snapshot, ..control };
-        let mut entries = vec![Entry::Inline(InlineEntry {
-            path: CONTROL_FILE.into(),
-            contents: snapshot_control.encode().to_vec(),
-        })];
+        if control.live.retired_epoch != 0 {
+            return Err(EngineError::Fenced(format!("shard {shard} is retired")));
+        }
+        // The copy starts a new life: no fence, no fence history.
+        let snapshot_control = Control { state: ShardState::Snapshot, live: LiveState::default(), ..control };
+        let mut entries =
+            vec![Entry::Inline(InlineEntry { path: CONTROL_FILE.into(), contents: snapshot_control.encode() })];
         let segments = control.segments();
         for index in segments.clone() {
             let name = segment_name(index);
@@ -114,7 +138,8 @@ impl Guest for SegmentLog {
 
     fn term_check(_shard: String, meta: SnapshotMeta) -> Result<(), EngineError> {
         let control = read_control()?;
-        if control.term != meta.term {
+        // A fence's term bump leaves the snapshot on the shard's history.
+        if !control.same_history(meta.term, meta.position) {
             return Err(EngineError::TermChanged(format!(
                 "term moved from {} to {} during the snapshot",
                 meta.term, control.term
@@ -158,6 +183,198 @@ impl Guest for SegmentLog {
             file.sync_all().map_err(|e| EngineError::Io(format!("{name}: {e}")))?;
         }
         Control { state: ShardState::Active, ..control }.write(dir).map_err(to_engine_error)
+    }
+}
+
+fn delta_attribute(meta: &DeltaMeta, key: &str) -> Result<u64, EngineError> {
+    meta.attributes
+        .iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or_else(|| EngineError::Invalid(format!("delta meta has no {key} attribute")))
+}
+
+fn write_control(control: &Control) -> Result<(), EngineError> {
+    control.write(Path::new(SHARD)).map_err(to_engine_error)
+}
+
+fn io(name: &str) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
+    move |e| EngineError::Io(format!("{name}: {e}"))
+}
+
+impl Live for SegmentLog {
+    fn changes_since(shard: String, since: ShardPosition) -> Result<DeltaPlan, EngineError> {
+        let control = read_control()?;
+        if control.state != ShardState::Active {
+            return Err(EngineError::Invalid(format!("shard {shard} is a received snapshot that was never applied")));
+        }
+        if control.live.retired_epoch != 0 {
+            return Err(EngineError::Fenced(format!("shard {shard} is retired")));
+        }
+        if !control.same_history(since.term, since.position) {
+            return Err(EngineError::TermChanged(format!(
+                "position {}:{} is not on the shard's history (term {}, last fence from term {} at {})",
+                since.term, since.position, control.term, control.live.fence_term, control.live.fence_flush
+            )));
+        }
+        if since.position < control.start {
+            return Err(EngineError::HistoryGone(format!(
+                "the log starts at {}, after {}",
+                control.start, since.position
+            )));
+        }
+        if since.position > control.flush {
+            return Err(EngineError::TermChanged(format!(
+                "position {} is past the flush position {}",
+                since.position, control.flush
+            )));
+        }
+        let first = since.position / control.segment_size;
+        let limit = (first + MAX_DELTA_SEGMENTS).saturating_mul(control.segment_size);
+        let until = control.flush.min(limit);
+        let entries = control
+            .ranges(since.position, until)
+            .into_iter()
+            .map(|(index, offset, length)| DeltaEntry::Range(RangeEntry { path: segment_name(index), offset, length }))
+            .collect::<Vec<_>>();
+        log(Level::Info, &format!("delta of {shard}: [{}, {until}) in {} ranges", since.position, entries.len()));
+        Ok(DeltaPlan {
+            meta: DeltaMeta {
+                term: control.term,
+                since: since.position,
+                until,
+                attributes: vec![
+                    ("segment-size".into(), control.segment_size.to_string()),
+                    ("commit".into(), control.commit.min(until).to_string()),
+                ],
+            },
+            entries,
+        })
+    }
+
+    fn delta_check(_shard: String, meta: DeltaMeta) -> Result<(), EngineError> {
+        let control = read_control()?;
+        if !control.same_history(meta.term, meta.until) {
+            return Err(EngineError::TermChanged(format!(
+                "term moved from {} to {} during the round",
+                meta.term, control.term
+            )));
+        }
+        if control.start > meta.since {
+            return Err(EngineError::HistoryGone(format!(
+                "the log was cut to {} during the round from {}",
+                control.start, meta.since
+            )));
+        }
+        if control.flush < meta.until {
+            return Err(EngineError::TermChanged(format!(
+                "the log was cut to {} during the round up to {}",
+                control.flush, meta.until
+            )));
+        }
+        Ok(())
+    }
+
+    fn apply_changes(_shard: String, meta: DeltaMeta) -> Result<ShardPosition, EngineError> {
+        let dir = Path::new(SHARD);
+        let control = read_control()?;
+        let done = ShardPosition { term: meta.term, position: meta.until };
+        if control.state != ShardState::Active {
+            return Err(EngineError::Invalid("the replica is a snapshot that was never applied".into()));
+        }
+        if control.term == meta.term && control.flush == meta.until {
+            return Ok(done);
+        }
+        if control.flush != meta.since {
+            return Err(EngineError::Invalid(format!(
+                "the replica stands at {}, the delta starts at {}",
+                control.flush, meta.since
+            )));
+        }
+        let segment_size = delta_attribute(&meta, "segment-size")?;
+        if segment_size != control.segment_size {
+            return Err(EngineError::Invalid(format!(
+                "the delta's segment size {segment_size} is not the replica's {}",
+                control.segment_size
+            )));
+        }
+        let commit = delta_attribute(&meta, "commit")?;
+        if meta.until < meta.since || commit > meta.until {
+            return Err(EngineError::Invalid(format!(
+                "delta [{}, {}) with commit {commit} is not a range",
+                meta.since, meta.until
+            )));
+        }
+        let records = check_range(dir, &control, meta.since, meta.until).map_err(to_engine_error)?;
+        // Segments as a live shard has them: full size; and nothing after
+        // `until` (a stale tail would pass for padding to the next writer).
+        let size = control.segment_size;
+        let tail = meta.until / size;
+        let touched = control.ranges(meta.since, meta.until).into_iter().map(|(index, _, _)| index);
+        for index in touched.chain(std::iter::once(tail)) {
+            let name = segment_name(index);
+            let file = match fs::OpenOptions::new().write(true).open(dir.join(&name)) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && index == tail => continue,
+                Err(e) => return Err(io(&name)(e)),
+            };
+            if index == tail {
+                file.set_len(meta.until - index * size).map_err(io(&name))?;
+            }
+            file.set_len(size).map_err(io(&name))?;
+            file.sync_all().map_err(io(&name))?;
+        }
+        for entry in fs::read_dir(dir).map_err(io("/shard"))? {
+            let name = entry.map_err(io("/shard"))?.file_name().to_string_lossy().into_owned();
+            if segment_index(&name).is_some_and(|index| index > tail) {
+                fs::remove_file(dir.join(&name)).map_err(io(&name))?;
+            }
+        }
+        write_control(&Control { term: meta.term, flush: meta.until, commit, ..control })?;
+        log(Level::Info, &format!("applied [{}, {}): {records} records", meta.since, meta.until));
+        Ok(done)
+    }
+
+    fn fence(_shard: String, epoch: u64) -> Result<FenceInfo, EngineError> {
+        let control = read_control()?;
+        let fenced = control.fence(epoch).map_err(to_engine_error)?;
+        // The host locks this file; make sure it is there.
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(Path::new(SHARD).join(LOCK_FILE))
+            .map_err(io(LOCK_FILE))?;
+        if fenced != control {
+            write_control(&fenced)?;
+            log(Level::Info, &format!("fenced by epoch {epoch}: term {} -> {}", control.term, fenced.term));
+        }
+        Ok(FenceInfo {
+            last: ShardPosition { term: fenced.term, position: fenced.flush },
+            locks: vec![FileLock {
+                path: LOCK_FILE.into(),
+                offset: WRITER_LOCK.0,
+                length: WRITER_LOCK.1,
+                exclusive: true,
+            }],
+        })
+    }
+
+    fn unfence(_shard: String, epoch: u64) -> Result<(), EngineError> {
+        let control = read_control()?;
+        let unfenced = control.unfence(epoch).map_err(to_engine_error)?;
+        if unfenced != control {
+            write_control(&unfenced)?;
+        }
+        Ok(())
+    }
+
+    fn retire(_shard: String, epoch: u64) -> Result<(), EngineError> {
+        let control = read_control()?;
+        let retired = control.retire(epoch).map_err(to_engine_error)?;
+        if retired != control {
+            write_control(&retired)?;
+        }
+        Ok(())
     }
 }
 

@@ -14,8 +14,8 @@ use crate::node::Node;
 use crate::node::config::{Config, read_token};
 use crate::node::credentials::AuthFiles;
 use crate::plugin::{
-    DEFAULT_MEMORY_BUDGET, DEFAULT_MEMORY_LIMIT, Hook, HookDeadlines, HookError, Plugin, PluginRuntime, RuntimeConfig,
-    SnapshotMeta,
+    DEFAULT_MEMORY_BUDGET, DEFAULT_MEMORY_LIMIT, DeltaMeta, Hook, HookDeadlines, HookError, Plugin, PluginRuntime,
+    RuntimeConfig, ShardPosition, SnapshotMeta,
 };
 use crate::transfer::{State, TransferStatus};
 
@@ -259,7 +259,9 @@ pub enum PluginCommand {
     RunHook {
         /// The plugin component (`.wasm`).
         file: PathBuf,
-        /// describe, shard-status, create-snapshot, term-check, validate or apply.
+        /// describe, shard-status, create-snapshot, term-check, validate,
+        /// apply; for contract 0.2.0 also changes-since, delta-check,
+        /// apply-changes, fence, unfence, retire.
         #[arg(value_parser = parse_hook)]
         hook: Hook,
         /// The shard directory the hook sees as `/shard` (not needed by describe).
@@ -275,6 +277,16 @@ pub enum PluginCommand {
         /// Like --meta, from a file.
         #[arg(long)]
         meta_file: Option<PathBuf>,
+        /// Position for changes-since, as TERM:POSITION.
+        #[arg(long, value_parser = parse_position)]
+        since: Option<ShardPosition>,
+        /// Transfer epoch for fence, unfence and retire.
+        #[arg(long)]
+        epoch: Option<u64>,
+        /// Delta meta for delta-check and apply-changes: JSON of a meta or of
+        /// a whole delta plan (as printed by changes-since --json).
+        #[arg(long)]
+        delta_meta_file: Option<PathBuf>,
         #[command(flatten)]
         runtime: RuntimeArgs,
         /// Print JSON.
@@ -406,7 +418,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugin(PluginCommand::Check { file, runtime, json }) => check(&file, &runtime, json).await,
-        Command::Plugin(PluginCommand::RunHook { file, hook, shard_dir, shard, meta, meta_file, runtime, json }) => {
+        Command::Plugin(PluginCommand::RunHook {
+            file,
+            hook,
+            shard_dir,
+            shard,
+            meta,
+            meta_file,
+            since,
+            epoch,
+            delta_meta_file,
+            runtime,
+            json,
+        }) => {
             let meta = match (meta, meta_file) {
                 (Some(text), _) => Some(parse_meta(&text)?),
                 (None, Some(path)) => {
@@ -415,7 +439,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 (None, None) => None,
             };
-            run_hook(&file, hook, shard_dir.as_deref(), shard, meta, &runtime, json).await
+            let delta_meta = match delta_meta_file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                    Some(parse_delta_meta(&text).with_context(|| format!("in {}", path.display()))?)
+                }
+                None => None,
+            };
+            let args = LiveArgs { since, epoch, delta_meta };
+            run_hook(&file, hook, shard_dir.as_deref(), shard, meta, args, &runtime, json).await
         }
     }
 }
@@ -424,7 +456,7 @@ async fn check(file: &Path, args: &RuntimeArgs, json: bool) -> anyhow::Result<Ex
     let runtime = PluginRuntime::new(args.config()?)?;
     let plugin = runtime.load(file).await?;
     let info = plugin.info();
-    let hooks: Vec<&str> = Hook::ALL.iter().map(|h| h.name()).collect();
+    let hooks: Vec<&str> = plugin.contract().hooks().iter().map(|h| h.name()).collect();
     if json {
         let out = json!({
             "path": file,
@@ -682,12 +714,43 @@ fn parse_meta(text: &str) -> anyhow::Result<SnapshotMeta> {
     serde_json::from_value::<SnapshotMeta>(value).context(WHAT)
 }
 
+/// A delta meta, a whole delta plan whose meta is taken, or `run-hook --json`
+/// output around one.
+fn parse_delta_meta(text: &str) -> anyhow::Result<DeltaMeta> {
+    const WHAT: &str = "--delta-meta-file holds neither a delta meta {term, since, until, attributes} nor a plan";
+    let mut value: serde_json::Value = serde_json::from_str(text).context(WHAT)?;
+    if let Some(inner) = value.get_mut("ok") {
+        value = inner.take();
+    }
+    if let Some(meta) = value.get_mut("meta") {
+        value = meta.take();
+    }
+    serde_json::from_value::<DeltaMeta>(value).context(WHAT)
+}
+
+fn parse_position(s: &str) -> Result<ShardPosition, String> {
+    let parse = || {
+        let (term, position) = s.split_once(':')?;
+        Some(ShardPosition { term: term.parse().ok()?, position: position.parse().ok()? })
+    };
+    parse().ok_or_else(|| format!("{s:?} is not TERM:POSITION"))
+}
+
+/// What the live hooks of `run-hook` take besides a snapshot meta.
+struct LiveArgs {
+    since: Option<ShardPosition>,
+    epoch: Option<u64>,
+    delta_meta: Option<DeltaMeta>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run_hook(
     file: &Path,
     hook: Hook,
     shard_dir: Option<&Path>,
     shard: Option<String>,
     meta: Option<SnapshotMeta>,
+    live: LiveArgs,
     args: &RuntimeArgs,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
@@ -709,10 +772,19 @@ async fn run_hook(
         None if needs_meta => bail!("{hook} needs --meta or --meta-file"),
         None => SnapshotMeta { term: 0, position: 0, attributes: Vec::new() },
     };
+    let missing = |what| anyhow::anyhow!("{hook} needs {what}");
+    let live = match hook {
+        Hook::ChangesSince => LiveCall::Since(live.since.ok_or_else(|| missing("--since TERM:POSITION"))?),
+        Hook::DeltaCheck | Hook::ApplyChanges => {
+            LiveCall::Delta(live.delta_meta.ok_or_else(|| missing("--delta-meta-file"))?)
+        }
+        Hook::Fence | Hook::Unfence | Hook::Retire => LiveCall::Epoch(live.epoch.ok_or_else(|| missing("--epoch"))?),
+        _ => LiveCall::None,
+    };
 
     let runtime = PluginRuntime::new(args.config()?)?;
     let plugin = runtime.load(file).await?;
-    let result = call_hook(&plugin, hook, &shard, dir, &meta).await;
+    let result = call_hook(&plugin, hook, &shard, dir, &meta, &live).await;
     match result {
         Ok(value) => {
             if json {
@@ -737,14 +809,31 @@ async fn run_hook(
     }
 }
 
+/// The argument of a live hook.
+enum LiveCall {
+    None,
+    Since(ShardPosition),
+    Delta(DeltaMeta),
+    Epoch(u64),
+}
+
 async fn call_hook(
     plugin: &Plugin,
     hook: Hook,
     shard: &str,
     dir: Option<&Path>,
     meta: &SnapshotMeta,
+    live: &LiveCall,
 ) -> Result<serde_json::Value, HookError> {
     let dir = dir.unwrap_or(Path::new("."));
+    let (since, delta, epoch) = match live {
+        LiveCall::Since(since) => (*since, None, 0),
+        LiveCall::Delta(meta) => (ShardPosition { term: 0, position: 0 }, Some(meta), 0),
+        LiveCall::Epoch(epoch) => (ShardPosition { term: 0, position: 0 }, None, *epoch),
+        LiveCall::None => (ShardPosition { term: 0, position: 0 }, None, 0),
+    };
+    let empty = DeltaMeta { term: 0, since: 0, until: 0, attributes: Vec::new() };
+    let delta = delta.unwrap_or(&empty);
     let value = match hook {
         Hook::Describe => serde_json::to_value(plugin.describe().await?),
         Hook::ShardStatus => serde_json::to_value(plugin.shard_status(shard, dir).await?),
@@ -752,6 +841,12 @@ async fn call_hook(
         Hook::TermCheck => serde_json::to_value(plugin.term_check(shard, dir, meta).await?),
         Hook::Validate => serde_json::to_value(plugin.validate(shard, dir, meta).await?),
         Hook::Apply => serde_json::to_value(plugin.apply(shard, dir, meta).await?),
+        Hook::ChangesSince => serde_json::to_value(plugin.changes_since(shard, dir, since).await?),
+        Hook::DeltaCheck => serde_json::to_value(plugin.delta_check(shard, dir, delta).await?),
+        Hook::ApplyChanges => serde_json::to_value(plugin.apply_changes(shard, dir, delta).await?),
+        Hook::Fence => serde_json::to_value(plugin.fence(shard, dir, epoch).await?),
+        Hook::Unfence => serde_json::to_value(plugin.unfence(shard, dir, epoch).await?),
+        Hook::Retire => serde_json::to_value(plugin.retire(shard, dir, epoch).await?),
     };
     Ok(value.expect("hook results serialize to JSON"))
 }
@@ -789,5 +884,17 @@ mod tests {
         .unwrap();
         assert_eq!(wrapped.term, 5);
         assert!(parse_meta("{}").is_err());
+    }
+
+    #[test]
+    fn live_arguments() {
+        assert_eq!(parse_position("3:4096").unwrap(), ShardPosition { term: 3, position: 4096 });
+        assert!(parse_position("3").is_err() && parse_position("a:1").is_err());
+        let wrapped = parse_delta_meta(
+            r#"{"hook":"changes-since","ok":{"meta":{"term":5,"since":1,"until":9,"attributes":[]},"entries":[]}}"#,
+        )
+        .unwrap();
+        assert_eq!((wrapped.term, wrapped.since, wrapped.until), (5, 1, 9));
+        assert!(parse_delta_meta(r#"{"term":1}"#).is_err());
     }
 }

@@ -17,11 +17,36 @@ pub enum Hook {
     TermCheck,
     Validate,
     Apply,
+    ChangesSince,
+    DeltaCheck,
+    ApplyChanges,
+    Fence,
+    Unfence,
+    Retire,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 6] =
+    /// The hooks of interface `hooks`, which every contract version has.
+    pub const HOOKS: [Hook; 6] =
         [Hook::Describe, Hook::ShardStatus, Hook::CreateSnapshot, Hook::TermCheck, Hook::Validate, Hook::Apply];
+    /// The hooks of interface `live` (contract 0.2.0).
+    pub const LIVE: [Hook; 6] =
+        [Hook::ChangesSince, Hook::DeltaCheck, Hook::ApplyChanges, Hook::Fence, Hook::Unfence, Hook::Retire];
+    /// Every hook of every contract version.
+    pub const ALL: [Hook; 12] = [
+        Hook::Describe,
+        Hook::ShardStatus,
+        Hook::CreateSnapshot,
+        Hook::TermCheck,
+        Hook::Validate,
+        Hook::Apply,
+        Hook::ChangesSince,
+        Hook::DeltaCheck,
+        Hook::ApplyChanges,
+        Hook::Fence,
+        Hook::Unfence,
+        Hook::Retire,
+    ];
 
     /// The hook's name in WIT.
     pub fn name(self) -> &'static str {
@@ -32,6 +57,12 @@ impl Hook {
             Hook::TermCheck => "term-check",
             Hook::Validate => "validate",
             Hook::Apply => "apply",
+            Hook::ChangesSince => "changes-since",
+            Hook::DeltaCheck => "delta-check",
+            Hook::ApplyChanges => "apply-changes",
+            Hook::Fence => "fence",
+            Hook::Unfence => "unfence",
+            Hook::Retire => "retire",
         }
     }
 
@@ -73,6 +104,9 @@ pub enum LoadErrorKind {
     NoHooks { want: &'static str, exports: String },
     #[error("implements contract {found}, which this host does not support (supported: {supported})")]
     UnsupportedVersion { found: String, supported: &'static str },
+    /// A contract version's interface is not exported at all.
+    #[error("implements {contract} but does not export {interface}")]
+    MissingInterface { contract: &'static str, interface: &'static str },
     #[error("exports {interface} without {}", missing.join(", "))]
     MissingExports { interface: String, missing: Vec<String> },
     #[error("needs imports Ferry does not provide: {0}")]
@@ -115,6 +149,10 @@ pub enum HookErrorKind {
     BadReply(ReplyError),
     #[error("cannot prepare the sandbox: {0}")]
     Sandbox(String),
+    /// The plugin's contract has no such hook (a live hook of a 0.1.0
+    /// plugin); nothing was called.
+    #[error("unsupported by contract {contract}")]
+    Unsupported { contract: &'static str },
 }
 
 impl HookError {

@@ -33,4 +33,7 @@ pub use runtime::{
     PluginRuntime, RuntimeConfig, RuntimeError,
 };
 pub use sandbox::{GUEST_SHARD_DIR, LOG_BURST, LOG_MAX_BYTES, LOG_MAX_MESSAGES, LOG_RATE};
-pub use types::{EngineError, EngineInfo, PlanEntry, ShardPosition, SnapshotMeta, SnapshotPlan};
+pub use types::{
+    DeltaEntry, DeltaMeta, DeltaPlan, EngineError, EngineInfo, FenceInfo, FileLock, PlanEntry, ShardPosition,
+    SnapshotMeta, SnapshotPlan,
+};

@@ -11,34 +11,104 @@
 //! Every hook method is cancel safe: dropping its future drops the instance
 //! and its store. A hook that was writing (`apply`) may have written part of
 //! its files, which is why the host only ever runs it on a staging directory.
+//! The live hooks that write (`apply-changes`, `fence`, `unfence`, `retire`)
+//! are idempotent by contract: a dropped call is repeated, not undone.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::Instrument;
-use wasmtime::component::Instance;
+use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, Trap, UpdateDeadline};
 
-use super::bindings::v0_1_0 as v0;
+use super::bindings::{v0_1_0 as v1, v0_2_0 as v2};
 use super::error::{Hook, HookError, HookErrorKind, LoadErrorKind};
 use super::limits::{Gate, MIB, MemoryAccount, MemoryUsage, Queue, Reservation, Slot};
 use super::runtime::{RuntimeConfig, error_chain};
 use super::sandbox::{Access, CallState, MemoryLimitExceeded, log_output_tail, panic_message};
-use super::types::{EngineInfo, ShardPosition, SnapshotMeta, SnapshotPlan, escape_guest_text};
+use super::types::{
+    DeltaMeta, DeltaPlan, EngineError, EngineInfo, FenceInfo, ShardPosition, SnapshotMeta, SnapshotPlan,
+    escape_guest_text,
+};
 
 /// The contract versions this host implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ContractVersion {
     V0_1_0,
+    /// Adds interface `live`: catch-up deltas, fence, unfence, retire.
+    V0_2_0,
 }
 
 impl ContractVersion {
     pub fn package(self) -> &'static str {
         match self {
             ContractVersion::V0_1_0 => "ferry:engine@0.1.0",
+            ContractVersion::V0_2_0 => "ferry:engine@0.2.0",
         }
     }
+
+    /// The hooks a plugin of this version exports.
+    pub fn hooks(self) -> &'static [Hook] {
+        match self {
+            ContractVersion::V0_1_0 => &Hook::HOOKS,
+            ContractVersion::V0_2_0 => &Hook::ALL,
+        }
+    }
+
+    /// Whether plugins of this version have `hook`.
+    pub fn has(self, hook: Hook) -> bool {
+        self.hooks().contains(&hook)
+    }
+}
+
+/// A pre-instantiated component of one contract version.
+pub(super) enum Pre {
+    V1(v1::EnginePre<CallState>),
+    V2(v2::EnginePre<CallState>),
+}
+
+impl Pre {
+    fn instance_pre(&self) -> &InstancePre<CallState> {
+        match self {
+            Pre::V1(pre) => pre.instance_pre(),
+            Pre::V2(pre) => pre.instance_pre(),
+        }
+    }
+}
+
+/// A live instance's typed exports, of its contract version.
+enum Bindings {
+    V1(v1::Engine),
+    V2(v2::Engine),
+}
+
+/// The 0.2.0 exports of a call that [`Plugin::instantiate_live`] made.
+fn live(bindings: &Bindings) -> &v2::Engine {
+    match bindings {
+        Bindings::V2(b) => b,
+        Bindings::V1(_) => unreachable!("live hooks are refused for contract 0.1.0 before instantiating"),
+    }
+}
+
+/// Runs `$body` with `$b` bound to the call's typed exports and `v` naming
+/// the bindings module of its contract version, for a hook every version has.
+/// The body converts the guest's reply to host types.
+macro_rules! each_version {
+    ($call:ident, |$b:ident| $body:expr) => {
+        match &$call.bindings {
+            Bindings::V1($b) => {
+                #[allow(unused_imports)]
+                use super::bindings::v0_1_0 as v;
+                $body
+            }
+            Bindings::V2($b) => {
+                #[allow(unused_imports)]
+                use super::bindings::v0_2_0 as v;
+                $body
+            }
+        }
+    };
 }
 
 /// What every plugin of one runtime shares.
@@ -64,7 +134,7 @@ pub struct Plugin {
     shared: Arc<PluginShared>,
     path: PathBuf,
     contract: ContractVersion,
-    pre: v0::EnginePre<CallState>,
+    pre: Pre,
     info: Option<EngineInfo>,
     compile_time: Duration,
     cached: bool,
@@ -75,7 +145,7 @@ pub struct Plugin {
 /// A live instance for one call.
 struct Call {
     store: Store<CallState>,
-    bindings: v0::Engine,
+    bindings: Bindings,
     /// Declared last, so dropped after the store: its slots are free by then.
     _slot: Slot,
 }
@@ -85,7 +155,7 @@ impl Plugin {
         shared: Arc<PluginShared>,
         path: PathBuf,
         contract: ContractVersion,
-        pre: v0::EnginePre<CallState>,
+        pre: Pre,
         compile_time: Duration,
         cached: bool,
     ) -> Plugin {
@@ -147,10 +217,17 @@ impl Plugin {
     async fn instantiate(&self, hook: Hook, dir: Option<(&Path, Access)>) -> Result<Call, HookError> {
         // Locals drop in reverse order: the store before the slot.
         let (slot, mut store, instance) = self.instantiate_raw(hook, dir).await?;
-        match v0::Engine::new(&mut store, &instance) {
+        match self.bindings(&mut store, &instance) {
             Ok(bindings) => Ok(Call { store, bindings, _slot: slot }),
             Err(e) => Err(self.trap(hook, &store, e)),
         }
+    }
+
+    fn bindings(&self, store: &mut Store<CallState>, instance: &Instance) -> wasmtime::Result<Bindings> {
+        Ok(match self.contract {
+            ContractVersion::V0_1_0 => Bindings::V1(v1::Engine::new(store, instance)?),
+            ContractVersion::V0_2_0 => Bindings::V2(v2::Engine::new(store, instance)?),
+        })
     }
 
     /// Waits for this plugin's call slot, the node's instance slot and the
@@ -208,15 +285,15 @@ impl Plugin {
         let describe_failed = |e| LoadErrorKind::Describe(Box::new(e));
         async {
             let (slot, mut store, instance) = self.instantiate_raw(hook, None).await.map_err(describe_failed)?;
-            v0::typecheck(&mut store, &instance).map_err(LoadErrorKind::Mismatch)?;
+            match self.contract {
+                ContractVersion::V0_1_0 => v1::typecheck(&mut store, &instance),
+                ContractVersion::V0_2_0 => v2::typecheck(&mut store, &instance),
+            }
+            .map_err(LoadErrorKind::Mismatch)?;
             let bindings =
-                v0::Engine::new(&mut store, &instance).map_err(|e| LoadErrorKind::Mismatch(error_chain(&e)))?;
-            let mut call = Call { store, bindings, _slot: slot };
-            let result = call.bindings.ferry_engine_hooks().call_describe(&mut call.store).await;
-            self.finish(hook, call, result.map(Ok), |info| {
-                EngineInfo::from(info).check().map_err(HookErrorKind::BadReply)
-            })
-            .map_err(describe_failed)
+                self.bindings(&mut store, &instance).map_err(|e| LoadErrorKind::Mismatch(error_chain(&e)))?;
+            let call = Call { store, bindings, _slot: slot };
+            self.call_describe(call).await.map_err(describe_failed)
         }
         .instrument(self.span(hook, ""))
         .await
@@ -254,7 +331,7 @@ impl Plugin {
         &self,
         hook: Hook,
         mut call: Call,
-        result: wasmtime::Result<Result<T, v0::ferry::engine::types::EngineError>>,
+        result: wasmtime::Result<Result<T, EngineError>>,
         convert: impl FnOnce(T) -> Result<R, HookErrorKind>,
     ) -> Result<R, HookError> {
         log_output_tail("stdout", &call.store.data().stdout);
@@ -262,7 +339,7 @@ impl Plugin {
         call.store.data_mut().log.report();
         match result {
             Ok(Ok(value)) => convert(value).map_err(|kind| self.error(hook, kind)),
-            Ok(Err(engine_error)) => Err(self.error(hook, HookErrorKind::Engine(engine_error.into()))),
+            Ok(Err(engine_error)) => Err(self.error(hook, HookErrorKind::Engine(engine_error))),
             Err(e) => Err(self.trap(hook, &call.store, e)),
         }
     }
@@ -271,14 +348,18 @@ impl Plugin {
     pub async fn describe(&self) -> Result<EngineInfo, HookError> {
         let hook = Hook::Describe;
         async {
-            let mut call = self.instantiate(hook, None).await?;
-            let result = call.bindings.ferry_engine_hooks().call_describe(&mut call.store).await;
-            self.finish(hook, call, result.map(Ok), |info| {
-                EngineInfo::from(info).check().map_err(HookErrorKind::BadReply)
-            })
+            let call = self.instantiate(hook, None).await?;
+            self.call_describe(call).await
         }
         .instrument(self.span(hook, ""))
         .await
+    }
+
+    async fn call_describe(&self, mut call: Call) -> Result<EngineInfo, HookError> {
+        let result = each_version!(call, |b| {
+            b.ferry_engine_hooks().call_describe(&mut call.store).await.map(|info| Ok(EngineInfo::from(info)))
+        });
+        self.finish(Hook::Describe, call, result, |info| info.check().map_err(HookErrorKind::BadReply))
     }
 
     /// The shard's current term and position; `dir` is the live shard.
@@ -286,8 +367,11 @@ impl Plugin {
         let hook = Hook::ShardStatus;
         async {
             let mut call = self.instantiate(hook, Some((dir, Access::ReadOnly))).await?;
-            let result = call.bindings.ferry_engine_hooks().call_shard_status(&mut call.store, shard).await;
-            self.finish(hook, call, result, |p| Ok(p.into()))
+            let result = each_version!(call, |b| {
+                let result = b.ferry_engine_hooks().call_shard_status(&mut call.store, shard).await;
+                result.map(|r| r.map(ShardPosition::from).map_err(EngineError::from))
+            });
+            self.finish(hook, call, result, Ok)
         }
         .instrument(self.span(hook, shard))
         .await
@@ -298,8 +382,11 @@ impl Plugin {
         let hook = Hook::CreateSnapshot;
         async {
             let mut call = self.instantiate(hook, Some((dir, Access::ReadOnly))).await?;
-            let result = call.bindings.ferry_engine_hooks().call_create_snapshot(&mut call.store, shard).await;
-            self.finish(hook, call, result, |plan| v0::plan(plan).map_err(HookErrorKind::BadReply))
+            let result = each_version!(call, |b| {
+                let result = b.ferry_engine_hooks().call_create_snapshot(&mut call.store, shard).await;
+                result.map(|r| r.map(v::plan).map_err(EngineError::from))
+            });
+            self.finish(hook, call, result, |plan| plan.map_err(HookErrorKind::BadReply))
         }
         .instrument(self.span(hook, shard))
         .await
@@ -310,8 +397,11 @@ impl Plugin {
         let hook = Hook::TermCheck;
         async {
             let mut call = self.instantiate(hook, Some((dir, Access::ReadOnly))).await?;
-            let meta = meta.into();
-            let result = call.bindings.ferry_engine_hooks().call_term_check(&mut call.store, shard, &meta).await;
+            let result = each_version!(call, |b| {
+                let meta = meta.into();
+                let result = b.ferry_engine_hooks().call_term_check(&mut call.store, shard, &meta).await;
+                result.map(|r| r.map_err(EngineError::from))
+            });
             self.finish(hook, call, result, Ok)
         }
         .instrument(self.span(hook, shard))
@@ -323,9 +413,12 @@ impl Plugin {
         let hook = Hook::Validate;
         async {
             let mut call = self.instantiate(hook, Some((dir, Access::ReadOnly))).await?;
-            let meta = meta.into();
-            let result = call.bindings.ferry_engine_hooks().call_validate(&mut call.store, shard, &meta).await;
-            self.finish(hook, call, result, |p| Ok(p.into()))
+            let result = each_version!(call, |b| {
+                let meta = meta.into();
+                let result = b.ferry_engine_hooks().call_validate(&mut call.store, shard, &meta).await;
+                result.map(|r| r.map(ShardPosition::from).map_err(EngineError::from))
+            });
+            self.finish(hook, call, result, Ok)
         }
         .instrument(self.span(hook, shard))
         .await
@@ -336,9 +429,106 @@ impl Plugin {
         let hook = Hook::Apply;
         async {
             let mut call = self.instantiate(hook, Some((dir, Access::ReadWrite))).await?;
-            let meta = meta.into();
-            let result = call.bindings.ferry_engine_hooks().call_apply(&mut call.store, shard, &meta).await;
+            let result = each_version!(call, |b| {
+                let meta = meta.into();
+                let result = b.ferry_engine_hooks().call_apply(&mut call.store, shard, &meta).await;
+                result.map(|r| r.map_err(EngineError::from))
+            });
             self.finish(hook, call, result, Ok)
+        }
+        .instrument(self.span(hook, shard))
+        .await
+    }
+
+    /// A fresh instance for a hook of interface `live`, with its 0.2.0
+    /// exports; a typed `Unsupported` error, before anything runs, for a
+    /// plugin of an older contract.
+    async fn instantiate_live(&self, hook: Hook, dir: &Path, access: Access) -> Result<Call, HookError> {
+        if !self.contract.has(hook) {
+            return Err(self.error(hook, HookErrorKind::Unsupported { contract: self.contract.package() }));
+        }
+        self.instantiate(hook, Some((dir, access))).await
+    }
+
+    /// Source: plans the changes of the live shard in `dir` after `since`,
+    /// the position the receiver holds (contract 0.2.0).
+    pub async fn changes_since(&self, shard: &str, dir: &Path, since: ShardPosition) -> Result<DeltaPlan, HookError> {
+        let hook = Hook::ChangesSince;
+        async {
+            let mut call = self.instantiate_live(hook, dir, Access::ReadOnly).await?;
+            let result =
+                live(&call.bindings).ferry_engine_live().call_changes_since(&mut call.store, shard, since.into()).await;
+            let result = result.map(|r| r.map(v2::delta_plan).map_err(EngineError::from));
+            self.finish(hook, call, result, |plan| plan.map_err(HookErrorKind::BadReply))
+        }
+        .instrument(self.span(hook, shard))
+        .await
+    }
+
+    /// Source: checks, after a round's last entry was sent, that the delta
+    /// `meta` still describes the live shard in `dir`.
+    pub async fn delta_check(&self, shard: &str, dir: &Path, meta: &DeltaMeta) -> Result<(), HookError> {
+        let hook = Hook::DeltaCheck;
+        async {
+            let mut call = self.instantiate_live(hook, dir, Access::ReadOnly).await?;
+            let result =
+                live(&call.bindings).ferry_engine_live().call_delta_check(&mut call.store, shard, &meta.into()).await;
+            self.finish(hook, call, result.map(|r| r.map_err(EngineError::from)), Ok)
+        }
+        .instrument(self.span(hook, shard))
+        .await
+    }
+
+    /// Receiver: makes its replica in `dir`, where the host wrote the round's
+    /// entries durably, say `meta.until`; returns the replica's position.
+    pub async fn apply_changes(&self, shard: &str, dir: &Path, meta: &DeltaMeta) -> Result<ShardPosition, HookError> {
+        let hook = Hook::ApplyChanges;
+        async {
+            let mut call = self.instantiate_live(hook, dir, Access::ReadWrite).await?;
+            let result =
+                live(&call.bindings).ferry_engine_live().call_apply_changes(&mut call.store, shard, &meta.into()).await;
+            let result = result.map(|r| r.map(ShardPosition::from).map_err(EngineError::from));
+            self.finish(hook, call, result, Ok)
+        }
+        .instrument(self.span(hook, shard))
+        .await
+    }
+
+    /// Source: stops the engine's writers of the live shard in `dir` for
+    /// transfer epoch `epoch`; returns the last position and the locks the
+    /// host must hold.
+    pub async fn fence(&self, shard: &str, dir: &Path, epoch: u64) -> Result<FenceInfo, HookError> {
+        let hook = Hook::Fence;
+        async {
+            let mut call = self.instantiate_live(hook, dir, Access::ReadWrite).await?;
+            let result = live(&call.bindings).ferry_engine_live().call_fence(&mut call.store, shard, epoch).await;
+            let result = result.map(|r| r.map(v2::fence_info).map_err(EngineError::from));
+            self.finish(hook, call, result, |info| info.map_err(HookErrorKind::BadReply))
+        }
+        .instrument(self.span(hook, shard))
+        .await
+    }
+
+    /// Source: lifts the fence of `epoch` from the live shard in `dir`.
+    pub async fn unfence(&self, shard: &str, dir: &Path, epoch: u64) -> Result<(), HookError> {
+        let hook = Hook::Unfence;
+        async {
+            let mut call = self.instantiate_live(hook, dir, Access::ReadWrite).await?;
+            let result = live(&call.bindings).ferry_engine_live().call_unfence(&mut call.store, shard, epoch).await;
+            self.finish(hook, call, result.map(|r| r.map_err(EngineError::from)), Ok)
+        }
+        .instrument(self.span(hook, shard))
+        .await
+    }
+
+    /// Source, after a move committed: the replica in `dir` refuses writes
+    /// for ever.
+    pub async fn retire(&self, shard: &str, dir: &Path, epoch: u64) -> Result<(), HookError> {
+        let hook = Hook::Retire;
+        async {
+            let mut call = self.instantiate_live(hook, dir, Access::ReadWrite).await?;
+            let result = live(&call.bindings).ferry_engine_live().call_retire(&mut call.store, shard, epoch).await;
+            self.finish(hook, call, result.map(|r| r.map_err(EngineError::from)), Ok)
         }
         .instrument(self.span(hook, shard))
         .await
@@ -359,6 +549,9 @@ impl BenchInstance {
     /// One typed call of `describe` on this warm instance.
     pub async fn describe(&mut self) -> wasmtime::Result<String> {
         let Call { store, bindings, .. } = &mut self.0;
-        Ok(bindings.ferry_engine_hooks().call_describe(store).await?.name)
+        Ok(match bindings {
+            Bindings::V1(b) => b.ferry_engine_hooks().call_describe(store).await?.name,
+            Bindings::V2(b) => b.ferry_engine_hooks().call_describe(store).await?.name,
+        })
     }
 }

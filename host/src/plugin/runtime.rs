@@ -13,11 +13,11 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use super::bindings::v0_1_0 as v0;
+use super::bindings::{v0_1_0 as v1, v0_2_0 as v2};
 use super::cache::CompiledCache;
 use super::error::{Hook, LoadError, LoadErrorKind};
 use super::limits::{Gate, MIB, MemoryUsage, Queue};
-use super::plugin::{ContractVersion, Plugin, PluginShared};
+use super::plugin::{ContractVersion, Plugin, PluginShared, Pre};
 use super::sandbox::CallState;
 
 /// How often the epoch advances; deadlines are counted in these ticks.
@@ -41,6 +41,23 @@ pub struct HookDeadlines {
     pub validate: Duration,
     #[serde(with = "millis")]
     pub apply: Duration,
+    /// Plans a round: reads the control data of the live shard, like
+    /// `create_snapshot` (the data bytes never pass through the guest).
+    #[serde(with = "millis")]
+    pub changes_since: Duration,
+    /// Short, like `term_check`: the receiver waits for it.
+    #[serde(with = "millis")]
+    pub delta_check: Duration,
+    /// Reads what one round wrote, like `apply` does a snapshot.
+    #[serde(with = "millis")]
+    pub apply_changes: Duration,
+    /// Short: a fence runs inside the write pause.
+    #[serde(with = "millis")]
+    pub fence: Duration,
+    #[serde(with = "millis")]
+    pub unfence: Duration,
+    #[serde(with = "millis")]
+    pub retire: Duration,
 }
 
 impl Default for HookDeadlines {
@@ -52,6 +69,12 @@ impl Default for HookDeadlines {
             term_check: Duration::from_secs(5),
             validate: Duration::from_secs(1800),
             apply: Duration::from_secs(600),
+            changes_since: Duration::from_secs(120),
+            delta_check: Duration::from_secs(5),
+            apply_changes: Duration::from_secs(600),
+            fence: Duration::from_secs(5),
+            unfence: Duration::from_secs(5),
+            retire: Duration::from_secs(5),
         }
     }
 }
@@ -65,6 +88,12 @@ impl HookDeadlines {
             Hook::TermCheck => self.term_check,
             Hook::Validate => self.validate,
             Hook::Apply => self.apply,
+            Hook::ChangesSince => self.changes_since,
+            Hook::DeltaCheck => self.delta_check,
+            Hook::ApplyChanges => self.apply_changes,
+            Hook::Fence => self.fence,
+            Hook::Unfence => self.unfence,
+            Hook::Retire => self.retire,
         }
     }
 
@@ -76,6 +105,12 @@ impl HookDeadlines {
             Hook::TermCheck => &mut self.term_check,
             Hook::Validate => &mut self.validate,
             Hook::Apply => &mut self.apply,
+            Hook::ChangesSince => &mut self.changes_since,
+            Hook::DeltaCheck => &mut self.delta_check,
+            Hook::ApplyChanges => &mut self.apply_changes,
+            Hook::Fence => &mut self.fence,
+            Hook::Unfence => &mut self.unfence,
+            Hook::Retire => &mut self.retire,
         };
         *slot = deadline;
     }
@@ -167,7 +202,11 @@ impl PluginRuntime {
         let (engine, pooling) = build_engine(&config)?;
         let mut linker = Linker::<CallState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RuntimeError(e.to_string()))?;
-        v0::Engine::add_to_linker::<CallState, wasmtime::component::HasSelf<CallState>>(&mut linker, |s| s)
+        // Every contract version's imports (`log`, `types`), side by side:
+        // their names carry the version.
+        v1::Engine::add_to_linker::<CallState, wasmtime::component::HasSelf<CallState>>(&mut linker, |s| s)
+            .map_err(|e| RuntimeError(e.to_string()))?;
+        v2::Engine::add_to_linker::<CallState, wasmtime::component::HasSelf<CallState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError(e.to_string()))?;
         let cache = config.cache_dir.clone().map(|dir| Arc::new(CompiledCache::new(dir, &engine)));
         let ticker = EpochTicker::start(engine.clone());
@@ -230,7 +269,11 @@ impl PluginRuntime {
         let contract = find_contract(engine, &component).map_err(fail)?;
         let instance_pre =
             self.linker.instantiate_pre(&component).map_err(|e| fail(LoadErrorKind::Imports(error_chain(&e))))?;
-        let pre = v0::EnginePre::new(instance_pre).map_err(|e| fail(LoadErrorKind::Mismatch(error_chain(&e))))?;
+        let mismatch = |e: wasmtime::Error| fail(LoadErrorKind::Mismatch(error_chain(&e)));
+        let pre = match contract {
+            ContractVersion::V0_1_0 => Pre::V1(v1::EnginePre::new(instance_pre).map_err(mismatch)?),
+            ContractVersion::V0_2_0 => Pre::V2(v2::EnginePre::new(instance_pre).map_err(mismatch)?),
+        };
 
         let plugin = Plugin::new(self.shared.clone(), path.to_owned(), contract, pre, compile_time, cached);
         let info = plugin.probe().await.map_err(fail)?;
@@ -284,34 +327,53 @@ fn check_header(wasm: &[u8]) -> Result<(), LoadErrorKind> {
     }
 }
 
+/// The `hooks` interfaces this host loads, newest first.
+const SUPPORTED: &str = "ferry:engine/hooks@0.2.0, ferry:engine/hooks@0.1.0";
+
 /// Finds which contract version the component implements, and checks that
-/// every hook is exported.
+/// every hook of that version is exported.
 fn find_contract(engine: &Engine, component: &Component) -> Result<ContractVersion, LoadErrorKind> {
     let ty = component.component_type();
     let exports: Vec<(String, ComponentItem)> = ty.exports(engine).map(|(n, e)| (n.to_owned(), e.ty)).collect();
     let Some((name, item)) = exports.iter().find(|(n, _)| n.starts_with("ferry:engine/hooks@")) else {
         let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
         return Err(LoadErrorKind::NoHooks {
-            want: v0::HOOKS_INTERFACE,
+            want: SUPPORTED,
             exports: if names.is_empty() { "nothing".into() } else { names.join(", ") },
         });
     };
     let contract = match name.as_str() {
-        v0::HOOKS_INTERFACE => ContractVersion::V0_1_0,
+        v1::HOOKS_INTERFACE => ContractVersion::V0_1_0,
+        v2::HOOKS_INTERFACE => ContractVersion::V0_2_0,
         found => {
-            return Err(LoadErrorKind::UnsupportedVersion { found: found.to_owned(), supported: v0::HOOKS_INTERFACE });
+            return Err(LoadErrorKind::UnsupportedVersion { found: found.to_owned(), supported: SUPPORTED });
         }
     };
+    check_interface(engine, name, item, &Hook::HOOKS)?;
+    if contract == ContractVersion::V0_2_0 {
+        let Some((live, item)) = exports.iter().find(|(n, _)| n == v2::LIVE_INTERFACE) else {
+            return Err(LoadErrorKind::MissingInterface {
+                contract: contract.package(),
+                interface: v2::LIVE_INTERFACE,
+            });
+        };
+        check_interface(engine, live, item, &Hook::LIVE)?;
+    }
+    Ok(contract)
+}
+
+/// Checks that the exported instance `name` holds every one of `hooks`.
+fn check_interface(engine: &Engine, name: &str, item: &ComponentItem, hooks: &[Hook]) -> Result<(), LoadErrorKind> {
     let ComponentItem::ComponentInstance(instance) = item else {
         return Err(LoadErrorKind::Mismatch(format!("{name} is exported, but not as an instance")));
     };
     let have: Vec<&str> = instance.exports(engine).map(|(n, _)| n).collect();
     let missing: Vec<String> =
-        Hook::ALL.iter().map(|h| h.name()).filter(|h| !have.contains(h)).map(str::to_owned).collect();
+        hooks.iter().map(|h| h.name()).filter(|h| !have.contains(h)).map(str::to_owned).collect();
     if !missing.is_empty() {
-        return Err(LoadErrorKind::MissingExports { interface: name.clone(), missing });
+        return Err(LoadErrorKind::MissingExports { interface: name.to_owned(), missing });
     }
-    Ok(contract)
+    Ok(())
 }
 
 /// `outer: inner: innermost` of a wasmtime error.

@@ -15,7 +15,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::v0_1_0 as v0;
+use super::bindings::{v0_1_0 as v1, v0_2_0 as v2};
 use super::limits::MemoryAccount;
 use super::types::{escape_guest_text, guest_message};
 
@@ -101,11 +101,12 @@ impl WasiView for CallState {
     }
 }
 
-impl v0::ferry::engine::log::Host for CallState {
-    async fn log(&mut self, level: v0::ferry::engine::log::Level, message: String) {
+impl CallState {
+    /// A guest's `log` call, of any contract version.
+    fn guest_log(&mut self, level: tracing::Level, message: String) {
         let Some(message) = self.log.admit(message) else { return };
         // The caller's span names the plugin, the hook and the shard.
-        match v0::level(level) {
+        match level {
             tracing::Level::TRACE => tracing::trace!(target: "ferry::guest", "{message}"),
             tracing::Level::DEBUG => tracing::debug!(target: "ferry::guest", "{message}"),
             tracing::Level::INFO => tracing::info!(target: "ferry::guest", "{message}"),
@@ -115,7 +116,21 @@ impl v0::ferry::engine::log::Host for CallState {
     }
 }
 
-impl v0::ferry::engine::types::Host for CallState {}
+impl v1::ferry::engine::log::Host for CallState {
+    async fn log(&mut self, level: v1::ferry::engine::log::Level, message: String) {
+        self.guest_log(v1::level(level), message);
+    }
+}
+
+impl v1::ferry::engine::types::Host for CallState {}
+
+impl v2::ferry::engine::log::Host for CallState {
+    async fn log(&mut self, level: v2::ferry::engine::log::Level, message: String) {
+        self.guest_log(v2::level(level), message);
+    }
+}
+
+impl v2::ferry::engine::types::Host for CallState {}
 
 /// One call's `log` budget: at most [`LOG_MAX_MESSAGES`] messages and
 /// [`LOG_MAX_BYTES`] bytes, at most [`LOG_RATE`] a second after a burst of

@@ -23,6 +23,15 @@ pub const MAX_ATTRIBUTE_KEY: usize = 128;
 pub const MAX_ATTRIBUTE_VALUE: usize = 4096;
 /// Longest error message kept from a guest.
 pub const MAX_GUEST_MESSAGE: usize = 4096;
+/// Most locks one fence may ask the host to hold.
+pub const MAX_FENCE_LOCKS: usize = 16;
+/// Smallest block of a block-diff entry.
+pub const MIN_DIFF_BLOCK: u32 = 512;
+/// Largest block of a block-diff entry.
+pub const MAX_DIFF_BLOCK: u32 = 1 << 20;
+/// Largest file a delta entry may describe (1 PiB): far past any shard, and
+/// far from where offset arithmetic could overflow.
+pub const MAX_DELTA_FILE: u64 = 1 << 50;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineInfo {
@@ -86,6 +95,14 @@ pub enum EngineError {
     Unsupported(String),
     #[error("{0}")]
     Other(String),
+    /// Contract 0.2.0: the history after the requested position is gone; the
+    /// host starts over with a snapshot.
+    #[error("history gone: {0}")]
+    HistoryGone(String),
+    /// Contract 0.2.0: another transfer epoch holds the fence, or the shard
+    /// is retired.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 /// Why a guest's reply was refused.
@@ -181,17 +198,7 @@ pub fn check_engine_name(name: &str) -> Result<(), String> {
 
 impl SnapshotMeta {
     pub fn check(self) -> Result<SnapshotMeta, ReplyError> {
-        if self.attributes.len() > MAX_ATTRIBUTES {
-            return refuse(format!("{} attributes, at most {MAX_ATTRIBUTES}", self.attributes.len()));
-        }
-        for (key, value) in &self.attributes {
-            if key.is_empty() || key.len() > MAX_ATTRIBUTE_KEY || value.len() > MAX_ATTRIBUTE_VALUE {
-                return refuse(format!(
-                    "attribute {:?} is empty or too long (key ≤ {MAX_ATTRIBUTE_KEY}, value ≤ {MAX_ATTRIBUTE_VALUE} bytes)",
-                    key.chars().take(80).collect::<String>()
-                ));
-            }
-        }
+        check_attributes(&self.attributes)?;
         Ok(self)
     }
 }
@@ -251,6 +258,213 @@ impl SnapshotPlan {
         }
         Ok(SnapshotPlan { meta, entries })
     }
+}
+
+/// What one catch-up round covers: the changes after `since` up to `until`,
+/// within `term` (contract 0.2.0).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DeltaMeta {
+    pub term: u64,
+    pub since: u64,
+    pub until: u64,
+    pub attributes: Vec<(String, String)>,
+}
+
+impl DeltaMeta {
+    pub fn check(self) -> Result<DeltaMeta, ReplyError> {
+        check_attributes(&self.attributes)?;
+        if self.until < self.since {
+            return refuse(format!("delta ends at {} before it starts at {}", self.until, self.since));
+        }
+        Ok(self)
+    }
+
+    /// Where the receiver stands once the round is applied.
+    pub fn end(&self) -> ShardPosition {
+        ShardPosition { term: self.term, position: self.until }
+    }
+}
+
+/// One entry of a delta plan. Paths follow the snapshot plan's rules.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum DeltaEntry {
+    /// Bytes `[offset, offset + length)` of the source's `path`, written at
+    /// the same offset of the receiver's `path` (created or extended).
+    Range { path: RelPath, offset: u64, length: u64 },
+    /// The receiver's `path` becomes equal to the source's, `length` bytes,
+    /// by sending only the blocks of `block_size` bytes whose digest differs.
+    BlockDiff { path: RelPath, block_size: u32, length: u64 },
+    /// Replaces the receiver's whole file.
+    Inline {
+        path: RelPath,
+        #[serde(with = "base64_bytes")]
+        contents: Vec<u8>,
+    },
+    /// The receiver removes this file.
+    Remove { path: RelPath },
+}
+
+impl DeltaEntry {
+    pub fn path(&self) -> &RelPath {
+        match self {
+            DeltaEntry::Range { path, .. }
+            | DeltaEntry::BlockDiff { path, .. }
+            | DeltaEntry::Inline { path, .. }
+            | DeltaEntry::Remove { path } => path,
+        }
+    }
+}
+
+/// The changes of one catch-up round, checked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaPlan {
+    pub meta: DeltaMeta,
+    pub entries: Vec<DeltaEntry>,
+}
+
+/// A delta entry as the guest sent it, before its path is checked.
+pub enum RawDeltaEntry {
+    Range { path: String, offset: u64, length: u64 },
+    BlockDiff { path: String, block_size: u32, length: u64 },
+    Inline { path: String, contents: Vec<u8> },
+    Remove { path: String },
+}
+
+impl DeltaPlan {
+    /// Checks a guest's delta plan as strictly as a snapshot plan: bounded
+    /// size, valid unique paths, sane ranges and block sizes.
+    pub fn from_guest(meta: DeltaMeta, raw: Vec<RawDeltaEntry>) -> Result<DeltaPlan, ReplyError> {
+        let meta = meta.check()?;
+        if raw.len() > MAX_PLAN_ENTRIES {
+            return refuse(format!("delta plan has {} entries, at most {MAX_PLAN_ENTRIES}", raw.len()));
+        }
+        let path = |p: String| RelPath::new(&p).map_err(|e| ReplyError(format!("delta entry {e}")));
+        let mut seen = HashSet::with_capacity(raw.len());
+        let mut inline_total = 0usize;
+        let mut entries = Vec::with_capacity(raw.len());
+        for entry in raw {
+            let entry = match entry {
+                RawDeltaEntry::Range { path: p, offset, length } => {
+                    let path = path(p)?;
+                    if length == 0 {
+                        return refuse(format!("delta entry {path}: empty range"));
+                    }
+                    if offset.checked_add(length).is_none_or(|end| end > MAX_DELTA_FILE) {
+                        return refuse(format!("delta entry {path}: range {offset}+{length} is out of bounds"));
+                    }
+                    DeltaEntry::Range { path, offset, length }
+                }
+                RawDeltaEntry::BlockDiff { path: p, block_size, length } => {
+                    let path = path(p)?;
+                    if !block_size.is_power_of_two() || !(MIN_DIFF_BLOCK..=MAX_DIFF_BLOCK).contains(&block_size) {
+                        return refuse(format!(
+                            "delta entry {path}: block size {block_size} is not a power of two in \
+                             [{MIN_DIFF_BLOCK}, {MAX_DIFF_BLOCK}]"
+                        ));
+                    }
+                    if length > MAX_DELTA_FILE {
+                        return refuse(format!("delta entry {path}: length {length} is out of bounds"));
+                    }
+                    DeltaEntry::BlockDiff { path, block_size, length }
+                }
+                RawDeltaEntry::Inline { path: p, contents } => {
+                    let path = path(p)?;
+                    if contents.len() > MAX_INLINE_ENTRY {
+                        return refuse(format!(
+                            "delta entry {path}: inline entry of {} bytes, at most {MAX_INLINE_ENTRY}",
+                            contents.len()
+                        ));
+                    }
+                    inline_total += contents.len();
+                    if inline_total > MAX_INLINE_TOTAL {
+                        return refuse(format!("inline entries exceed {MAX_INLINE_TOTAL} bytes in all"));
+                    }
+                    DeltaEntry::Inline { path, contents }
+                }
+                RawDeltaEntry::Remove { path: p } => DeltaEntry::Remove { path: path(p)? },
+            };
+            if !seen.insert(entry.path().clone()) {
+                return refuse(format!("delta plan names {} twice", entry.path()));
+            }
+            entries.push(entry);
+        }
+        for entry in &entries {
+            if let Some(parent) = entry.path().parents().find(|p| seen.contains(*p as &str)) {
+                return refuse(format!("delta entry {} is inside file {parent}", entry.path()));
+            }
+        }
+        Ok(DeltaPlan { meta, entries })
+    }
+}
+
+/// A POSIX record lock (`fcntl`) the host takes on a file of the live shard
+/// and holds while the shard is fenced.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileLock {
+    pub path: RelPath,
+    pub offset: u64,
+    /// Bytes locked; never 0 (which would mean "to the end" to `fcntl`: the
+    /// plugin names its range).
+    pub length: u64,
+    pub exclusive: bool,
+}
+
+/// What a fence returned: the last position any write can have, and the
+/// locks the host must hold until `unfence` or `retire`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceInfo {
+    pub last: ShardPosition,
+    pub locks: Vec<FileLock>,
+}
+
+/// A lock as the guest sent it, before its path is checked.
+pub struct RawFileLock {
+    pub path: String,
+    pub offset: u64,
+    pub length: u64,
+    pub exclusive: bool,
+}
+
+impl FenceInfo {
+    /// Checks a guest's fence info: a few locks, on valid paths, of ranges
+    /// `fcntl` can take (`off_t` is signed), none named twice.
+    pub fn from_guest(last: ShardPosition, raw: Vec<RawFileLock>) -> Result<FenceInfo, ReplyError> {
+        if raw.len() > MAX_FENCE_LOCKS {
+            return refuse(format!("fence asks for {} locks, at most {MAX_FENCE_LOCKS}", raw.len()));
+        }
+        let mut locks: Vec<FileLock> = Vec::with_capacity(raw.len());
+        for lock in raw {
+            let path = RelPath::new(&lock.path).map_err(|e| ReplyError(format!("fence lock {e}")))?;
+            if lock.length == 0 || lock.offset.checked_add(lock.length).is_none_or(|end| end > i64::MAX as u64) {
+                return refuse(format!(
+                    "fence lock {path}: range {}+{} is empty or out of bounds",
+                    lock.offset, lock.length
+                ));
+            }
+            let lock = FileLock { path, offset: lock.offset, length: lock.length, exclusive: lock.exclusive };
+            if locks.contains(&lock) {
+                return refuse(format!("fence names the lock on {} twice", lock.path));
+            }
+            locks.push(lock);
+        }
+        Ok(FenceInfo { last, locks })
+    }
+}
+
+fn check_attributes(attributes: &[(String, String)]) -> Result<(), ReplyError> {
+    if attributes.len() > MAX_ATTRIBUTES {
+        return refuse(format!("{} attributes, at most {MAX_ATTRIBUTES}", attributes.len()));
+    }
+    for (key, value) in attributes {
+        if key.is_empty() || key.len() > MAX_ATTRIBUTE_KEY || value.len() > MAX_ATTRIBUTE_VALUE {
+            return refuse(format!(
+                "attribute {:?} is empty or too long (key ≤ {MAX_ATTRIBUTE_KEY}, value ≤ {MAX_ATTRIBUTE_VALUE} bytes)",
+                key.chars().take(80).collect::<String>()
+            ));
+        }
+    }
+    Ok(())
 }
 
 mod base64_bytes {
@@ -315,6 +529,94 @@ mod tests {
         ];
         for (entries, want) in cases {
             let err = SnapshotPlan::from_guest(meta(), entries).unwrap_err().to_string();
+            assert!(err.contains(want), "want {want:?} in {err:?}");
+        }
+    }
+
+    fn delta_meta() -> DeltaMeta {
+        DeltaMeta { term: 1, since: 10, until: 20, attributes: vec![] }
+    }
+
+    fn range(path: &str, offset: u64, length: u64) -> RawDeltaEntry {
+        RawDeltaEntry::Range { path: path.into(), offset, length }
+    }
+
+    fn diff(block_size: u32) -> RawDeltaEntry {
+        RawDeltaEntry::BlockDiff { path: "db".into(), block_size, length: 8192 }
+    }
+
+    #[test]
+    fn good_delta_plan_passes() {
+        let plan = DeltaPlan::from_guest(
+            delta_meta(),
+            vec![
+                range("seg/1", 10, 10),
+                diff(4096),
+                RawDeltaEntry::Inline { path: "control".into(), contents: vec![1] },
+                RawDeltaEntry::Remove { path: "old".into() },
+            ],
+        )
+        .unwrap();
+        assert_eq!(plan.entries.len(), 4);
+        let json = serde_json::to_string(&plan).unwrap();
+        assert!(json.contains(r#""kind":"block-diff""#), "{json}");
+        assert_eq!(serde_json::from_str::<DeltaPlan>(&json).unwrap(), plan);
+        // An empty round is a valid plan.
+        DeltaPlan::from_guest(DeltaMeta { until: 10, ..delta_meta() }, vec![]).unwrap();
+    }
+
+    #[test]
+    fn bad_delta_plans_are_refused() {
+        let cases: Vec<(DeltaMeta, Vec<RawDeltaEntry>, &str)> = vec![
+            (DeltaMeta { until: 9, ..delta_meta() }, vec![], "before it starts"),
+            (delta_meta(), vec![range("a", 0, 1), RawDeltaEntry::Remove { path: "a".into() }], "twice"),
+            (delta_meta(), vec![range("/abs", 0, 1)], "absolute"),
+            (delta_meta(), vec![range("a/../b", 0, 1)], "'..'"),
+            (delta_meta(), vec![range("a", 0, 1), range("a/b", 0, 1)], "inside file a"),
+            (delta_meta(), vec![range("a", 0, 0)], "empty range"),
+            (delta_meta(), vec![range("a", u64::MAX, 2)], "out of bounds"),
+            (delta_meta(), vec![range("a", MAX_DELTA_FILE, 1)], "out of bounds"),
+            (delta_meta(), vec![diff(4000)], "power of two"),
+            (delta_meta(), vec![diff(256)], "power of two"),
+            (delta_meta(), vec![diff(2 << 20)], "power of two"),
+            (
+                delta_meta(),
+                vec![RawDeltaEntry::BlockDiff { path: "db".into(), block_size: 4096, length: u64::MAX }],
+                "out of bounds",
+            ),
+            (
+                delta_meta(),
+                vec![RawDeltaEntry::Inline { path: "big".into(), contents: vec![0; MAX_INLINE_ENTRY + 1] }],
+                "at most",
+            ),
+            (DeltaMeta { attributes: vec![(String::new(), "v".into())], ..delta_meta() }, vec![], "empty or too long"),
+        ];
+        for (meta, entries, want) in cases {
+            let err = DeltaPlan::from_guest(meta, entries).unwrap_err().to_string();
+            assert!(err.contains(want), "want {want:?} in {err:?}");
+        }
+        let many = (0..=MAX_PLAN_ENTRIES).map(|i| RawDeltaEntry::Remove { path: format!("f{i}") }).collect();
+        assert!(DeltaPlan::from_guest(delta_meta(), many).unwrap_err().to_string().contains("at most"));
+    }
+
+    #[test]
+    fn fence_info_is_checked() {
+        let last = ShardPosition { term: 2, position: 5 };
+        let lock =
+            |path: &str, offset: u64, length: u64| RawFileLock { path: path.into(), offset, length, exclusive: true };
+        let info = FenceInfo::from_guest(last, vec![lock("control.lock", 0, 1), lock("db", 1 << 30, 2)]).unwrap();
+        assert_eq!(info.locks.len(), 2);
+        assert_eq!(info.locks[0].path.as_str(), "control.lock");
+        assert!(FenceInfo::from_guest(last, vec![]).unwrap().locks.is_empty());
+        let cases: Vec<(Vec<RawFileLock>, &str)> = vec![
+            (vec![lock("../x", 0, 1)], "'..'"),
+            (vec![lock("x", 0, 0)], "empty or out of bounds"),
+            (vec![lock("x", i64::MAX as u64, 1)], "empty or out of bounds"),
+            (vec![lock("x", 0, 1), lock("x", 0, 1)], "twice"),
+            ((0..=MAX_FENCE_LOCKS as u64).map(|i| lock("x", i, 1)).collect(), "at most"),
+        ];
+        for (locks, want) in cases {
+            let err = FenceInfo::from_guest(last, locks).unwrap_err().to_string();
             assert!(err.contains(want), "want {want:?} in {err:?}");
         }
     }
