@@ -176,6 +176,47 @@ pub struct TransferRecord {
     pub started_at: u64,
     pub updated_at: u64,
     pub failure: Option<String>,
+    /// A live move's catch-up rounds, fence and write pause (contract 0.2.0
+    /// engines); absent for a snapshot-only transfer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveProgress>,
+}
+
+/// Most catch-up rounds a record keeps (the conductor stops long before).
+pub const MAX_RECORDED_ROUNDS: usize = 64;
+
+/// What a live move did after its snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveProgress {
+    /// Every catch-up round, in order; the fenced ones last.
+    pub rounds: Vec<RoundRecord>,
+    /// Set once the source is fenced: the last position any write can have.
+    pub fenced: Option<FenceRecord>,
+    /// Fence to the commit of the new owner, in milliseconds (set after it).
+    pub pause_ms: Option<u64>,
+    /// The budget the pause was held to.
+    pub pause_budget_ms: u64,
+}
+
+/// One catch-up round, as the target applied it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    /// Data bytes the round carried.
+    pub bytes: u64,
+    pub ms: u64,
+    /// The position the target holds after it.
+    pub until: u64,
+    /// Taken under the fence.
+    pub fenced: bool,
+}
+
+/// Where the source's fence stopped its writers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRecord {
+    pub term: u64,
+    pub position: u64,
+    /// When, in Unix milliseconds (the conductor's clock).
+    pub at_ms: u64,
 }
 
 /// A change to the replicated state.
@@ -224,6 +265,25 @@ pub enum Command {
         reason: String,
         now: u64,
     },
+    /// A catch-up round the target applied (stage Partial).
+    RecordRound {
+        transfer: String,
+        epoch: u64,
+        round: RoundRecord,
+        pause_budget_ms: u64,
+    },
+    /// The source is fenced for the transfer's final round (stage Partial).
+    MarkFenced {
+        transfer: String,
+        epoch: u64,
+        fence: FenceRecord,
+    },
+    /// The write pause, measured once the new owner was committed Active.
+    RecordPause {
+        transfer: String,
+        epoch: u64,
+        pause_ms: u64,
+    },
     /// A Dead replica's files are gone from its node.
     ForgetReplica {
         engine: String,
@@ -266,7 +326,11 @@ impl Command {
                 check_engine_name(engine)?;
                 check_shard_id(shard)?;
             }
-            Command::MarkPartial { transfer, .. } | Command::FinishTransfer { transfer, .. } => {
+            Command::MarkPartial { transfer, .. }
+            | Command::FinishTransfer { transfer, .. }
+            | Command::RecordRound { transfer, .. }
+            | Command::MarkFenced { transfer, .. }
+            | Command::RecordPause { transfer, .. } => {
                 check_reference("transfer", transfer)?;
             }
             Command::AbortTransfer { transfer, reason, .. } => {
@@ -403,6 +467,7 @@ impl ClusterState {
                         started_at: *now,
                         updated_at: *now,
                         failure: None,
+                        live: None,
                     },
                 );
             }
@@ -424,6 +489,42 @@ impl ClusterState {
                     self.set_replica(&engine, &shard, source, Some(ReplicaState::Dead));
                 }
                 self.prune_history();
+            }
+            Command::RecordRound { transfer, epoch, round, pause_budget_ms } => {
+                let t = self.current(transfer, *epoch, TransferStage::Partial)?;
+                let live = t.live.get_or_insert_with(LiveProgress::default);
+                if live.fenced.is_some() && !round.fenced {
+                    return Err(format!("transfer {transfer} is fenced: its rounds are fenced ones"));
+                }
+                if live.rounds.len() >= MAX_RECORDED_ROUNDS {
+                    return Err(format!("transfer {transfer} has recorded {MAX_RECORDED_ROUNDS} rounds"));
+                }
+                live.rounds.push(*round);
+                live.pause_budget_ms = *pause_budget_ms;
+            }
+            Command::MarkFenced { transfer, epoch, fence } => {
+                let t = self.current(transfer, *epoch, TransferStage::Partial)?;
+                let live = t.live.get_or_insert_with(LiveProgress::default);
+                match live.fenced {
+                    None => live.fenced = Some(*fence),
+                    Some(held) if held.term == fence.term && held.position == fence.position => {}
+                    Some(held) => {
+                        return Err(format!(
+                            "transfer {transfer} was fenced at ({}, {}), not ({}, {})",
+                            held.term, held.position, fence.term, fence.position
+                        ));
+                    }
+                }
+            }
+            Command::RecordPause { transfer, epoch, pause_ms } => {
+                let t = self.transfers.get_mut(transfer).ok_or_else(|| format!("no transfer {transfer}"))?;
+                if t.epoch != *epoch || t.stage != TransferStage::Finished {
+                    return Err(format!("transfer {transfer} epoch {epoch} has not finished"));
+                }
+                let Some(live) = t.live.as_mut().filter(|l| l.fenced.is_some()) else {
+                    return Err(format!("transfer {transfer} was never fenced"));
+                };
+                live.pause_ms = Some(*pause_ms);
             }
             Command::AbortTransfer { transfer, epoch, reason, now } => {
                 let t = self.transfers.get_mut(transfer).ok_or_else(|| format!("no transfer {transfer}"))?;
@@ -601,6 +702,35 @@ mod tests {
     }
 
     #[test]
+    fn a_live_move_records_rounds_its_fence_and_its_pause() {
+        let mut s = cluster();
+        assert_eq!(s.apply(10, &start("t1", 1, 2, TransferKind::Move)).error, None);
+        let round = |until, fenced| RoundRecord { bytes: 100, ms: 5, until, fenced };
+        let record = |round| Command::RecordRound { transfer: "t1".into(), epoch: 10, round, pause_budget_ms: 250 };
+        assert!(s.apply(11, &record(round(1, false))).error.unwrap().contains("not Partial"), "before Partial");
+        assert_eq!(s.apply(12, &Command::MarkPartial { transfer: "t1".into(), epoch: 10, now: 1 }).error, None);
+        assert_eq!(s.apply(13, &record(round(10, false))).error, None);
+        let fence = FenceRecord { term: 2, position: 20, at_ms: 7 };
+        let fenced = Command::MarkFenced { transfer: "t1".into(), epoch: 10, fence };
+        assert_eq!(s.apply(14, &fenced).error, None);
+        assert_eq!(s.apply(15, &fenced).error, None, "idempotent");
+        let other =
+            Command::MarkFenced { transfer: "t1".into(), epoch: 10, fence: FenceRecord { position: 21, ..fence } };
+        assert!(s.apply(16, &other).error.is_some());
+        assert!(s.apply(17, &record(round(11, false))).error.unwrap().contains("fenced"));
+        assert_eq!(s.apply(18, &record(round(20, true))).error, None);
+        let pause = Command::RecordPause { transfer: "t1".into(), epoch: 10, pause_ms: 40 };
+        assert!(s.apply(19, &pause).error.unwrap().contains("not finished"));
+        assert_eq!(s.apply(20, &Command::FinishTransfer { transfer: "t1".into(), epoch: 10, now: 2 }).error, None);
+        assert_eq!(s.apply(21, &pause).error, None);
+        let live = s.transfers["t1"].live.clone().unwrap();
+        assert_eq!(
+            (live.rounds.len(), live.fenced, live.pause_ms, live.pause_budget_ms),
+            (2, Some(fence), Some(40), 250)
+        );
+    }
+
+    #[test]
     fn state_roundtrips_through_json() {
         let mut s = cluster();
         s.apply(10, &start("t1", 1, 2, TransferKind::Move));
@@ -736,6 +866,7 @@ mod tests {
             started_at: 0,
             updated_at: 0,
             failure: None,
+            live: None,
         }
     }
 
