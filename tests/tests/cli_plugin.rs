@@ -25,7 +25,12 @@ fn check_prints_what_the_plugin_is() {
     let out = ferry(&["plugin", "check", plugins::SEGMENT_LOG], cache.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    for want in ["engine           segment-log", "contract         ferry:engine@0.1.0", "create-snapshot, term-check"] {
+    for want in [
+        "engine           segment-log",
+        "contract         ferry:engine@0.2.0",
+        "create-snapshot, term-check",
+        "apply, changes-since, delta-check, apply-changes, fence, unfence, retire",
+    ] {
         assert!(text.contains(want), "{want:?} in {text}");
     }
 
@@ -117,6 +122,47 @@ fn run_hook_walks_a_shard_through_every_hook() {
     }
     ferry_tests::segment_log::check_shard(&staging).unwrap();
 
+    // Live hooks: a round after more writes, then fence, as an operator
+    // would drive them by hand.
+    let grown = Generator { segment_size: 64 << 10, term: 5, seed: 4 }.append(&shard, control, 10_000).unwrap();
+    let since = format!("5:{}", control.flush);
+    let out = ferry(
+        &["plugin", "run-hook", seg, "changes-since", "--shard-dir", shard_dir, "--since", &since, "--json"],
+        cache.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let delta: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(delta["ok"]["meta"]["until"], grown.flush);
+    assert_eq!(delta["ok"]["entries"][0]["kind"], "range");
+    let delta_file = work.path().join("delta.json");
+    std::fs::write(&delta_file, &out.stdout).unwrap();
+    let out =
+        ferry(&["plugin", "run-hook", seg, "delta-check", "--shard-dir", shard_dir, "--delta-meta-file"], cache.path());
+    assert_eq!(out.status.code(), Some(2), "--delta-meta-file wants a value");
+    let out = ferry(
+        &[
+            "plugin",
+            "run-hook",
+            seg,
+            "delta-check",
+            "--shard-dir",
+            shard_dir,
+            "--delta-meta-file",
+            delta_file.to_str().unwrap(),
+        ],
+        cache.path(),
+    );
+    assert!(out.status.success() && stdout(&out).contains("delta-check: ok"), "{}", stderr(&out));
+    let out =
+        ferry(&["plugin", "run-hook", seg, "fence", "--shard-dir", shard_dir, "--epoch", "3", "--json"], cache.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fence: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(fence["ok"]["last"]["term"], 6);
+    assert_eq!(fence["ok"]["locks"][0]["path"], "control.lock");
+    let out = ferry(&["plugin", "run-hook", seg, "unfence", "--shard-dir", shard_dir, "--epoch", "4"], cache.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("fenced: fenced by transfer epoch 3"), "{}", stderr(&out));
+
     // A failing hook: exit 1, and the engine's error in the JSON.
     std::fs::remove_file(staging.join("control")).unwrap();
     let out = ferry(&["plugin", "run-hook", seg, "shard-status", "--shard-dir", staging_dir, "--json"], cache.path());
@@ -157,6 +203,25 @@ fn run_hook_reports_sandbox_failures_and_usage_errors() {
 
     let out = ferry(&["plugin", "run-hook", plugins::MISBEHAVE, "shard-status"], cache.path());
     assert!(stderr(&out).contains("shard-status needs --shard-dir"), "{}", stderr(&out));
+
+    // Live hooks: their arguments, and a 0.1.0 plugin that has none.
+    let out = ferry(&["plugin", "run-hook", plugins::SEGMENT_LOG, "fence", "--shard-dir", "/"], cache.path());
+    assert!(stderr(&out).contains("fence needs --epoch"), "{}", stderr(&out));
+    let out = ferry(
+        &[
+            "plugin",
+            "run-hook",
+            plugins::MISBEHAVE,
+            "fence",
+            "--shard-dir",
+            work.path().to_str().unwrap(),
+            "--epoch",
+            "1",
+        ],
+        cache.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("unsupported by contract ferry:engine@0.1.0"), "{}", stderr(&out));
 
     let out = ferry(
         &["plugin", "run-hook", plugins::MISBEHAVE, "apply", "--shard-dir", "/", "--meta", "{not json"],
