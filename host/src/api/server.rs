@@ -83,7 +83,7 @@ fn need(method: &Method, path: &[&str]) -> Need {
         (&Method::POST, ["v1", "raft", _])
         | (&Method::POST, ["v1", "cluster", "members"])
         | (&Method::GET, ["v1", "cluster", "proof"])
-        | (_, ["v1", "engines", _, "shards", _, "snapshot"]) => Need::Scope(Node),
+        | (_, ["v1", "engines", _, "shards", _, "snapshot" | "changes" | "fence"]) => Need::Scope(Node),
         (&Method::DELETE, ["v1", "cluster", "members", _]) => Need::AdminOrNode,
         (&Method::POST, ["v1", "cluster", "join" | "leave"])
         | (&Method::POST, ["v1", "transfers"])
@@ -155,6 +155,10 @@ async fn handle(node: &Node, req: Request<Incoming>, info: &ConnInfo) -> Respons
         (&Method::POST, ["v1", "raft", rpc]) => {
             let rpc = rpc.to_string();
             raft_rpc(node, &rpc, req).await
+        }
+        (&Method::POST, ["v1", "engines", engine, "shards", shard, "fence"]) => {
+            let (engine, shard) = (engine.to_string(), shard.to_string());
+            fence(node, &engine, &shard, &req).await
         }
         (&Method::GET | &Method::POST, ["v1", "engines", engine, "shards", shard, "snapshot"]) => {
             let (engine, shard) = (engine.to_string(), shard.to_string());
@@ -444,6 +448,23 @@ async fn snapshot(node: &Node, engine: &str, shard: &str, req: Request<Incoming>
         .header(SNAPSHOT_ID_HEADER, snapshot_id)
         .body(BodyExt::boxed(body))
         .expect("valid response")
+}
+
+/// Fences the shard for the transfer named by the request's headers (its
+/// live source must be this node) and answers the last position any write
+/// can have.
+async fn fence(node: &Node, engine: &str, shard: &str, req: &Request<Incoming>) -> Response<Body> {
+    if req.headers().get(TRANSFER_EPOCH_HEADER).is_none() {
+        return bad_request("a fence is for a transfer: send its id and epoch headers");
+    }
+    if let Err(response) = check_fencing(node, engine, shard, req).await {
+        return response;
+    }
+    let epoch = req.headers().get(TRANSFER_EPOCH_HEADER).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+    match crate::node::cutover::fence(node, engine, shard, epoch).await {
+        Ok(info) => json_response(StatusCode::OK, &info),
+        Err(e) => error_response(StatusCode::CONFLICT, "fence-failed", e),
+    }
 }
 
 /// A consensus transfer's requests carry its id and epoch: only the current

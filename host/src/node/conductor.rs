@@ -46,6 +46,7 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
     let mut applied = node.consensus.applied_watch();
     loop {
         reconcile(&node);
+        crate::node::cutover::reconcile(&node).await;
         tokio::select! {
             _ = applied.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}

@@ -19,6 +19,8 @@ use crate::transfer::{RetryPolicy, Shared, TransferManager};
 use credentials::Credentials;
 
 pub mod conductor;
+pub mod cutover;
+pub mod fences;
 pub mod registrar;
 
 /// Request bodies being read at once, in bytes, node-wide.
@@ -48,6 +50,10 @@ pub struct Node {
     pub registrar: Arc<tokio::sync::Notify>,
     /// Consensus transfers this node is conducting as their target.
     pub conducting: conductor::Conducting,
+    /// Locks held for fenced source replicas.
+    pub fences: fences::Fences,
+    /// Live moves whose source side this node has settled (unfence, retire).
+    pub settled: cutover::Settled,
     /// Owns the wasmtime engine and its epoch ticker.
     _runtime: PluginRuntime,
 }
@@ -128,6 +134,8 @@ impl Node {
             consensus,
             registrar,
             conducting: conductor::Conducting::default(),
+            fences: Default::default(),
+            settled: Default::default(),
             config,
             data,
             plugins,

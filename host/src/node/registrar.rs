@@ -75,6 +75,7 @@ async fn register(node: &Node) -> anyhow::Result<()> {
     for ((engine, shard), replicas) in &state.replicas {
         if replicas.get(&me) != Some(&ReplicaState::Dead)
             || state.live_transfer(engine, shard).is_some_and(|t| t.target == me)
+            || crate::node::cutover::retire_pending(node, engine, shard)
         {
             continue;
         }

@@ -1,0 +1,133 @@
+//! The source's part of a live move's cut-over (contract 0.2.0 engines).
+//!
+//! - [`fence`]: on the target's request, the plugin fences the shard for the
+//!   transfer's epoch, the host takes the locks the plugin names, and the
+//!   plugin fences once more under them: an append that raced the first
+//!   fence cannot have undone the second. Its answer is the last position
+//!   any write can have.
+//! - [`reconcile`]: from the replicated state, on every change and after a
+//!   restart: a live transfer that was fenced gets its fence and locks back
+//!   (a crash released the locks); an aborted one, or a committed replicate,
+//!   is unfenced; a committed move is retired, before the registrar removes
+//!   its files, so a writer still holding the old replica gets an error.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::consensus::state::{TransferKind, TransferRecord, TransferStage};
+use crate::node::Node;
+use crate::plugin::{EngineError, FenceInfo, Hook};
+
+/// How long the host waits for writers to let go of the fence's locks.
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Transfers whose end this node has settled (unfenced or retired) since it
+/// started: each is settled once per process.
+#[derive(Default)]
+pub struct Settled(Mutex<HashSet<String>>);
+
+impl Settled {
+    fn contains(&self, id: &str) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
+    }
+
+    fn insert(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned());
+    }
+}
+
+/// Fences `engine`/`shard` for `epoch` and holds its locks.
+pub async fn fence(node: &Node, engine: &str, shard: &str, epoch: u64) -> Result<FenceInfo, String> {
+    let plugin = node.plugins.get(engine).ok_or_else(|| format!("no plugin for engine {engine:?}"))?;
+    if !plugin.contract().has(Hook::Fence) {
+        return Err(format!("the {engine} plugin ({}) cannot fence", plugin.contract().package()));
+    }
+    let dir = node.data.shard(engine, shard).map_err(|e| e.to_string())?;
+    let first = plugin.fence(shard, &dir, epoch).await.map_err(|e| e.to_string())?;
+    node.fences.hold(engine, shard, &dir, epoch, &first.locks, LOCK_WAIT).await?;
+    match plugin.fence(shard, &dir, epoch).await {
+        Ok(info) => Ok(info),
+        Err(e) => {
+            node.fences.release(engine, shard, epoch);
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Whether a committed move of this shard away from this node still waits
+/// for its retirement (the registrar keeps the files until then).
+pub fn retire_pending(node: &Node, engine: &str, shard: &str) -> bool {
+    let state = node.consensus.state();
+    state.transfers.values().any(|t| {
+        t.source == node.consensus.id
+            && t.engine == engine
+            && t.shard == shard
+            && t.stage == TransferStage::Finished
+            && t.kind == TransferKind::Move
+            && is_live_move(node, t)
+            && !node.settled.contains(&t.id)
+    })
+}
+
+/// A transfer of an engine whose plugin here speaks contract 0.2.0.
+fn is_live_move(node: &Node, t: &TransferRecord) -> bool {
+    node.plugins.get(&t.engine).is_some_and(|p| p.contract().has(Hook::Fence))
+}
+
+/// Brings this node's fences in line with the replicated state.
+pub async fn reconcile(node: &Node) {
+    let state = node.consensus.state();
+    let me = node.consensus.id;
+    for t in state.transfers.values().filter(|t| t.source == me && is_live_move(node, t)) {
+        if node.settled.contains(&t.id) {
+            continue;
+        }
+        let fenced = t.live.as_ref().is_some_and(|l| l.fenced.is_some());
+        let outcome = match t.stage {
+            TransferStage::Snapshot => continue,
+            // A restarted source fences again and takes its locks back.
+            TransferStage::Partial if fenced && node.fences.holder(&t.engine, &t.shard) != Some(t.epoch) => {
+                match fence(node, &t.engine, &t.shard, t.epoch).await {
+                    Ok(_) => tracing::info!(transfer = %t.id, "fence taken again"),
+                    Err(e) => tracing::warn!(transfer = %t.id, "cannot fence again: {e}"),
+                }
+                continue;
+            }
+            TransferStage::Partial => continue,
+            TransferStage::Finished if t.kind == TransferKind::Move => settle(node, t, Hook::Retire).await,
+            TransferStage::Finished | TransferStage::Aborted => settle(node, t, Hook::Unfence).await,
+        };
+        match outcome {
+            Ok(()) => node.settled.insert(&t.id),
+            Err(e) => tracing::warn!(transfer = %t.id, "cut-over not settled: {e}"),
+        }
+    }
+}
+
+/// Unfences or retires the source replica of `t`, then drops its locks.
+async fn settle(node: &Node, t: &TransferRecord, hook: Hook) -> Result<(), String> {
+    let plugin = node.plugins.get(&t.engine).ok_or("plugin unloaded")?;
+    let dir = node.data.shard(&t.engine, &t.shard).map_err(|e| e.to_string())?;
+    if !dir.is_dir() {
+        node.fences.release(&t.engine, &t.shard, t.epoch);
+        return Ok(()); // nothing left to settle
+    }
+    let result = match hook {
+        Hook::Retire => plugin.retire(&t.shard, &dir, t.epoch).await,
+        _ => plugin.unfence(&t.shard, &dir, t.epoch).await,
+    };
+    node.fences.release(&t.engine, &t.shard, t.epoch);
+    match result {
+        Ok(()) => {
+            tracing::info!(transfer = %t.id, engine = %t.engine, shard = %t.shard, "{}", match hook {
+                Hook::Retire => "source replica retired",
+                _ => "source replica unfenced",
+            });
+            Ok(())
+        }
+        // Another transfer's fence: not ours to lift.
+        Err(e) if matches!(e.engine_error(), Some(EngineError::Fenced(_))) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
