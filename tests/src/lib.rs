@@ -15,6 +15,7 @@ pub mod plugins {
 
 pub use segment_log_format as segment_log;
 
+pub mod appender;
 pub mod engines;
 pub mod fake_source;
 pub mod node;

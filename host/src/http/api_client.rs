@@ -70,10 +70,26 @@ impl ApiClient {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<T, CallError> {
+        self.call_with(method, path, body, &[]).await
+    }
+
+    /// [`call`](Self::call) with extra headers (a transfer's id and epoch).
+    pub async fn call_with<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        headers: &[(&str, String)],
+    ) -> Result<T, CallError> {
         let url = format!("{}{path}", self.base);
         let transport = |why: String| CallError::Transport(format!("{url}: {why}"));
         let body = body.map(|b| Bytes::from(serde_json::to_vec(b).expect("JSON serializes")));
-        let request = super::request(method, &url, &self.token, body).map_err(transport)?;
+        let mut request = super::request(method, &url, &self.token, body).map_err(transport)?;
+        for (name, value) in headers {
+            let name = hyper::header::HeaderName::from_bytes(name.as_bytes()).map_err(|e| transport(e.to_string()))?;
+            let value = value.parse().map_err(|_| transport(format!("bad value for header {name}")))?;
+            request.headers_mut().insert(name, value);
+        }
         let deadline = tokio::time::Instant::now() + self.timeout;
         let response = tokio::time::timeout_at(deadline, self.client.request(request))
             .await

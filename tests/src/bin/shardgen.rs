@@ -4,6 +4,8 @@
 //! `shardgen sqlite DIR --size 8M` (needs Debian's `sqlite3`)
 //! `shardgen same ENGINE ORIGINAL COPY` (the engine's own oracle; exit 1 if not)
 //! `shardgen materialize --plan PLAN.json --from SHARD --to DIR`
+//! `shardgen append DIR [--then NEW_OWNER] --rate N --acks FILE [--duration S] [--stop-file F]`
+//!   (a segment-log application writing while its shard moves)
 
 use std::path::PathBuf;
 
@@ -43,6 +45,25 @@ enum Cmd {
     },
     /// Check that COPY holds what ORIGINAL holds, by the engine's own oracle.
     Same { engine: String, original: PathBuf, copy: PathBuf },
+    /// Append records to a segment-log shard at a steady rate, honouring the
+    /// writers' lock, the term and the fence; log each acknowledged record;
+    /// once the shard is retired, go on writing to --then.
+    Append {
+        dir: PathBuf,
+        #[arg(long)]
+        then: Option<PathBuf>,
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        #[arg(long, default_value_t = 128)]
+        record_size: usize,
+        #[arg(long)]
+        acks: PathBuf,
+        /// Seconds to run at most.
+        #[arg(long, default_value_t = 600)]
+        duration: u64,
+        #[arg(long)]
+        stop_file: Option<PathBuf>,
+    },
     /// Copy what a plan (from `ferry plugin run-hook … create-snapshot --json`) names.
     Materialize {
         #[arg(long)]
@@ -77,6 +98,25 @@ fn main() -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("unknown engine {engine:?}"))?;
             adapter.assert_same(&original, &copy);
             println!("{engine}: {} holds what {} holds", copy.display(), original.display());
+        }
+        Cmd::Append { dir, then, rate, record_size, acks, duration, stop_file } => {
+            let appender = ferry_tests::appender::Appender {
+                dir,
+                then,
+                rate,
+                record_size,
+                acks,
+                stop_file,
+                duration: std::time::Duration::from_secs(duration),
+            };
+            let summary = appender.run()?;
+            println!(
+                "acked {} records; longest gap between acknowledgements {} ms; {} refusals; {}",
+                summary.acked,
+                summary.longest_gap.as_millis(),
+                summary.refused,
+                if summary.switched { "moved to the new owner" } else { "stayed on its replica" }
+            );
         }
         Cmd::Materialize { plan, from, to } => {
             let text = std::fs::read_to_string(&plan).with_context(|| plan.display().to_string())?;

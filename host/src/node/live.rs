@@ -1,0 +1,190 @@
+//! A live move's catch-up and cut-over, from the target (contract 0.2.0
+//! engines). Runs after the snapshot is published and every member applied
+//! `Partial`, before `FinishTransfer`:
+//!
+//! 1. Rounds while the source takes writes: each pulls the changes after the
+//!    position the replica holds and applies them (`transfer::catchup`), and
+//!    is recorded in the replicated state (bytes, time, position).
+//! 2. After each round, the lag (the source's position less ours) and the
+//!    last round's speed predict the final round. When it fits half the pause
+//!    budget (the other half is for the commit), the source is fenced. A lag
+//!    that does not shrink, or too many rounds, fails the transfer: "not
+//!    converging", the source untouched and unfenced.
+//! 3. Under the fence, rounds until the replica holds exactly the fence's
+//!    last position; then the conductor commits, and the pause runs from the
+//!    fence to that commit.
+//!
+//! A restarted target resumes from the replicated record: already fenced, it
+//! goes straight to the final round.
+
+use std::time::Duration;
+
+use crate::consensus::state::{Command, FenceRecord, RoundRecord, TransferRecord};
+use crate::http::{TRANSFER_EPOCH_HEADER, TRANSFER_ID_HEADER};
+use crate::node::Node;
+use crate::plugin::{FenceInfo, Hook, ShardPosition};
+use crate::transfer::catchup::{Round, RoundError, RoundRequest, pull_round};
+
+/// Most unfenced rounds before a move that does not converge fails.
+pub const MAX_ROUNDS: usize = 12;
+/// Most rounds under the fence (one is the rule; more only if a plan stopped short).
+const MAX_FENCED_ROUNDS: usize = 4;
+/// Interrupted rounds retried in a row before the transfer fails.
+const ROUND_RETRIES: u32 = 3;
+
+/// Whether the engine moves live here: its plugin speaks contract 0.2.0.
+pub fn is_live(node: &Node, engine: &str) -> bool {
+    node.plugins.get(engine).is_some_and(|p| p.contract().has(Hook::ApplyChanges))
+}
+
+/// Catches the published replica up with the source and fences it; returns
+/// the fence's time (Unix ms), from which the pause is measured.
+pub async fn catch_up(node: &Node, t: &TransferRecord) -> Result<u64, String> {
+    let mover = Mover::new(node, t)?;
+    let mut at = mover.replica_position().await?;
+    if let Some(fence) = t.live.as_ref().and_then(|l| l.fenced) {
+        // Resumed after a restart: the source is fenced already.
+        mover.final_rounds(at, ShardPosition { term: fence.term, position: fence.position }).await?;
+        return Ok(fence.at_ms);
+    }
+    let budget = node.config.pause_budget_ms;
+    let mut lags: Vec<u64> = Vec::new();
+    loop {
+        let round = mover.round(at, false).await?;
+        at = round.position;
+        let lag = mover.lag(at).await?;
+        let predicted = predict_ms(&round, lag);
+        tracing::info!(transfer = %t.id, round = lags.len() + 1, bytes = round.bytes, lag, predicted_ms = predicted, "caught up");
+        if predicted * 2 <= budget {
+            break;
+        }
+        lags.push(lag);
+        let stalled = lags.len() >= 3 && lag >= lags[lags.len() - 3];
+        if lags.len() >= MAX_ROUNDS || stalled {
+            return Err(format!("not converging: lag {lag} after {} rounds", lags.len()));
+        }
+    }
+    let at_ms = super::conductor::unix_now_ms();
+    let fence = mover.fence().await?;
+    let record = FenceRecord { term: fence.last.term, position: fence.last.position, at_ms };
+    let mark = Command::MarkFenced { transfer: t.id.clone(), epoch: t.epoch, fence: record };
+    node.consensus.propose(mark).await.map_err(|e| format!("recording the fence: {e}"))?;
+    mover.final_rounds(at, fence.last).await?;
+    Ok(at_ms)
+}
+
+/// The final round's predicted time: the lag at the last round's speed
+/// (positions per ms), plus that round's fixed cost.
+fn predict_ms(round: &Round, lag: u64) -> u64 {
+    let span = round.meta.until.saturating_sub(round.meta.since).max(1);
+    let ms = round.elapsed.as_millis() as u64;
+    // A round that moved little costs about its fixed overhead; per position
+    // it is `ms / span`.
+    (lag.saturating_mul(ms) / span).saturating_add(ms.min(50))
+}
+
+/// One transfer's rounds.
+struct Mover<'a> {
+    node: &'a Node,
+    t: &'a TransferRecord,
+    source: String,
+    replica: std::path::PathBuf,
+    scratch: std::path::PathBuf,
+    plugin: std::sync::Arc<crate::plugin::Plugin>,
+}
+
+impl<'a> Mover<'a> {
+    fn new(node: &'a Node, t: &'a TransferRecord) -> Result<Mover<'a>, String> {
+        let state = node.consensus.state();
+        let source = state.members.get(&t.source).ok_or("the source is not a member")?.addr.clone();
+        let plugin = node.plugins.get(&t.engine).cloned().ok_or("the plugin is not loaded")?;
+        let replica = node.data.shard(&t.engine, &t.shard).map_err(|e| e.to_string())?;
+        let scratch = node.data.staging(&t.id).map_err(|e| e.to_string())?.join("round");
+        Ok(Mover { node, t, source, replica, scratch, plugin })
+    }
+
+    fn headers(&self) -> Vec<(&'static str, String)> {
+        vec![(TRANSFER_ID_HEADER, self.t.id.clone()), (TRANSFER_EPOCH_HEADER, self.t.epoch.to_string())]
+    }
+
+    async fn replica_position(&self) -> Result<ShardPosition, String> {
+        self.plugin.shard_status(&self.t.shard, &self.replica).await.map_err(|e| format!("the replica: {e}"))
+    }
+
+    /// The source's position less ours, in the engine's positions; a source
+    /// in another term counts as far ahead.
+    async fn lag(&self, at: ShardPosition) -> Result<u64, String> {
+        let path = format!("/v1/engines/{}/shards/{}/status", self.t.engine, self.t.shard);
+        let api = self.node.peer(&self.source).timeout(Duration::from_secs(10));
+        let source: ShardPosition = api.call(hyper::Method::GET, &path, None).await.map_err(|e| e.to_string())?;
+        Ok(if source.term == at.term { source.position.saturating_sub(at.position) } else { u64::MAX / 4 })
+    }
+
+    /// Asks the source to fence for this transfer's epoch.
+    async fn fence(&self) -> Result<FenceInfo, String> {
+        let path = format!("/v1/engines/{}/shards/{}/fence", self.t.engine, self.t.shard);
+        let api = self.node.peer(&self.source);
+        api.call_with(hyper::Method::POST, &path, None, &self.headers()).await.map_err(|e| format!("fencing: {e}"))
+    }
+
+    /// Rounds under the fence until the replica holds exactly `last`.
+    async fn final_rounds(&self, mut at: ShardPosition, last: ShardPosition) -> Result<(), String> {
+        for _ in 0..MAX_FENCED_ROUNDS {
+            if at == last {
+                return Ok(());
+            }
+            at = self.round(at, true).await?.position;
+        }
+        if at == last {
+            Ok(())
+        } else {
+            Err(format!("the fenced round ended at {at:?}, not at the fence's {last:?}"))
+        }
+    }
+
+    /// One round from `since`, recorded; interrupted rounds are retried.
+    async fn round(&self, since: ShardPosition, fenced: bool) -> Result<Round, String> {
+        let (id, epoch) = (self.t.id.as_str(), self.t.epoch);
+        let mut failures = 0;
+        let round = loop {
+            let request = RoundRequest {
+                client: &self.node.client,
+                source: &self.source,
+                token: &self.node.token,
+                engine: &self.t.engine,
+                shard: &self.t.shard,
+                transfer: Some((id, epoch)),
+                since,
+                scratch: &self.scratch,
+                replica: &self.replica,
+                plugin: &self.plugin,
+                rate: &self.node.rate,
+                stall_timeout: Duration::from_secs(self.node.config.stall_timeout),
+            };
+            let cancel = tokio_util::sync::CancellationToken::new();
+            match pull_round(&request, &cancel).await {
+                Ok(round) => break round,
+                Err(RoundError::Interrupted(why)) if failures < ROUND_RETRIES => {
+                    failures += 1;
+                    tracing::info!(transfer = %id, "round interrupted ({why}); again");
+                    tokio::time::sleep(Duration::from_millis(100 << failures)).await;
+                }
+                Err(e) => return Err(format!("catching up: {e}")),
+            }
+        };
+        let record = RoundRecord {
+            bytes: round.bytes,
+            ms: round.elapsed.as_millis() as u64,
+            until: round.position.position,
+            fenced,
+        };
+        let command = Command::RecordRound {
+            transfer: id.to_owned(),
+            epoch,
+            round: record,
+            pause_budget_ms: self.node.config.pause_budget_ms,
+        };
+        self.node.consensus.propose(command).await.map_err(|e| format!("recording a round: {e}"))?;
+        Ok(round)
+    }
+}
