@@ -511,11 +511,14 @@ fn clear_dir(dir: &Path) -> io::Result<()> {
 pub(crate) struct TransportWatch<R> {
     inner: R,
     pub(crate) failed: Arc<std::sync::atomic::AtomicBool>,
+    /// The transport ended (a read with room got nothing): an archive cut
+    /// there was cut by the network or the source, not malformed.
+    pub(crate) ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<R> TransportWatch<R> {
     pub(crate) fn new(inner: R) -> Self {
-        TransportWatch { inner, failed: Arc::default() }
+        TransportWatch { inner, failed: Arc::default(), ended: Arc::default() }
     }
 }
 
@@ -525,9 +528,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for TransportWatch<R> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
+        let before = (buf.filled().len(), buf.remaining());
         let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let std::task::Poll::Ready(Err(_)) = &poll {
-            self.failed.store(true, Ordering::Relaxed);
+        match &poll {
+            std::task::Poll::Ready(Err(_)) => self.failed.store(true, Ordering::Relaxed),
+            std::task::Poll::Ready(Ok(())) if before.1 > 0 && buf.filled().len() == before.0 => {
+                self.ended.store(true, Ordering::Relaxed);
+            }
+            _ => {}
         }
         poll
     }

@@ -243,9 +243,11 @@ async fn unpack(
     writer: &mut FileWriter,
 ) -> Result<(DeltaPreamble, DeltaManifest), RoundError> {
     let transport = TransportWatch::new(reader);
-    let broke = transport.failed.clone();
+    let (broke, ended) = (transport.failed.clone(), transport.ended.clone());
+    // An archive that stops early was cut (the network, or a source that
+    // stalled or went away), not malformed.
     let read_err = |e: io::Error| {
-        if broke.load(Ordering::Relaxed) {
+        if broke.load(Ordering::Relaxed) || ended.load(Ordering::Relaxed) {
             RoundError::Interrupted(crate::http::error_chain(&e))
         } else {
             RoundError::Refused(e.to_string())
