@@ -7,6 +7,7 @@
 //! | GET | `/v1/plugins` | loaded plugins |
 //! | GET | `/v1/shards` | live replicas on this node |
 //! | GET, POST | `/v1/engines/{engine}/shards/{shard}/snapshot` | stream a snapshot (POST: resume) |
+//! | POST | `/v1/engines/{engine}/shards/{shard}/changes` | stream a catch-up round `{since}` |
 //! | POST | `/v1/transfers` | start pulling `{engine, shard, source}` |
 //! | GET | `/v1/transfers`, `/v1/transfers/{id}` | status |
 //! | DELETE | `/v1/transfers/{id}` | cancel |
@@ -36,8 +37,9 @@ use crate::install::layout::check_shard_id;
 use crate::node::Node;
 use crate::node::credentials::{Grant, Scope};
 use crate::plugin::ShardPosition;
-use crate::stream::ResumeRequest;
+use crate::stream::client::ChangesRequest;
 use crate::stream::source::{self, StreamContext};
+use crate::stream::{FailureCode, ResumeRequest, delta};
 use crate::transfer::{Stage, StartError, State, TransferRequest, TransferStatus};
 
 /// Largest request body (a resume request lists up to 100,000 files).
@@ -163,6 +165,10 @@ async fn handle(node: &Node, req: Request<Incoming>, info: &ConnInfo) -> Respons
         (&Method::GET | &Method::POST, ["v1", "engines", engine, "shards", shard, "snapshot"]) => {
             let (engine, shard) = (engine.to_string(), shard.to_string());
             snapshot(node, &engine, &shard, req).await
+        }
+        (&Method::POST, ["v1", "engines", engine, "shards", shard, "changes"]) => {
+            let (engine, shard) = (engine.to_string(), shard.to_string());
+            changes(node, &engine, &shard, req).await
         }
         (&Method::POST, ["v1", "transfers"]) => start_transfer(node, req).await,
         (&Method::GET, ["v1", "transfers"]) => list_transfers(node).await,
@@ -465,6 +471,68 @@ async fn fence(node: &Node, engine: &str, shard: &str, req: &Request<Incoming>) 
         Ok(info) => json_response(StatusCode::OK, &info),
         Err(e) => error_response(StatusCode::CONFLICT, "fence-failed", e),
     }
+}
+
+/// One catch-up round: the changes of a live shard after `{"since": {term,
+/// position}}`, as a delta archive. Fenced and slotted like a snapshot; a
+/// plan the engine refuses is 422 with the engine's stable code
+/// (`history-gone`, `term-changed`, `unsupported`) so the receiver can tell
+/// them apart.
+async fn changes(node: &Node, engine: &str, shard: &str, req: Request<Incoming>) -> Response<Body> {
+    let Some(plugin) = node.plugins.get(engine).cloned() else {
+        return not_found(format!("no plugin for engine {engine:?} on node {}", node.config.node_id));
+    };
+    let dir = match node.data.shard(engine, shard) {
+        Ok(dir) => dir,
+        Err(e) => return bad_request(e.to_string()),
+    };
+    if !dir.is_dir() {
+        return not_found(format!("no shard {engine}/{shard} on node {}", node.config.node_id));
+    }
+    if let Err(response) = check_fencing(node, engine, shard, &req).await {
+        return response;
+    }
+    let since = match read_json::<ChangesRequest>(node, req).await {
+        Ok(Some(request)) => request.since,
+        Ok(None) => return bad_request("expected {\"since\": {\"term\", \"position\"}}"),
+        Err(response) => return response,
+    };
+    let Ok(permit) = node.outgoing.clone().try_acquire_owned() else {
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("node {} is already sending {} snapshots", node.config.node_id, node.config.max_outgoing),
+        );
+        response.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+        return response;
+    };
+    let prepared = match delta::prepare_delta(&plugin, engine, shard, &dir, since).await {
+        Ok(prepared) => prepared,
+        Err(failure) => {
+            let code = failure.code.map_or("changes-failed", FailureCode::as_str);
+            return error_response(StatusCode::UNPROCESSABLE_ENTITY, code, failure.to_string());
+        }
+    };
+    let meta = &prepared.preamble.meta;
+    let entries = prepared.preamble.entries.len();
+    tracing::info!(engine, shard, since = meta.since, until = meta.until, entries, "sending changes");
+    let chunks = delta::stream_delta(
+        prepared,
+        StreamContext {
+            plugin,
+            shard: shard.to_owned(),
+            dir,
+            rate: node.rate.clone(),
+            permit: Some(permit),
+            stall_timeout: Duration::from_secs(node.config.stall_timeout),
+        },
+    );
+    let body = StreamBody::new(ReceiverStream::new(chunks).map(|chunk| chunk.map(Frame::data)));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(hyper::header::CONTENT_TYPE, "application/x-tar")
+        .body(BodyExt::boxed(body))
+        .expect("valid response")
 }
 
 /// A consensus transfer's requests carry its id and epoch: only the current

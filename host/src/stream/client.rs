@@ -12,6 +12,7 @@ use tokio_util::io::StreamReader;
 
 use super::manifest::ResumeRequest;
 use crate::http::{self, ApiError, Client};
+use crate::plugin::ShardPosition;
 
 /// Why a snapshot request did not start streaming.
 #[derive(Debug, thiserror::Error)]
@@ -52,35 +53,90 @@ pub async fn fetch_snapshot(
 ) -> Result<SnapshotResponse, FetchError> {
     let url = format!("{}/v1/engines/{engine}/shards/{shard}/snapshot", source.trim_end_matches('/'));
     let body = serde_json::to_vec(resume).expect("resume request serializes");
-    let mut request = http::request(hyper::Method::POST, &url, token, Some(Bytes::from(body)))
-        .map_err(|e| FetchError::Refused(format!("bad source URL {url:?}: {e}")))?;
-    for (name, value) in extra_headers {
-        let value = value.parse().map_err(|_| FetchError::Refused(format!("bad header value for {name}")))?;
-        request.headers_mut().insert(hyper::header::HeaderName::from_bytes(name.as_bytes()).unwrap(), value);
-    }
-    let response = tokio::time::timeout(HEAD_TIMEOUT, client.request(request))
-        .await
-        .map_err(|_| FetchError::Transient(format!("{url}: no response in {HEAD_TIMEOUT:?}")))?
-        .map_err(|e| FetchError::Transient(format!("{url}: {}", http::error_chain(&e))))?;
-    let status = response.status();
-    if status != StatusCode::OK {
-        let text = error_text(response.into_body(), body_timeout).await;
-        let message = format!("source answered {status}: {text}");
-        return Err(if status == StatusCode::SERVICE_UNAVAILABLE || status.is_server_error() {
-            FetchError::Transient(message)
-        } else {
-            FetchError::Refused(message)
-        });
-    }
+    let response = post(client, &url, token, body, extra_headers, body_timeout).await.map_err(|e| e.error)?;
     let snapshot_id = response.headers().get(http::SNAPSHOT_ID_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let stream = response.into_body().into_data_stream().map_err(io::Error::other);
     Ok(SnapshotResponse { snapshot_id, body: Box::new(StreamReader::new(stream)) })
 }
 
-/// The message of an error answer: its first [`MAX_ERROR_BODY`] bytes, read
-/// within `within`, with a note when the body was cut, broke or stalled.
-/// Dropping the rest closes the connection rather than draining it.
-async fn error_text<B>(body: B, within: Duration) -> String
+/// Why a changes request did not start streaming, with the error answer's
+/// stable `code` when there was one (`history-gone`, `term-changed`,
+/// `unsupported`, `stale-epoch`…).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct ChangesFetchError {
+    pub error: FetchError,
+    pub code: Option<String>,
+}
+
+/// Asks `source` for the changes of `engine`/`shard` after `since` (one
+/// catch-up round); the body is the round's archive.
+#[allow(clippy::too_many_arguments)]
+pub async fn fetch_changes(
+    client: &Client,
+    source: &str,
+    token: &str,
+    engine: &str,
+    shard: &str,
+    since: ShardPosition,
+    extra_headers: &[(&str, String)],
+    body_timeout: Duration,
+) -> Result<Box<dyn AsyncRead + Send + Unpin>, ChangesFetchError> {
+    let url = format!("{}/v1/engines/{engine}/shards/{shard}/changes", source.trim_end_matches('/'));
+    let body = serde_json::to_vec(&ChangesRequest { since }).expect("changes request serializes");
+    let response = post(client, &url, token, body, extra_headers, body_timeout).await?;
+    let stream = response.into_body().into_data_stream().map_err(io::Error::other);
+    Ok(Box::new(StreamReader::new(stream)))
+}
+
+/// Body of a changes request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangesRequest {
+    /// The position the receiver holds.
+    pub since: ShardPosition,
+}
+
+/// POSTs `body` to `url`; an answer other than 200 is an error, with its
+/// message and code.
+async fn post(
+    client: &Client,
+    url: &str,
+    token: &str,
+    body: Vec<u8>,
+    extra_headers: &[(&str, String)],
+    body_timeout: Duration,
+) -> Result<hyper::Response<hyper::body::Incoming>, ChangesFetchError> {
+    let refused = |message: String| ChangesFetchError { error: FetchError::Refused(message), code: None };
+    let mut request = http::request(hyper::Method::POST, url, token, Some(Bytes::from(body)))
+        .map_err(|e| refused(format!("bad source URL {url:?}: {e}")))?;
+    for (name, value) in extra_headers {
+        let value = value.parse().map_err(|_| refused(format!("bad header value for {name}")))?;
+        request.headers_mut().insert(hyper::header::HeaderName::from_bytes(name.as_bytes()).unwrap(), value);
+    }
+    let transient = |message: String| ChangesFetchError { error: FetchError::Transient(message), code: None };
+    let response = tokio::time::timeout(HEAD_TIMEOUT, client.request(request))
+        .await
+        .map_err(|_| transient(format!("{url}: no response in {HEAD_TIMEOUT:?}")))?
+        .map_err(|e| transient(format!("{url}: {}", http::error_chain(&e))))?;
+    let status = response.status();
+    if status != StatusCode::OK {
+        let (code, text) = error_text(response.into_body(), body_timeout).await;
+        let message = format!("source answered {status}: {text}");
+        let error = if status == StatusCode::SERVICE_UNAVAILABLE || status.is_server_error() {
+            FetchError::Transient(message)
+        } else {
+            FetchError::Refused(message)
+        };
+        return Err(ChangesFetchError { error, code });
+    }
+    Ok(response)
+}
+
+/// The code and message of an error answer: its first [`MAX_ERROR_BODY`]
+/// bytes, read within `within`, with a note when the body was cut, broke or
+/// stalled. Dropping the rest closes the connection rather than draining it.
+async fn error_text<B>(body: B, within: Duration) -> (Option<String>, String)
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -103,14 +159,16 @@ where
             }
         }
     };
+    let code = serde_json::from_slice::<ApiError>(&buf).ok().map(|e| e.error.code);
     let mut text = ApiError::message_of(&buf);
     if let Some((cut, _)) = text.char_indices().nth(1000) {
         text.truncate(cut);
         text.push('…');
     }
-    match note {
+    let text = match note {
         Some(note) if text.is_empty() => format!("({note})"),
         Some(note) => format!("{text} ({note})"),
         None => text,
-    }
+    };
+    (code, text)
 }

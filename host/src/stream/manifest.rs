@@ -95,12 +95,47 @@ pub struct Manifest {
     pub entries: Vec<FileRecord>,
 }
 
-/// Why a source gave up on a snapshot mid-stream.
+/// Why a source gave up on a snapshot or a delta mid-stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("source failed at {step}: {message}")]
 pub struct SourceFailure {
     pub step: String,
     pub message: String,
+    /// Set when the engine's answer decides what the receiver does next
+    /// (start over with a snapshot, compare blocks): a catch-up round tells
+    /// them apart by this rather than by the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<FailureCode>,
+}
+
+/// The failures of a catch-up round a receiver acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureCode {
+    /// The history after the receiver's position is not kept: snapshot again.
+    HistoryGone,
+    /// The source's history after that position is not the receiver's.
+    TermChanged,
+    /// The engine (or the host, for block-diff entries) has no such delta.
+    Unsupported,
+}
+
+impl FailureCode {
+    /// The stable `code` of an API error answer.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureCode::HistoryGone => "history-gone",
+            FailureCode::TermChanged => "term-changed",
+            FailureCode::Unsupported => "unsupported",
+        }
+    }
+
+    /// The inverse of [`FailureCode::as_str`].
+    pub fn parse(code: &str) -> Option<FailureCode> {
+        [FailureCode::HistoryGone, FailureCode::TermChanged, FailureCode::Unsupported]
+            .into_iter()
+            .find(|c| c.as_str() == code)
+    }
 }
 
 /// Body of a snapshot request: what the receiver already holds of which

@@ -17,6 +17,7 @@
 
 pub mod buffer;
 pub mod client;
+pub mod delta;
 pub mod guard;
 pub mod manifest;
 pub mod ratelimit;
@@ -24,5 +25,5 @@ pub mod receive;
 pub mod source;
 pub mod tar;
 
-pub use manifest::{Checksum, FileRecord, Manifest, Preamble, ResumeRequest, SourceFailure};
+pub use manifest::{Checksum, FailureCode, FileRecord, Manifest, Preamble, ResumeRequest, SourceFailure};
 pub use ratelimit::RateLimiter;

@@ -46,7 +46,7 @@ use super::ratelimit::RateLimiter;
 use crate::plugin::types::MAX_PLAN_ENTRIES;
 use crate::relpath::RelPath;
 
-const CHUNK: usize = 1 << 20;
+pub(crate) const CHUNK: usize = 1 << 20;
 const WRITE_QUEUE: usize = 8;
 /// Free space a snapshot must leave on the staging file system, for the
 /// node's own state and the staging bookkeeping.
@@ -428,12 +428,12 @@ fn check_preamble(p: &Preamble, engine: &str, shard: &str) -> Result<HashMap<Rel
     Ok(announced)
 }
 
-fn entry_path<R: AsyncRead + Unpin>(entry: &tokio_tar::Entry<R>) -> Result<String, ReceiveError> {
+pub(crate) fn entry_path<R: AsyncRead + Unpin>(entry: &tokio_tar::Entry<R>) -> Result<String, ReceiveError> {
     let bytes = entry.path_bytes().map_err(|e| ReceiveError::Refused(format!("entry path: {e}")))?;
     String::from_utf8(bytes.into_owned()).map_err(|_| ReceiveError::Refused("entry path is not UTF-8".into()))
 }
 
-async fn read_json<T: serde::de::DeserializeOwned, R: AsyncRead + Unpin>(
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned, R: AsyncRead + Unpin>(
     entry: &mut tokio_tar::Entry<R>,
     name: &str,
 ) -> Result<T, ReceiveError> {
@@ -451,7 +451,7 @@ async fn read_json<T: serde::de::DeserializeOwned, R: AsyncRead + Unpin>(
     serde_json::from_slice(&buf).map_err(|e| ReceiveError::Refused(format!("{name}: {e}")))
 }
 
-fn kind_name(kind: EntryType) -> &'static str {
+pub(crate) fn kind_name(kind: EntryType) -> &'static str {
     match kind {
         EntryType::Symlink => "symlink",
         EntryType::Link => "hard link",
@@ -508,14 +508,17 @@ fn clear_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Passes reads through and remembers whether the transport itself failed.
-struct TransportWatch<R> {
+pub(crate) struct TransportWatch<R> {
     inner: R,
-    failed: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) failed: Arc<std::sync::atomic::AtomicBool>,
+    /// The transport ended (a read with room got nothing): an archive cut
+    /// there was cut by the network or the source, not malformed.
+    pub(crate) ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<R> TransportWatch<R> {
-    fn new(inner: R) -> Self {
-        TransportWatch { inner, failed: Arc::default() }
+    pub(crate) fn new(inner: R) -> Self {
+        TransportWatch { inner, failed: Arc::default(), ended: Arc::default() }
     }
 }
 
@@ -525,9 +528,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for TransportWatch<R> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
+        let before = (buf.filled().len(), buf.remaining());
         let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let std::task::Poll::Ready(Err(_)) = &poll {
-            self.failed.store(true, Ordering::Relaxed);
+        match &poll {
+            std::task::Poll::Ready(Err(_)) => self.failed.store(true, Ordering::Relaxed),
+            std::task::Poll::Ready(Ok(())) if before.1 > 0 && buf.filled().len() == before.0 => {
+                self.ended.store(true, Ordering::Relaxed);
+            }
+            _ => {}
         }
         poll
     }
@@ -541,21 +549,21 @@ enum WriteMsg {
     Whole(RelPath, ChunkBuf),
 }
 
-struct WriterOutcome {
-    records: Vec<FileRecord>,
-    error: Option<String>,
+pub(crate) struct WriterOutcome {
+    pub(crate) records: Vec<FileRecord>,
+    pub(crate) error: Option<String>,
 }
 
 /// Owns the writer thread of one attempt.
-struct FileWriter {
+pub(crate) struct FileWriter {
     tx: Option<mpsc::Sender<WriteMsg>>,
     thread: Option<thread::JoinHandle<WriterOutcome>>,
     /// Chunk buffers, filled from the network and given back by the writer.
-    buffers: BufferPool,
+    pub(crate) buffers: BufferPool,
 }
 
 impl FileWriter {
-    fn start(dir: PathBuf, progress: Arc<Progress>) -> FileWriter {
+    pub(crate) fn start(dir: PathBuf, progress: Arc<Progress>) -> FileWriter {
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         // The queue, one chunk being written and one being filled.
         let buffers = BufferPool::new(CHUNK, WRITE_QUEUE + 2);
@@ -574,25 +582,25 @@ impl FileWriter {
         tx.send(msg).await.map_err(|_| ReceiveError::Local("the writer stopped".into()))
     }
 
-    async fn begin(&self, path: RelPath, size: u64) -> Result<(), ReceiveError> {
+    pub(crate) async fn begin(&self, path: RelPath, size: u64) -> Result<(), ReceiveError> {
         self.send(WriteMsg::Begin(path, size)).await
     }
 
-    async fn data(&self, bytes: ChunkBuf) -> Result<(), ReceiveError> {
+    pub(crate) async fn data(&self, bytes: ChunkBuf) -> Result<(), ReceiveError> {
         self.send(WriteMsg::Data(bytes)).await
     }
 
-    async fn whole(&self, path: RelPath, bytes: ChunkBuf) -> Result<(), ReceiveError> {
+    pub(crate) async fn whole(&self, path: RelPath, bytes: ChunkBuf) -> Result<(), ReceiveError> {
         self.send(WriteMsg::Whole(path, bytes)).await
     }
 
-    async fn end(&self) -> Result<(), ReceiveError> {
+    pub(crate) async fn end(&self) -> Result<(), ReceiveError> {
         self.send(WriteMsg::End).await
     }
 
     /// Stops the thread (a file not yet ended is removed) and collects what
     /// it completed.
-    async fn finish(&mut self) -> WriterOutcome {
+    pub(crate) async fn finish(&mut self) -> WriterOutcome {
         self.tx.take();
         let thread = self.thread.take().expect("finish is called once");
         tokio::task::spawn_blocking(move || thread.join())

@@ -38,19 +38,19 @@ pub const CHUNK: usize = 1 << 20;
 pub const IN_FLIGHT: usize = 4;
 
 /// One entry, resolved against the shard directory.
-enum Planned {
+pub(super) enum Planned {
     Inline { path: RelPath, contents: Bytes },
     File { path: RelPath, source: PathBuf, offset: u64, size: u64 },
 }
 
 impl Planned {
-    fn path(&self) -> &RelPath {
+    pub(super) fn path(&self) -> &RelPath {
         match self {
             Planned::Inline { path, .. } | Planned::File { path, .. } => path,
         }
     }
 
-    fn size(&self) -> u64 {
+    pub(super) fn size(&self) -> u64 {
         match self {
             Planned::Inline { contents, .. } => contents.len() as u64,
             Planned::File { size, .. } => *size,
@@ -65,8 +65,8 @@ pub struct PreparedSnapshot {
     skipped: HashMap<RelPath, FileRecord>,
 }
 
-fn failure(step: &str, message: impl Into<String>) -> SourceFailure {
-    SourceFailure { step: step.into(), message: message.into() }
+pub(super) fn failure(step: &str, message: impl Into<String>) -> SourceFailure {
+    SourceFailure { step: step.into(), message: message.into(), code: None }
 }
 
 /// Plans a snapshot of the live shard in `dir` and decides which files the
@@ -126,7 +126,7 @@ pub async fn prepare(
 /// Checks every file entry names a regular file inside `dir` (no symlink on
 /// the way, checked per directory rather than by resolving every path) and
 /// fixes its size.
-fn resolve(dir: &Path, plan: Vec<PlanEntry>) -> Result<Vec<Planned>, SourceFailure> {
+pub(super) fn resolve(dir: &Path, plan: Vec<PlanEntry>) -> Result<Vec<Planned>, SourceFailure> {
     let root = dir.canonicalize().map_err(|e| failure("plan", format!("{}: {e}", dir.display())))?;
     let mut out = Vec::with_capacity(plan.len());
     // Directories already found to be real directories (not symlinks), each
@@ -227,19 +227,40 @@ pub type Chunk = Result<Bytes, io::Error>;
 /// receiver is dropped (client gone, transfer cancelled), the producer stops
 /// at its next send; if it takes no chunk for `ctx.stall_timeout`, the
 /// producer stops too and the body ends without a manifest.
-pub fn stream(prepared: PreparedSnapshot, ctx: StreamContext) -> mpsc::Receiver<Chunk> {
+pub fn stream(prepared: PreparedSnapshot, mut ctx: StreamContext) -> mpsc::Receiver<Chunk> {
+    let permit = ctx.permit.take();
+    spawn_producer("snapshot", ctx.shard.clone(), ctx.stall_timeout, permit, |tx| async move {
+        produce(&tx, prepared, &ctx).await
+    })
+}
+
+/// Runs `produce` on its own task, feeding the returned channel, and ends the
+/// archive as its outcome says: a failure becomes `.ferry/error.json`.
+/// `permit` is held until the producer is done.
+pub(super) fn spawn_producer<F, Fut>(
+    what: &'static str,
+    shard: String,
+    stall: Duration,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    produce: F,
+) -> mpsc::Receiver<Chunk>
+where
+    F: FnOnce(Out) -> Fut,
+    Fut: Future<Output = Result<(), Produce>> + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(IN_FLIGHT);
+    let out = Out { tx, stall };
+    let tx = out.clone();
+    let work = produce(out);
     tokio::spawn(async move {
-        let shard = ctx.shard.clone();
-        let tx = Out { tx, stall: ctx.stall_timeout };
-        match produce(&tx, prepared, &ctx).await {
-            Ok(()) => tracing::info!(shard, "snapshot sent"),
-            Err(Produce::Gone) => tracing::info!(shard, "receiver went away; snapshot stopped"),
+        match work.await {
+            Ok(()) => tracing::info!(shard, "{what} sent"),
+            Err(Produce::Gone) => tracing::info!(shard, "receiver went away; {what} stopped"),
             Err(Produce::Stalled) => {
-                tracing::warn!(shard, "the receiver took nothing for {:?}; snapshot stopped", ctx.stall_timeout);
+                tracing::warn!(shard, "the receiver took nothing for {stall:?}; {what} stopped");
             }
             Err(Produce::Failed(failure)) => {
-                tracing::warn!(shard, "snapshot aborted: {failure}");
+                tracing::warn!(shard, "{what} aborted: {failure}");
                 // Say why, then stop: no manifest and no end-of-archive, so
                 // the archive can never pass for a complete snapshot. The HTTP
                 // body itself ends normally: a body that ends in an error makes
@@ -249,12 +270,13 @@ pub fn stream(prepared: PreparedSnapshot, ctx: StreamContext) -> mpsc::Receiver<
                 }
             }
         }
-        drop(ctx.permit);
+        drop(permit);
     });
     rx
 }
 
-enum Produce {
+/// How a producer stopped early.
+pub(super) enum Produce {
     Gone,
     /// The receiver stopped taking data.
     Stalled,
@@ -268,19 +290,25 @@ impl From<SourceFailure> for Produce {
 }
 
 /// The body's channel, and how long a chunk may wait for room in it.
-struct Out {
+#[derive(Clone)]
+pub(super) struct Out {
     tx: mpsc::Sender<Chunk>,
     stall: Duration,
 }
 
-async fn send(out: &Out, bytes: Bytes) -> Result<(), Produce> {
+pub(super) async fn send(out: &Out, bytes: Bytes) -> Result<(), Produce> {
     out.tx.send_timeout(Ok(bytes), out.stall).await.map_err(|e| match e {
         mpsc::error::SendTimeoutError::Timeout(_) => Produce::Stalled,
         mpsc::error::SendTimeoutError::Closed(_) => Produce::Gone,
     })
 }
 
-async fn send_entry(tx: &Out, path: &str, contents: Bytes, rate: Option<&RateLimiter>) -> Result<(), Produce> {
+pub(super) async fn send_entry(
+    tx: &Out,
+    path: &str,
+    contents: Bytes,
+    rate: Option<&RateLimiter>,
+) -> Result<(), Produce> {
     let path = RelPath::new(path).expect("control entry paths are valid");
     let size = contents.len() as u64;
     send(tx, tar::header(&path, size)).await?;
@@ -298,7 +326,30 @@ async fn produce(tx: &Out, prepared: PreparedSnapshot, ctx: &StreamContext) -> R
     let PreparedSnapshot { preamble, entries, skipped } = prepared;
     let json = serde_json::to_vec(&preamble).expect("preamble serializes");
     send_entry(tx, PREAMBLE_PATH, Bytes::from(json), None).await?;
+    let records = send_entries(tx, entries, &skipped, &ctx.rate).await?;
 
+    // The last data entry is out; the archive is not finished. If the term
+    // moved, the snapshot is void and the receiver must not get a manifest.
+    ctx.plugin
+        .term_check(&ctx.shard, &ctx.dir, &preamble.meta)
+        .await
+        .map_err(|e| failure("term-check", e.to_string()))?;
+
+    let manifest =
+        Manifest { format: ARCHIVE_FORMAT, snapshot_id: preamble.snapshot_id, meta: preamble.meta, entries: records };
+    let json = serde_json::to_vec(&manifest).expect("manifest serializes");
+    send_entry(tx, MANIFEST_PATH, Bytes::from(json), None).await?;
+    send(tx, tar::end()).await
+}
+
+/// Sends the data entries in order (those in `skipped` only recorded), each
+/// hashed on the way; returns their records for the manifest.
+pub(super) async fn send_entries(
+    tx: &Out,
+    entries: Vec<Planned>,
+    skipped: &HashMap<RelPath, FileRecord>,
+    rate: &RateLimiter,
+) -> Result<Vec<FileRecord>, Produce> {
     // Chunks in the channel, one being read, and a few the HTTP layer holds.
     let buffers = BufferPool::new(CHUNK, IN_FLIGHT + 4);
     let mut records = Vec::with_capacity(entries.len());
@@ -322,7 +373,7 @@ async fn produce(tx: &Out, prepared: PreparedSnapshot, ctx: &StreamContext) -> R
                 batch.push(next);
             }
             let (piece, batch_records) = read_batch(batch).await?;
-            ctx.rate.acquire(bytes).await;
+            rate.acquire(bytes).await;
             send(tx, piece).await?;
             records.extend(batch_records);
             continue;
@@ -331,12 +382,12 @@ async fn produce(tx: &Out, prepared: PreparedSnapshot, ctx: &StreamContext) -> R
         send(tx, tar::header(entry.path(), size)).await?;
         let blake3 = match &entry {
             Planned::Inline { contents, .. } => {
-                ctx.rate.acquire(size).await;
+                rate.acquire(size).await;
                 send(tx, contents.clone()).await?;
                 Checksum(*blake3::hash(contents).as_bytes())
             }
             Planned::File { path, source, offset, .. } => {
-                send_file(tx, path, source, *offset, size, &ctx.rate, &buffers).await?
+                send_file(tx, path, source, *offset, size, rate, &buffers).await?
             }
         };
         if let Some(pad) = tar::padding(size) {
@@ -344,19 +395,7 @@ async fn produce(tx: &Out, prepared: PreparedSnapshot, ctx: &StreamContext) -> R
         }
         records.push(FileRecord { path: entry.path().clone(), size, blake3 });
     }
-
-    // The last data entry is out; the archive is not finished. If the term
-    // moved, the snapshot is void and the receiver must not get a manifest.
-    ctx.plugin
-        .term_check(&ctx.shard, &ctx.dir, &preamble.meta)
-        .await
-        .map_err(|e| failure("term-check", e.to_string()))?;
-
-    let manifest =
-        Manifest { format: ARCHIVE_FORMAT, snapshot_id: preamble.snapshot_id, meta: preamble.meta, entries: records };
-    let json = serde_json::to_vec(&manifest).expect("manifest serializes");
-    send_entry(tx, MANIFEST_PATH, Bytes::from(json), None).await?;
-    send(tx, tar::end()).await
+    Ok(records)
 }
 
 /// Files up to this size are read in batches.

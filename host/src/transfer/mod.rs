@@ -8,6 +8,7 @@
 //! that failed) or `cancelled`. Whatever the end, the staging directory is
 //! removed and the live replica is either untouched or atomically replaced.
 
+pub mod catchup;
 mod status;
 mod task;
 

@@ -369,14 +369,14 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
 }
 
 /// Fails a read that waits longer than the stall timeout for data.
-struct StallGuard<R> {
+pub(super) struct StallGuard<R> {
     inner: R,
     timeout: std::time::Duration,
     sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<R> StallGuard<R> {
-    fn new(inner: R, timeout: std::time::Duration) -> Self {
+    pub(super) fn new(inner: R, timeout: std::time::Duration) -> Self {
         StallGuard { inner, timeout, sleep: Box::pin(tokio::time::sleep(timeout)) }
     }
 }
