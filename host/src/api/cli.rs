@@ -149,6 +149,9 @@ pub struct ServeArgs {
     /// Seconds a request body may take to arrive.
     #[arg(long)]
     pub request_timeout: Option<u64>,
+    /// A live move's write pause budget, in milliseconds.
+    #[arg(long)]
+    pub pause_budget_ms: Option<u64>,
     /// Node-wide byte rate limit per second, in and out (e.g. 100M; 0: unlimited).
     #[arg(long, value_parser = parse_size)]
     pub rate_limit: Option<u64>,
@@ -536,6 +539,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(v) = args.request_timeout {
         config.request_timeout = v;
     }
+    if let Some(v) = args.pause_budget_ms {
+        config.pause_budget_ms = v;
+    }
     if let Some(v) = args.stall_timeout {
         config.stall_timeout = v;
     }
@@ -684,6 +690,14 @@ fn status_line(s: &TransferStatus) -> String {
     );
     if s.resumed_files > 0 {
         line.push_str(&format!("  resumed {} files", s.resumed_files));
+    }
+    if !s.rounds.is_empty() {
+        let bytes: Vec<String> = s.rounds.iter().map(|r| r.bytes.to_string()).collect();
+        line.push_str(&format!("  {} catch-up rounds (bytes {})", s.rounds.len(), bytes.join(", ")));
+    }
+    if let Some(pause) = s.pause_ms {
+        let over = if s.pause_over_budget { " OVER BUDGET" } else { "" };
+        line.push_str(&format!("  pause_ms {pause}{over}"));
     }
     if let Some(error) = &s.error {
         line.push_str(&format!("\n  error: {error}"));

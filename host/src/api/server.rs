@@ -747,10 +747,18 @@ fn merge_status(
         stage_ms: Vec::new(),
         consensus: None,
         unreachable: None,
+        pause_ms: None,
+        pause_over_budget: false,
+        rounds: Vec::new(),
         created_at: record.started_at,
         updated_at: record.updated_at,
     });
     status.unreachable = unreachable;
+    if let Some(live) = &record.live {
+        status.pause_ms = live.pause_ms;
+        status.pause_over_budget = live.pause_ms.is_some_and(|p| p > live.pause_budget_ms);
+        status.rounds = live.rounds.clone();
+    }
     // The consensus stage decides the outcome.
     match record.stage {
         TransferStage::Finished => {

@@ -140,15 +140,38 @@ async fn steps(node: &Node, t: &TransferRecord) -> Result<(), String> {
     let index = partial_index.unwrap_or_else(|| consensus.applied_index());
     consensus.wait_applied(index, SYNC_TIMEOUT).await.map_err(|e| format!("sync: {e}"))?;
     sync_all(node, index).await?;
+
+    // A live move catches up and fences the source; the write pause runs from
+    // that fence to the commit below.
+    let fenced_at = if crate::node::live::is_live(node, &t.engine) {
+        let record = consensus.state().transfers.get(&t.id).cloned().unwrap_or_else(|| t.clone());
+        Some(crate::node::live::catch_up(node, &record).await?)
+    } else {
+        None
+    };
     let finish = Command::FinishTransfer { transfer: t.id.clone(), epoch: t.epoch, now: unix_now() };
     match consensus.propose(finish).await {
-        Ok(_) => Ok(()),
+        Ok(_) => {}
         Err(ConsensusError::Refused(why)) => {
             tracing::info!(transfer = %t.id, "not finished: {why}");
-            Ok(())
+            return Ok(());
         }
-        Err(e) => Err(format!("finishing: {e}")),
+        Err(e) => return Err(format!("finishing: {e}")),
     }
+    if let Some(at) = fenced_at {
+        let pause_ms = unix_now_ms().saturating_sub(at);
+        let over = pause_ms > node.config.pause_budget_ms;
+        if over {
+            tracing::warn!(transfer = %t.id, pause_ms, budget_ms = node.config.pause_budget_ms, "write pause over budget");
+        } else {
+            tracing::info!(transfer = %t.id, pause_ms, "cut over");
+        }
+        let record = Command::RecordPause { transfer: t.id.clone(), epoch: t.epoch, pause_ms };
+        if let Err(e) = consensus.propose(record).await {
+            tracing::warn!(transfer = %t.id, "pause not recorded: {e}");
+        }
+    }
+    Ok(())
 }
 
 /// Waits until every reachable member has applied `index`, and a majority
@@ -190,6 +213,11 @@ async fn sync_all(node: &Node, index: u64) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Unix time in milliseconds (a pause spans nodes' records, so wall time).
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 pub fn unix_now() -> u64 {

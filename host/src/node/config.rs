@@ -39,6 +39,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Seconds a request body may take to arrive.
     pub request_timeout: u64,
+    /// A live move's write pause budget, in milliseconds: the source is
+    /// fenced once the predicted final round fits half of it.
+    pub pause_budget_ms: u64,
     /// Node-wide byte rate, in and out; `0` or absent: unlimited.
     pub rate_limit: Option<u64>,
     pub max_incoming: usize,
@@ -90,6 +93,7 @@ impl Default for Config {
             allowed_sources: Vec::new(),
             max_connections: 1024,
             request_timeout: 30,
+            pause_budget_ms: 250,
             rate_limit: None,
             max_incoming: 2,
             max_outgoing: 2,
@@ -114,6 +118,7 @@ impl Config {
         anyhow::ensure!(self.stall_timeout >= 1, "stall_timeout must be at least 1 second");
         anyhow::ensure!(self.max_connections >= 16, "max_connections must be at least 16");
         anyhow::ensure!((1..=3600).contains(&self.request_timeout), "request_timeout must be 1 to 3600 seconds");
+        anyhow::ensure!((10..=600_000).contains(&self.pause_budget_ms), "pause_budget_ms must be 10 to 600000");
         anyhow::ensure!(
             self.auth.is_none() || self.token_file.is_none(),
             "token_file and [auth] exclude each other: one token for every scope, or one per scope"

@@ -135,11 +135,7 @@ impl<'a> Mover<'a> {
             }
             at = self.round(at, true).await?.position;
         }
-        if at == last {
-            Ok(())
-        } else {
-            Err(format!("the fenced round ended at {at:?}, not at the fence's {last:?}"))
-        }
+        if at == last { Ok(()) } else { Err(format!("the fenced round ended at {at:?}, not at the fence's {last:?}")) }
     }
 
     /// One round from `since`, recorded; interrupted rounds are retried.

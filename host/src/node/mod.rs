@@ -21,6 +21,7 @@ use credentials::Credentials;
 pub mod conductor;
 pub mod cutover;
 pub mod fences;
+pub mod live;
 pub mod registrar;
 
 /// Request bodies being read at once, in bytes, node-wide.

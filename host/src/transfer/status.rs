@@ -84,6 +84,16 @@ pub struct TransferStatus {
     /// byte progress shown is not current.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unreachable: Option<String>,
+    /// A live move's write pause: from the source's fence to the commit of
+    /// the new owner, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
+    /// Whether that pause went over the node's budget.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pause_over_budget: bool,
+    /// A live move's catch-up rounds (the fenced ones last).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<crate::consensus::state::RoundRecord>,
     /// Unix seconds.
     pub created_at: u64,
     pub updated_at: u64,

@@ -145,6 +145,9 @@ impl Transfer {
             stage_ms: inner.stage_ms.clone(),
             consensus: None,
             unreachable: None,
+            pause_ms: None,
+            pause_over_budget: false,
+            rounds: Vec::new(),
             created_at: inner.created_at,
             updated_at: inner.updated_at,
         }

@@ -1,0 +1,133 @@
+//! Live moves (contract 0.2.0): a segment-log shard moved between real nodes
+//! while an application appends to it. Every acknowledged record ends up on
+//! the new owner, the write pause is measured and recorded, the old replica
+//! refuses its writers for ever; a move that cannot converge gives up and
+//! leaves the source writable.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry::transfer::{State, TransferStatus};
+use ferry_tests::appender::{self, Appender, Summary};
+use ferry_tests::node::TestCluster;
+use ferry_tests::segment_log::{Generator, Writer, check_shard};
+use hyper::Method;
+use serde_json::json;
+
+const ENGINE: &str = "segment-log";
+const WITHIN: Duration = Duration::from_secs(120);
+
+/// An appender on its own thread until `stop` exists.
+fn start_appender(
+    dir: PathBuf,
+    then: Option<PathBuf>,
+    rate: u32,
+    work: &std::path::Path,
+) -> std::thread::JoinHandle<Summary> {
+    let appender = Appender {
+        dir,
+        then,
+        rate,
+        record_size: 200,
+        acks: work.join("acks"),
+        stop_file: Some(work.join("stop")),
+        duration: Duration::from_secs(300),
+    };
+    std::thread::spawn(move || appender.run().expect("the appender failed"))
+}
+
+async fn acks_at_least(work: &std::path::Path, n: usize) {
+    let deadline = std::time::Instant::now() + WITHIN;
+    while appender::acked(&work.join("acks")).map(|a| a.len()).unwrap_or(0) < n {
+        assert!(std::time::Instant::now() < deadline, "the appender stopped acknowledging");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_moves_while_it_is_written_and_no_acknowledged_write_is_lost() {
+    let cluster = TestCluster::start(&["w1", "w2", "w3"]).await;
+    let [w1, w2, w3] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
+    let (source, target) = (w1.shard_dir(ENGINE, "live"), w3.shard_dir(ENGINE, "live"));
+    Generator { segment_size: 1 << 20, term: 3, seed: 9 }.create(&source, 16 << 20).unwrap();
+    cluster.wait_replicas(ENGINE, "live", json!({"w1": "active"}), WITHIN).await;
+
+    let work = tempfile::tempdir().unwrap();
+    // A writer that opened the old replica before the move and keeps it.
+    let mut stale = Writer::open(&source).unwrap();
+    let app = start_appender(source.clone(), Some(target.clone()), 200, work.path());
+    acks_at_least(work.path(), 50).await;
+
+    let body = json!({"engine": ENGINE, "shard": "live", "source": "w1", "target": "w3", "kind": "move"});
+    let started: TransferStatus = w2.api().call(Method::POST, "/v1/transfers", Some(&body)).await.unwrap();
+    let done = w2.wait_transfer(&started.id, WITHIN).await;
+    assert_eq!(done.state, State::Succeeded, "{done:?}");
+    cluster.wait_replicas(ENGINE, "live", json!({"w3": "active"}), WITHIN).await;
+
+    // The application goes on, on the new owner.
+    let before = appender::acked(&work.path().join("acks")).unwrap().len();
+    acks_at_least(work.path(), before + 50).await;
+    std::fs::write(work.path().join("stop"), b"").unwrap();
+    let summary = app.join().unwrap();
+    assert!(summary.switched, "the appender never moved to the new owner: {summary:?}");
+
+    // Every acknowledged record is on the new owner, once, in order.
+    check_shard(&target).unwrap();
+    let on_target: Vec<u64> = appender::records(&target).unwrap().iter().filter_map(|p| appender::seq_of(p)).collect();
+    let acked = appender::acked(&work.path().join("acks")).unwrap();
+    let missing: Vec<&u64> = acked.iter().filter(|s| on_target.binary_search(s).is_err()).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged records are not on the new owner: {:?}…",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+
+    // The pause and the rounds are recorded; the last round was fenced.
+    let status: TransferStatus =
+        w1.api().call(Method::GET, &format!("/v1/transfers/{}", started.id), None).await.unwrap();
+    let pause = status.pause_ms.expect("pause_ms recorded");
+    assert!(!status.rounds.is_empty() && status.rounds.last().unwrap().fenced, "{:?}", status.rounds);
+    assert!(status.rounds.iter().take(status.rounds.len() - 1).all(|r| !r.fenced));
+    eprintln!(
+        "live move: pause {pause} ms, {} rounds, appender's longest gap {:?}",
+        status.rounds.len(),
+        summary.longest_gap
+    );
+
+    // The writer that kept the old replica gets an error, never a success.
+    assert!(stale.append(&[b"late write"]).is_err(), "a write to the retired replica succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_that_cannot_converge_gives_up_and_leaves_the_source_writable() {
+    let options = ferry_tests::node::NodeOptions {
+        // A budget no round can fit: the move must give up, not fence.
+        args: vec!["--pause-budget-ms".into(), "10".into()],
+        ..Default::default()
+    };
+    let cluster = TestCluster::start_with(&["c1", "c2"], options).await;
+    let [c1, c2] = [&cluster.nodes[0], &cluster.nodes[1]];
+    let source = c1.shard_dir(ENGINE, "busy");
+    Generator { segment_size: 1 << 20, term: 1, seed: 2 }.create(&source, 4 << 20).unwrap();
+    cluster.wait_replicas(ENGINE, "busy", json!({"c1": "active"}), WITHIN).await;
+    let work = tempfile::tempdir().unwrap();
+    let app = start_appender(source.clone(), None, 300, work.path());
+    acks_at_least(work.path(), 20).await;
+
+    let body = json!({"engine": ENGINE, "shard": "busy", "target": "c2", "kind": "move"});
+    let started: TransferStatus = c1.api().call(Method::POST, "/v1/transfers", Some(&body)).await.unwrap();
+    let done = c1.wait_transfer(&started.id, WITHIN).await;
+    assert_eq!(done.state, State::Failed, "{done:?}");
+    assert!(done.error.as_deref().unwrap_or("").contains("not converging"), "{done:?}");
+    assert!(done.pause_ms.is_none());
+
+    // The source stays the only owner and keeps taking writes.
+    cluster.wait_replicas(ENGINE, "busy", json!({"c1": "active"}), WITHIN).await;
+    let before = appender::acked(&work.path().join("acks")).unwrap().len();
+    acks_at_least(work.path(), before + 30).await;
+    std::fs::write(work.path().join("stop"), b"").unwrap();
+    let summary = app.join().unwrap();
+    assert!(!summary.switched);
+    check_shard(&source).unwrap();
+}
