@@ -99,23 +99,26 @@ async fn a_shard_moves_while_it_is_written_and_no_acknowledged_write_is_lost() {
     assert!(stale.append(&[b"late write"]).is_err(), "a write to the retired replica succeeded");
 }
 
+/// Also Qdrant #7787: an aborted transfer must not make a later one skip
+/// changes. The move is retried after the operator raised the budget, with
+/// the same application writing throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_that_cannot_converge_gives_up_and_leaves_the_source_writable() {
+async fn a_move_that_cannot_converge_gives_up_and_a_later_move_loses_nothing() {
     let options = ferry_tests::node::NodeOptions {
         // A budget no round can fit: the move must give up, not fence.
         args: vec!["--pause-budget-ms".into(), "10".into()],
         ..Default::default()
     };
-    let cluster = TestCluster::start_with(&["c1", "c2"], options).await;
-    let [c1, c2] = [&cluster.nodes[0], &cluster.nodes[1]];
-    let source = c1.shard_dir(ENGINE, "busy");
+    let mut cluster = TestCluster::start_with(&["c1", "c2", "c3"], options).await;
+    let (source, target) = (cluster.nodes[0].shard_dir(ENGINE, "busy"), cluster.nodes[1].shard_dir(ENGINE, "busy"));
     Generator { segment_size: 1 << 20, term: 1, seed: 2 }.create(&source, 4 << 20).unwrap();
     cluster.wait_replicas(ENGINE, "busy", json!({"c1": "active"}), WITHIN).await;
     let work = tempfile::tempdir().unwrap();
-    let app = start_appender(source.clone(), None, 300, work.path());
+    let app = start_appender(source.clone(), Some(target.clone()), 300, work.path());
     acks_at_least(work.path(), 20).await;
 
-    let body = json!({"engine": ENGINE, "shard": "busy", "target": "c2", "kind": "move"});
+    let body = json!({"engine": ENGINE, "shard": "busy", "source": "c1", "target": "c2", "kind": "move"});
+    let c1 = &cluster.nodes[0];
     let started: TransferStatus = c1.api().call(Method::POST, "/v1/transfers", Some(&body)).await.unwrap();
     let done = c1.wait_transfer(&started.id, WITHIN).await;
     assert_eq!(done.state, State::Failed, "{done:?}");
@@ -126,8 +129,43 @@ async fn a_move_that_cannot_converge_gives_up_and_leaves_the_source_writable() {
     cluster.wait_replicas(ENGINE, "busy", json!({"c1": "active"}), WITHIN).await;
     let before = appender::acked(&work.path().join("acks")).unwrap().len();
     acks_at_least(work.path(), before + 30).await;
+
+    // The operator raises the budget (a restart of both ends, the source
+    // killed while it is being written) and moves again.
+    for node in &mut cluster.nodes[..2] {
+        node.restart(ferry_tests::node::NodeOptions::default());
+    }
+    cluster.wait_agreement(WITHIN).await;
+    let c3 = &cluster.nodes[2];
+    let again: TransferStatus = c3.api().call(Method::POST, "/v1/transfers", Some(&body)).await.unwrap();
+    let done = c3.wait_transfer(&again.id, WITHIN).await;
+    assert_eq!(done.state, State::Succeeded, "{done:?}");
+    let before = appender::acked(&work.path().join("acks")).unwrap().len();
+    acks_at_least(work.path(), before + 30).await;
     std::fs::write(work.path().join("stop"), b"").unwrap();
     let summary = app.join().unwrap();
-    assert!(!summary.switched);
-    check_shard(&source).unwrap();
+    assert!(summary.switched, "{summary:?}");
+    let on_target: Vec<u64> = appender::records(&target).unwrap().iter().filter_map(|p| appender::seq_of(p)).collect();
+    let acked = appender::acked(&work.path().join("acks")).unwrap();
+    let missing: Vec<u64> = acked.iter().copied().filter(|s| on_target.binary_search(s).is_err()).collect();
+    if !missing.is_empty() {
+        let lines = std::fs::read_to_string(work.path().join("acks")).unwrap();
+        let around: Vec<&str> = lines
+            .lines()
+            .filter(|l| {
+                let seq: u64 = l.split_whitespace().next().unwrap().parse().unwrap();
+                missing.iter().any(|m| seq + 3 >= *m && seq <= m + 3)
+            })
+            .collect();
+        let status: TransferStatus =
+            c3.api().call(Method::GET, &format!("/v1/transfers/{}", again.id), None).await.unwrap();
+        panic!(
+            "acknowledged records missing on the new owner after an aborted move: {missing:?}; acks around: {around:?}; \
+             target holds {} records, last {:?}; fence {:?}; rounds {:?}",
+            on_target.len(),
+            on_target.last(),
+            status.consensus.and_then(|c| c.live).map(|l| l.fenced),
+            status.rounds
+        );
+    }
 }

@@ -290,6 +290,19 @@ impl Control {
         Ok(())
     }
 
+    /// The control file with its flush moved to `end` (records written past
+    /// it, see [`written_end`]); a fence that holds counts them too.
+    pub fn with_written_end(&self, end: u64) -> Control {
+        if end <= self.flush {
+            return *self;
+        }
+        let mut live = self.live;
+        if live.fenced_epoch != 0 && live.fence_flush == self.flush {
+            live.fence_flush = end;
+        }
+        Control { flush: end, commit: end, live, ..*self }
+    }
+
     /// The control file fenced by `epoch`: the term bumped, the old term's end
     /// recorded. Unchanged if `epoch` holds the fence already.
     pub fn fence(&self, epoch: u64) -> Result<Control, FormatError> {
@@ -373,7 +386,14 @@ impl Control {
 
     /// Writes the control file crash-safely: a temporary file, fsync, rename.
     pub fn write(&self, dir: &Path) -> Result<(), FormatError> {
-        let tmp = dir.join("control.tmp");
+        self.write_through(dir, "control.tmp")
+    }
+
+    /// [`write`](Self::write) through a temporary file of another name: the
+    /// plugin writes fences without the writers' lock, and two writers of one
+    /// temporary file would rename each other's bytes.
+    pub fn write_through(&self, dir: &Path, tmp_name: &str) -> Result<(), FormatError> {
+        let tmp = dir.join(tmp_name);
         let mut file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
         file.write_all(&self.encode()).map_err(io_err(&tmp))?;
         file.sync_all().map_err(io_err(&tmp))?;
@@ -435,6 +455,70 @@ pub fn check_segment(dir: &Path, control: &Control, index: u64, expected_len: u6
         parser.feed(&buf[..want]).map_err(|e| invalid(format!("{name}: {e}")))?;
     }
     parser.finish().map_err(|e| invalid(format!("{name}: {e}")))
+}
+
+/// Where the complete, CRC-valid records written after `control.flush` end:
+/// `control.flush` when there are none. Such records exist when a fence
+/// (written without the writers' lock) read the control file just before an
+/// append updated it and then overwrote that update: the append was
+/// acknowledged, so a fence must count its records. A record that is whole
+/// on disk is safe to count even if its writer never heard back.
+pub fn written_end(dir: &Path, control: &Control) -> Result<u64, FormatError> {
+    let size = control.segment_size;
+    let mut position = control.flush;
+    loop {
+        let index = position / size;
+        let path = dir.join(segment_name(index));
+        let Ok(mut file) = fs::File::open(&path) else { return Ok(position) };
+        let len = file.metadata().map_err(io_err(&path))?.len();
+        let offset = position - index * size;
+        if offset + RECORD_HEADER_LEN > size.min(len) {
+            // No room for a header here: the next record starts a segment.
+            if offset + RECORD_HEADER_LEN > size && next_segment_starts_a_record(dir, index + 1, size)? {
+                position = (index + 1) * size;
+                continue;
+            }
+            return Ok(position);
+        }
+        let mut header = [0u8; RECORD_HEADER_LEN as usize];
+        io::Seek::seek(&mut file, io::SeekFrom::Start(offset)).map_err(io_err(&path))?;
+        file.read_exact(&mut header).map_err(io_err(&path))?;
+        let record_len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as u64;
+        if record_len == 0 {
+            // Zero padding to the segment's end, then the next segment.
+            if next_segment_starts_a_record(dir, index + 1, size)? {
+                position = (index + 1) * size;
+                continue;
+            }
+            return Ok(position);
+        }
+        if offset + RECORD_HEADER_LEN + record_len > size.min(len) {
+            return Ok(position);
+        }
+        let mut payload = vec![0u8; record_len as usize];
+        if file.read_exact(&mut payload).is_err()
+            || crc32fast::hash(&payload) != u32::from_le_bytes(header[4..].try_into().expect("4 bytes"))
+        {
+            return Ok(position);
+        }
+        position += RECORD_HEADER_LEN + record_len;
+    }
+}
+
+/// Whether segment `index` exists and begins with a CRC-valid record.
+fn next_segment_starts_a_record(dir: &Path, index: u64, size: u64) -> Result<bool, FormatError> {
+    let Ok(mut file) = fs::File::open(dir.join(segment_name(index))) else { return Ok(false) };
+    let mut header = [0u8; RECORD_HEADER_LEN as usize];
+    if file.read_exact(&mut header).is_err() {
+        return Ok(false);
+    }
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as u64;
+    if len == 0 || len + RECORD_HEADER_LEN > size {
+        return Ok(false);
+    }
+    let mut payload = vec![0u8; len as usize];
+    Ok(file.read_exact(&mut payload).is_ok()
+        && crc32fast::hash(&payload) == u32::from_le_bytes(header[4..].try_into().expect("4 bytes")))
 }
 
 /// Checks the records in `[since, until)` of the shard in `dir`, laid out as
@@ -614,6 +698,9 @@ pub fn check_shard(dir: &Path) -> Result<ShardSummary, FormatError> {
         let name = name.to_string_lossy();
         if name == CONTROL_FILE || name == LOCK_FILE {
             continue;
+        }
+        if control.state == ShardState::Active && (name == "control.tmp" || name == "control.plugin.tmp") {
+            continue; // a control write in flight on a live shard
         }
         match segment_index(&name) {
             Some(index) if range.contains(&index) => {}
@@ -1010,5 +1097,28 @@ mod tests {
         assert!(Writer::open(&dir).is_err());
         check_shard(&dir).unwrap();
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fence_counts_records_whose_control_update_it_overwrote() {
+        let dir = std::env::temp_dir().join(format!("slf-written-end-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let generator = Generator { segment_size: 4096, term: 5, seed: 3 };
+        let before = generator.create(&dir, 6000).unwrap();
+        assert_eq!(written_end(&dir, &before).unwrap(), before.flush, "nothing written past the flush");
+        let mut writer = Writer::open(&dir).unwrap();
+        // Enough records to cross into the next segment (padding included).
+        let mut end = 0;
+        for i in 0..40u32 {
+            end = writer.append(&[&vec![i as u8 + 1; 150]]).unwrap();
+        }
+        // A fence that read the control file before these appends overwrites it.
+        before.write(&dir).unwrap();
+        assert_eq!(written_end(&dir, &before).unwrap(), end);
+        let fenced = before.fence(9).unwrap();
+        let recovered = fenced.with_written_end(written_end(&dir, &fenced).unwrap());
+        assert_eq!((recovered.flush, recovered.live.fence_flush, recovered.term), (end, end, 6));
+        let _ = fs::remove_dir_all(&dir);
     }
 }

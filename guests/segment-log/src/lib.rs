@@ -40,7 +40,7 @@ use ferry::engine::types::{
 };
 use segment_log_format::{
     CONTROL_FILE, Control, FormatError, LOCK_FILE, LiveState, ShardState, WRITER_LOCK, check_range, check_shard,
-    segment_index, segment_name,
+    segment_index, segment_name, written_end,
 };
 
 /// Most segments one delta plan covers; a longer lag takes several rounds.
@@ -195,7 +195,8 @@ fn delta_attribute(meta: &DeltaMeta, key: &str) -> Result<u64, EngineError> {
 }
 
 fn write_control(control: &Control) -> Result<(), EngineError> {
-    control.write(Path::new(SHARD)).map_err(to_engine_error)
+    // Not the writers' temporary name: a fence runs beside an append.
+    control.write_through(Path::new(SHARD), "control.plugin.tmp").map_err(to_engine_error)
 }
 
 fn io(name: &str) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
@@ -336,7 +337,12 @@ impl Live for SegmentLog {
     }
 
     fn fence(_shard: String, epoch: u64) -> Result<FenceInfo, EngineError> {
-        let control = read_control()?;
+        let read = read_control()?;
+        // An append whose control update an earlier, unlocked fence
+        // overwrote was acknowledged: its records count. (The host fences a
+        // second time under the writers' lock, when no append is in flight.)
+        let end = written_end(Path::new(SHARD), &read).map_err(to_engine_error)?;
+        let control = read.with_written_end(end);
         let fenced = control.fence(epoch).map_err(to_engine_error)?;
         // The host locks this file; make sure it is there.
         fs::OpenOptions::new()
@@ -344,9 +350,12 @@ impl Live for SegmentLog {
             .append(true)
             .open(Path::new(SHARD).join(LOCK_FILE))
             .map_err(io(LOCK_FILE))?;
-        if fenced != control {
+        if fenced != read {
             write_control(&fenced)?;
-            log(Level::Info, &format!("fenced by epoch {epoch}: term {} -> {}", control.term, fenced.term));
+            log(
+                Level::Info,
+                &format!("fenced by epoch {epoch}: term {} -> {} at {}", read.term, fenced.term, fenced.flush),
+            );
         }
         Ok(FenceInfo {
             last: ShardPosition { term: fenced.term, position: fenced.flush },

@@ -120,11 +120,23 @@ impl<'a> Mover<'a> {
         Ok(if source.term == at.term { source.position.saturating_sub(at.position) } else { u64::MAX / 4 })
     }
 
-    /// Asks the source to fence for this transfer's epoch.
+    /// Asks the source to fence for this transfer's epoch (idempotent, so
+    /// retried: a fence can lose a race with an append in flight).
     async fn fence(&self) -> Result<FenceInfo, String> {
         let path = format!("/v1/engines/{}/shards/{}/fence", self.t.engine, self.t.shard);
         let api = self.node.peer(&self.source);
-        api.call_with(hyper::Method::POST, &path, None, &self.headers()).await.map_err(|e| format!("fencing: {e}"))
+        let mut attempt = 0;
+        loop {
+            match api.call_with(hyper::Method::POST, &path, None, &self.headers()).await {
+                Ok(info) => return Ok(info),
+                Err(e) if attempt < 2 => {
+                    attempt += 1;
+                    tracing::info!(transfer = %self.t.id, "fencing: {e}; again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(format!("fencing: {e}")),
+            }
+        }
     }
 
     /// Rounds under the fence until the replica holds exactly `last`.
