@@ -16,10 +16,12 @@ const SLACK: Duration = Duration::from_millis(1000);
 const MEMORY_LIMIT: usize = 64 << 20;
 
 fn config() -> RuntimeConfig {
-    let mut deadlines = HookDeadlines::default();
-    deadlines.create_snapshot = DEADLINE;
-    deadlines.shard_status = DEADLINE;
-    deadlines.term_check = Duration::from_millis(150);
+    let deadlines = HookDeadlines {
+        create_snapshot: DEADLINE,
+        shard_status: DEADLINE,
+        term_check: Duration::from_millis(150),
+        ..HookDeadlines::default()
+    };
     RuntimeConfig { deadlines, memory_limit: MEMORY_LIMIT, ..RuntimeConfig::default() }
 }
 

@@ -402,31 +402,17 @@ async fn raft_rpc(node: &Node, rpc: &str, req: Request<Incoming>) -> Response<Bo
 }
 
 async fn snapshot(node: &Node, engine: &str, shard: &str, req: Request<Incoming>) -> Response<Body> {
-    let Some(plugin) = node.plugins.get(engine).cloned() else {
-        return not_found(format!("no plugin for engine {engine:?} on node {}", node.config.node_id));
+    let (plugin, dir) = match served_shard(node, engine, shard, &req).await {
+        Ok(found) => found,
+        Err(response) => return response,
     };
-    let dir = match node.data.shard(engine, shard) {
-        Ok(dir) => dir,
-        Err(e) => return bad_request(e.to_string()),
-    };
-    if !dir.is_dir() {
-        return not_found(format!("no shard {engine}/{shard} on node {}", node.config.node_id));
-    }
-    if let Err(response) = check_fencing(node, engine, shard, &req).await {
-        return response;
-    }
     let resume: ResumeRequest = match read_json(node, req).await {
         Ok(resume) => resume.unwrap_or_default(),
         Err(response) => return response,
     };
-    let Ok(permit) = node.outgoing.clone().try_acquire_owned() else {
-        let mut response = error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            format!("node {} is already sending {} snapshots", node.config.node_id, node.config.max_outgoing),
-        );
-        response.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
-        return response;
+    let permit = match outgoing_slot(node) {
+        Ok(permit) => permit,
+        Err(response) => return response,
     };
     let prepared = match source::prepare(&plugin, engine, shard, &dir, &resume).await {
         Ok(prepared) => prepared,
@@ -447,11 +433,49 @@ async fn snapshot(node: &Node, engine: &str, shard: &str, req: Request<Incoming>
             stall_timeout: Duration::from_secs(node.config.stall_timeout),
         },
     );
+    let mut response = archive_response(chunks);
+    response.headers_mut().insert(SNAPSHOT_ID_HEADER, snapshot_id.parse().expect("hex snapshot ids are header values"));
+    response
+}
+
+/// The plugin and live directory of a shard this node serves a stream of,
+/// for a request that passed the transfer's fencing check.
+async fn served_shard(
+    node: &Node,
+    engine: &str,
+    shard: &str,
+    req: &Request<Incoming>,
+) -> Result<(Arc<crate::plugin::Plugin>, std::path::PathBuf), Response<Body>> {
+    let Some(plugin) = node.plugins.get(engine).cloned() else {
+        return Err(not_found(format!("no plugin for engine {engine:?} on node {}", node.config.node_id)));
+    };
+    let dir = node.data.shard(engine, shard).map_err(|e| bad_request(e.to_string()))?;
+    if !dir.is_dir() {
+        return Err(not_found(format!("no shard {engine}/{shard} on node {}", node.config.node_id)));
+    }
+    check_fencing(node, engine, shard, req).await?;
+    Ok((plugin, dir))
+}
+
+/// One of the node's outgoing stream slots, or a 503 that says to retry.
+fn outgoing_slot(node: &Node) -> Result<tokio::sync::OwnedSemaphorePermit, Response<Body>> {
+    node.outgoing.clone().try_acquire_owned().map_err(|_| {
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("node {} is already sending {} streams", node.config.node_id, node.config.max_outgoing),
+        );
+        response.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+        response
+    })
+}
+
+/// A streamed tar archive.
+fn archive_response(chunks: tokio::sync::mpsc::Receiver<crate::stream::source::Chunk>) -> Response<Body> {
     let body = StreamBody::new(ReceiverStream::new(chunks).map(|chunk| chunk.map(Frame::data)));
     Response::builder()
         .status(StatusCode::OK)
         .header(hyper::header::CONTENT_TYPE, "application/x-tar")
-        .header(SNAPSHOT_ID_HEADER, snapshot_id)
         .body(BodyExt::boxed(body))
         .expect("valid response")
 }
@@ -479,32 +503,18 @@ async fn fence(node: &Node, engine: &str, shard: &str, req: &Request<Incoming>) 
 /// (`history-gone`, `term-changed`, `unsupported`) so the receiver can tell
 /// them apart.
 async fn changes(node: &Node, engine: &str, shard: &str, req: Request<Incoming>) -> Response<Body> {
-    let Some(plugin) = node.plugins.get(engine).cloned() else {
-        return not_found(format!("no plugin for engine {engine:?} on node {}", node.config.node_id));
+    let (plugin, dir) = match served_shard(node, engine, shard, &req).await {
+        Ok(found) => found,
+        Err(response) => return response,
     };
-    let dir = match node.data.shard(engine, shard) {
-        Ok(dir) => dir,
-        Err(e) => return bad_request(e.to_string()),
-    };
-    if !dir.is_dir() {
-        return not_found(format!("no shard {engine}/{shard} on node {}", node.config.node_id));
-    }
-    if let Err(response) = check_fencing(node, engine, shard, &req).await {
-        return response;
-    }
     let since = match read_json::<ChangesRequest>(node, req).await {
         Ok(Some(request)) => request.since,
         Ok(None) => return bad_request("expected {\"since\": {\"term\", \"position\"}}"),
         Err(response) => return response,
     };
-    let Ok(permit) = node.outgoing.clone().try_acquire_owned() else {
-        let mut response = error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            format!("node {} is already sending {} snapshots", node.config.node_id, node.config.max_outgoing),
-        );
-        response.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
-        return response;
+    let permit = match outgoing_slot(node) {
+        Ok(permit) => permit,
+        Err(response) => return response,
     };
     let prepared = match delta::prepare_delta(&plugin, engine, shard, &dir, since).await {
         Ok(prepared) => prepared,
@@ -527,12 +537,7 @@ async fn changes(node: &Node, engine: &str, shard: &str, req: Request<Incoming>)
             stall_timeout: Duration::from_secs(node.config.stall_timeout),
         },
     );
-    let body = StreamBody::new(ReceiverStream::new(chunks).map(|chunk| chunk.map(Frame::data)));
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(hyper::header::CONTENT_TYPE, "application/x-tar")
-        .body(BodyExt::boxed(body))
-        .expect("valid response")
+    archive_response(chunks)
 }
 
 /// A consensus transfer's requests carry its id and epoch: only the current
