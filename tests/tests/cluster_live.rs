@@ -169,3 +169,58 @@ async fn a_move_that_cannot_converge_gives_up_and_a_later_move_loses_nothing() {
         );
     }
 }
+
+/// Kills the target or the source with SIGKILL as soon as the fence is
+/// recorded (during the fenced round or the commit, wherever it lands), then
+/// restarts it. Whichever way the transfer ends, there is one active
+/// replica, and every acknowledged record is on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_during_the_cut_over_loses_no_acknowledged_write() {
+    for victim in [2usize, 0] {
+        let mut cluster = TestCluster::start(&["k1", "k2", "k3"]).await;
+        let (source, target) = (cluster.nodes[0].shard_dir(ENGINE, "k"), cluster.nodes[2].shard_dir(ENGINE, "k"));
+        Generator { segment_size: 1 << 20, term: 1, seed: 5 }.create(&source, 8 << 20).unwrap();
+        cluster.wait_replicas(ENGINE, "k", json!({"k1": "active"}), WITHIN).await;
+        let work = tempfile::tempdir().unwrap();
+        let app = start_appender(source.clone(), Some(target.clone()), 200, work.path());
+        acks_at_least(work.path(), 30).await;
+
+        let body = json!({"engine": ENGINE, "shard": "k", "source": "k1", "target": "k3", "kind": "move"});
+        let k2 = &cluster.nodes[1];
+        let started: TransferStatus = k2.api().call(Method::POST, "/v1/transfers", Some(&body)).await.unwrap();
+        let path = format!("/v1/transfers/{}", started.id);
+        let deadline = std::time::Instant::now() + WITHIN;
+        loop {
+            let status: TransferStatus = k2.api().call(Method::GET, &path, None).await.unwrap();
+            let fenced = status.consensus.as_ref().and_then(|c| c.live.as_ref()).is_some_and(|l| l.fenced.is_some());
+            if fenced || status.state.is_final() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never fenced: {status:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        cluster.nodes[victim].kill();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.nodes[victim].restart(ferry_tests::node::NodeOptions::default());
+        let done = cluster.nodes[1].wait_transfer(&started.id, WITHIN).await;
+
+        // The application goes on wherever the shard is now.
+        let before = appender::acked(&work.path().join("acks")).unwrap().len();
+        acks_at_least(work.path(), before + 20).await;
+        std::fs::write(work.path().join("stop"), b"").unwrap();
+        let summary = app.join().unwrap();
+        let (owner, owner_name) = match done.state {
+            State::Succeeded => (&target, "k3"),
+            _ => (&source, "k1"),
+        };
+        let mut want = serde_json::Map::new();
+        want.insert(owner_name.into(), json!("active"));
+        cluster.wait_replicas(ENGINE, "k", serde_json::Value::Object(want), WITHIN).await;
+        assert_eq!(summary.switched, done.state == State::Succeeded, "{done:?} {summary:?}");
+        let held: Vec<u64> = appender::records(owner).unwrap().iter().filter_map(|p| appender::seq_of(p)).collect();
+        let acked = appender::acked(&work.path().join("acks")).unwrap();
+        let missing: Vec<u64> = acked.iter().copied().filter(|s| held.binary_search(s).is_err()).collect();
+        assert!(missing.is_empty(), "victim {victim}: {:?}: acknowledged records lost: {missing:?}", done.state);
+        eprintln!("victim {victim}: transfer {:?}, {} acknowledged, none lost", done.state, acked.len());
+    }
+}

@@ -40,6 +40,17 @@ pub fn is_live(node: &Node, engine: &str) -> bool {
 /// Catches the published replica up with the source and fences it; returns
 /// the fence's time (Unix ms), from which the pause is measured.
 pub async fn catch_up(node: &Node, t: &TransferRecord) -> Result<u64, String> {
+    let result = rounds_and_fence(node, t).await;
+    // The rounds' scratch lives in the transfer's staging directory: leave
+    // nothing behind, whatever the outcome.
+    let (data, id) = (node.data.clone(), t.id.clone());
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || data.remove_staging(&id)).await {
+        tracing::warn!(transfer = %t.id, "cannot remove the rounds' staging: {e}");
+    }
+    result
+}
+
+async fn rounds_and_fence(node: &Node, t: &TransferRecord) -> Result<u64, String> {
     let mover = Mover::new(node, t)?;
     let mut at = mover.replica_position().await?;
     if let Some(fence) = t.live.as_ref().and_then(|l| l.fenced) {
