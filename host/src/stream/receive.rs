@@ -321,36 +321,7 @@ async fn unpack(
         if header_size != size {
             return refused(format!("entry {path} is {header_size} bytes, the preamble said {size}"));
         }
-        let whole = size <= CHUNK as u64;
-        if !whole {
-            writer.begin(path.clone(), size).await?;
-        }
-        let mut left = size;
-        loop {
-            let want = CHUNK.min(left as usize);
-            // Whole chunks come from the pool; a small file or a file's tail
-            // gets a buffer of its own size, so a queue of small files does
-            // not hold a megabyte each.
-            let mut buf = if want == CHUNK { writer.buffers.take() } else { ChunkBuf::new(want) };
-            while buf.len() < want {
-                let n = entry.read(buf.spare(want)).await.map_err(&read_err)?;
-                if n == 0 {
-                    return Err(ReceiveError::Interrupted(format!("{path} ended {left} bytes short")));
-                }
-                buf.advance(n);
-            }
-            left -= buf.len() as u64;
-            rate.acquire(buf.len() as u64).await;
-            if whole {
-                writer.whole(path.clone(), buf).await?;
-                break;
-            }
-            writer.data(buf).await?;
-            if left == 0 {
-                writer.end().await?;
-                break;
-            }
-        }
+        copy_entry(&mut entry, &path, size, writer, rate, &read_err).await?;
     };
 
     // 3. Nothing may follow the manifest.
@@ -379,6 +350,49 @@ async fn unpack(
         ));
     }
     Ok((preamble, manifest))
+}
+
+/// Copies one data entry of `size` bytes from the archive to `writer`, at
+/// the node's rate. `read_err` says what a failed read is (the network's, or
+/// the archive's own); an entry that ends short is an interruption.
+pub(crate) async fn copy_entry<E: From<ReceiveError>>(
+    entry: &mut (impl AsyncRead + Unpin),
+    path: &RelPath,
+    size: u64,
+    writer: &mut FileWriter,
+    rate: &RateLimiter,
+    read_err: &impl Fn(io::Error) -> E,
+) -> Result<(), E> {
+    let whole = size <= CHUNK as u64;
+    if !whole {
+        writer.begin(path.clone(), size).await?;
+    }
+    let mut left = size;
+    loop {
+        let want = CHUNK.min(left as usize);
+        // Whole chunks come from the pool; a small file or a file's tail
+        // gets a buffer of its own size, so a queue of small files does
+        // not hold a megabyte each.
+        let mut buf = if want == CHUNK { writer.buffers.take() } else { ChunkBuf::new(want) };
+        while buf.len() < want {
+            let n = entry.read(buf.spare(want)).await.map_err(read_err)?;
+            if n == 0 {
+                return Err(ReceiveError::Interrupted(format!("{path} ended {left} bytes short")).into());
+            }
+            buf.advance(n);
+        }
+        left -= buf.len() as u64;
+        rate.acquire(buf.len() as u64).await;
+        if whole {
+            writer.whole(path.clone(), buf).await?;
+            return Ok(());
+        }
+        writer.data(buf).await?;
+        if left == 0 {
+            writer.end().await?;
+            return Ok(());
+        }
+    }
 }
 
 /// Every file we hold must match the source's checksum.

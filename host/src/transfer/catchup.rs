@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 use tokio_tar::EntryType;
 use tokio_util::sync::CancellationToken;
 
@@ -34,14 +34,13 @@ use crate::install::sync::syncfs;
 use crate::plugin::types::MAX_PLAN_ENTRIES;
 use crate::plugin::{DeltaMeta, EngineError, HookError, Plugin, ShardPosition};
 use crate::relpath::RelPath;
-use crate::stream::buffer::ChunkBuf;
 use crate::stream::client::{ChangesFetchError, FetchError, fetch_changes};
 use crate::stream::delta::{DELTA_PATH, DeltaEntryInfo, DeltaManifest, DeltaPreamble};
 use crate::stream::guard::TarGuard;
 use crate::stream::manifest::{ARCHIVE_FORMAT, ERROR_PATH, MANIFEST_PATH};
 use crate::stream::receive::{
-    CHUNK, FREE_SPACE_RESERVE, FileWriter, Progress, ReceiveError, TransportWatch, entry_path, free_space, kind_name,
-    read_json,
+    CHUNK, FREE_SPACE_RESERVE, FileWriter, Progress, ReceiveError, TransportWatch, copy_entry, entry_path, free_space,
+    kind_name, read_json,
 };
 use crate::stream::{FailureCode, FileRecord, RateLimiter, SourceFailure};
 
@@ -304,33 +303,7 @@ async fn unpack(
         if header_size != size {
             return refused(format!("entry {path} is {header_size} bytes, the preamble said {size}"));
         }
-        let whole = size <= CHUNK as u64;
-        if !whole {
-            writer.begin(path.clone(), size).await?;
-        }
-        let mut left = size;
-        loop {
-            let want = CHUNK.min(left as usize);
-            let mut buf = if want == CHUNK { writer.buffers.take() } else { ChunkBuf::new(want) };
-            while buf.len() < want {
-                let n = entry.read(buf.spare(want)).await.map_err(&read_err)?;
-                if n == 0 {
-                    return Err(RoundError::Interrupted(format!("{path} ended {left} bytes short")));
-                }
-                buf.advance(n);
-            }
-            left -= buf.len() as u64;
-            rate.acquire(buf.len() as u64).await;
-            if whole {
-                writer.whole(path.clone(), buf).await?;
-                break;
-            }
-            writer.data(buf).await?;
-            if left == 0 {
-                writer.end().await?;
-                break;
-            }
-        }
+        copy_entry(&mut entry, &path, size, writer, rate, &read_err).await?;
     };
 
     if let Some(next) = entries.next().await {
