@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -135,18 +135,39 @@ pub enum BodyError {
 }
 
 /// Reads a whole body, at most `limit` bytes, within `within`: an answer from
-/// another node is as untrusted as a request.
+/// another node is as untrusted as a request. The bytes go into one buffer
+/// (sized from the declared length), never collected and then copied, so a
+/// body costs its size once.
 pub async fn read_bounded<B>(body: B, limit: usize, within: Duration) -> Result<Bytes, BodyError>
 where
     B: hyper::body::Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    match tokio::time::timeout(within, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(BodyError::Timeout(within)),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge(limit)),
-        Ok(Err(e)) => Err(BodyError::Read(e.to_string())),
-    }
+    use bytes::{Buf, BufMut};
+    let read = async {
+        let mut body = std::pin::pin!(body);
+        let declared = body.size_hint().exact().map(|n| n as usize);
+        if declared.is_some_and(|n| n > limit) {
+            return Err(BodyError::TooLarge(limit));
+        }
+        let mut out = bytes::BytesMut::with_capacity(declared.unwrap_or(0));
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| BodyError::Read(e.into().to_string()))?;
+            if let Ok(mut data) = frame.into_data() {
+                if out.len() + data.remaining() > limit {
+                    return Err(BodyError::TooLarge(limit));
+                }
+                while data.has_remaining() {
+                    let chunk = data.chunk();
+                    out.put_slice(chunk);
+                    let n = chunk.len();
+                    data.advance(n);
+                }
+            }
+        }
+        Ok(out.freeze())
+    };
+    tokio::time::timeout(within, read).await.map_err(|_| BodyError::Timeout(within))?
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
