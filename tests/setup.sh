@@ -14,7 +14,7 @@ TOOLS=${FERRY_TOOLS_DIR:-$HOME/.local/share/ferry/tools}
 WASM_COMPONENT_LD_VERSION=0.5.31
 LLVM_MAJOR=22
 MIN_RUSTC_WEB=1.96
-APT_PKGS="rustc-web cargo-web rust-web-src lld-$LLVM_MAJOR wasi-libc sqlite3"
+APT_PKGS="rustc-web cargo-web rust-web-src lld-$LLVM_MAJOR wasi-libc sqlite3 python3"
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 say() { echo "setup: $*"; }

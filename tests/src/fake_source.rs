@@ -181,6 +181,7 @@ impl ArchiveBuilder {
                 .iter()
                 .map(|(p, d)| FileRecord { path: RelPath::new(p).unwrap(), size: d.len() as u64, blake3: checksum(d) })
                 .collect(),
+            fuzzy: false,
         };
         self.file(MANIFEST_PATH, &serde_json::to_vec(&manifest).unwrap())
     }

@@ -20,6 +20,7 @@ pub mod engines;
 pub mod fake_source;
 pub mod node;
 pub mod proxy;
+pub mod sqlite_writer;
 
 /// The `ferry` binary under test: this package's `ferry-e2e` bin, which
 /// cargo builds before running this package's tests (same entry point as

@@ -12,7 +12,7 @@ use ferry::stream::RateLimiter;
 use ferry::stream::delta::{prepare_delta, stream_delta};
 use ferry::stream::source::StreamContext;
 use ferry::transfer::State;
-use ferry::transfer::catchup::{Round, RoundError, RoundRequest, pull_round, receive_round};
+use ferry::transfer::catchup::{DigestCache, Round, RoundError, RoundRequest, pull_round, receive_round};
 use ferry_tests::engines::{SegmentLog, TestEngine};
 use ferry_tests::node::{NodeOptions, TOKEN, TestNode};
 use ferry_tests::plugins;
@@ -74,6 +74,7 @@ async fn round(
         plugin,
         rate: &rate,
         stall_timeout: Duration::from_secs(30),
+        digests: &DigestCache::default(),
     };
     pull_round(&request, &CancellationToken::new()).await
 }

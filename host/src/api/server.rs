@@ -37,7 +37,7 @@ use crate::install::layout::check_shard_id;
 use crate::node::Node;
 use crate::node::credentials::{Grant, Scope};
 use crate::plugin::ShardPosition;
-use crate::stream::client::ChangesRequest;
+use crate::stream::client::{ChangesAnswer, ChangesRequest};
 use crate::stream::source::{self, StreamContext};
 use crate::stream::{FailureCode, ResumeRequest, delta};
 use crate::transfer::{Stage, StartError, State, TransferRequest, TransferStatus};
@@ -406,6 +406,10 @@ async fn snapshot(node: &Node, engine: &str, shard: &str, req: Request<Incoming>
         Ok(found) => found,
         Err(response) => return response,
     };
+    // A consensus transfer (its headers were checked) of a live engine: the
+    // snapshot may be fuzzy, the move's rounds complete it.
+    let fuzzy_ok =
+        req.headers().contains_key(TRANSFER_EPOCH_HEADER) && plugin.contract().has(crate::plugin::Hook::ApplyChanges);
     let resume: ResumeRequest = match read_json(node, req).await {
         Ok(resume) => resume.unwrap_or_default(),
         Err(response) => return response,
@@ -431,6 +435,7 @@ async fn snapshot(node: &Node, engine: &str, shard: &str, req: Request<Incoming>
             rate: node.rate.clone(),
             permit: Some(permit),
             stall_timeout: Duration::from_secs(node.config.stall_timeout),
+            fuzzy_ok,
         },
     );
     let mut response = archive_response(chunks);
@@ -507,17 +512,22 @@ async fn changes(node: &Node, engine: &str, shard: &str, req: Request<Incoming>)
         Ok(found) => found,
         Err(response) => return response,
     };
-    let since = match read_json::<ChangesRequest>(node, req).await {
-        Ok(Some(request)) => request.since,
+    let request = match read_json::<ChangesRequest>(node, req).await {
+        Ok(Some(request)) => request,
         Ok(None) => return bad_request("expected {\"since\": {\"term\", \"position\"}}"),
         Err(response) => return response,
     };
+    let since = request.since;
     let permit = match outgoing_slot(node) {
         Ok(permit) => permit,
         Err(response) => return response,
     };
-    let prepared = match delta::prepare_delta(&plugin, engine, shard, &dir, since).await {
-        Ok(prepared) => prepared,
+    let prepared = match delta::prepare_delta(&plugin, engine, shard, &dir, since, &request.digests).await {
+        Ok(delta::Prepared::Round(prepared)) => prepared,
+        // Files compared block by block: the receiver sends its digests.
+        Ok(delta::Prepared::NeedDigests(files)) => {
+            return json_response(StatusCode::OK, &ChangesAnswer::NeedDigests { files });
+        }
         Err(failure) => {
             let code = failure.code.map_or("changes-failed", FailureCode::as_str);
             return error_response(StatusCode::UNPROCESSABLE_ENTITY, code, failure.to_string());
@@ -535,6 +545,7 @@ async fn changes(node: &Node, engine: &str, shard: &str, req: Request<Incoming>)
             rate: node.rate.clone(),
             permit: Some(permit),
             stall_timeout: Duration::from_secs(node.config.stall_timeout),
+            fuzzy_ok: false,
         },
     );
     archive_response(chunks)

@@ -6,13 +6,17 @@
 //!    position the replica holds and applies them (`transfer::catchup`), and
 //!    is recorded in the replicated state (bytes, time, position).
 //! 2. After each round, the lag (the source's position less ours) and the
-//!    last round's speed predict the final round. When it fits half the pause
-//!    budget (the other half is for the commit), the source is fenced. A lag
-//!    that does not shrink, or too many rounds, fails the transfer: "not
-//!    converging", the source untouched and unfenced.
-//! 3. Under the fence, rounds until the replica holds exactly the fence's
-//!    last position; then the conductor commits, and the pause runs from the
-//!    fence to that commit.
+//!    last round's speed predict the final round; the pause is that round
+//!    plus the fence's call and two commits (the fence's record and the
+//!    cut-over), each as long as this round's record took. When it fits the
+//!    pause budget, the source is fenced. A lag that does not shrink, or too
+//!    many rounds, fails the transfer: "not converging", the source
+//!    untouched and unfenced.
+//! 3. Under the fence, at least one round, and more until the replica holds
+//!    exactly the fence's last position: only a round under the fence is
+//!    exact (a block diff read while writes went on may mix two states).
+//!    Then the conductor commits, and the pause runs from the fence to that
+//!    commit.
 //!
 //! A restarted target resumes from the replicated record: already fenced, it
 //! goes straight to the final round.
@@ -23,7 +27,7 @@ use crate::consensus::state::{Command, FenceRecord, RoundRecord, TransferRecord}
 use crate::http::{TRANSFER_EPOCH_HEADER, TRANSFER_ID_HEADER};
 use crate::node::Node;
 use crate::plugin::{FenceInfo, Hook, ShardPosition};
-use crate::transfer::catchup::{Round, RoundError, RoundRequest, pull_round};
+use crate::transfer::catchup::{DigestCache, Round, RoundError, RoundRequest, pull_round};
 
 /// Most unfenced rounds before a move that does not converge fails.
 pub const MAX_ROUNDS: usize = 12;
@@ -61,12 +65,12 @@ async fn rounds_and_fence(node: &Node, t: &TransferRecord) -> Result<u64, String
     let budget = node.config.pause_budget_ms;
     let mut lags: Vec<u64> = Vec::new();
     loop {
-        let round = mover.round(at, false).await?;
+        let (round, commit_ms) = mover.round(at, false).await?;
         at = round.position;
         let lag = mover.lag(at).await?;
-        let predicted = predict_ms(&round, lag);
+        let predicted = predict_ms(&round, lag) + FENCE_CALL_MS + 2 * commit_ms;
         tracing::info!(transfer = %t.id, round = lags.len() + 1, bytes = round.bytes, lag, predicted_ms = predicted, "caught up");
-        if predicted * 2 <= budget {
+        if predicted <= budget {
             break;
         }
         lags.push(lag);
@@ -84,11 +88,19 @@ async fn rounds_and_fence(node: &Node, t: &TransferRecord) -> Result<u64, String
     Ok(at_ms)
 }
 
+/// What a fence's call costs (a plugin call and the locks) on top of the
+/// final round, in the prediction.
+const FENCE_CALL_MS: u64 = 10;
+
 /// The final round's predicted time: the lag at the last round's speed
-/// (positions per ms), plus that round's fixed cost.
+/// (positions per ms), plus that round's fixed cost. A round that moved no
+/// positions (an engine whose rounds rewrite blocks) costs what it took.
 fn predict_ms(round: &Round, lag: u64) -> u64 {
-    let span = round.meta.until.saturating_sub(round.meta.since).max(1);
+    let span = round.meta.until.saturating_sub(round.meta.since);
     let ms = round.elapsed.as_millis() as u64;
+    if span == 0 {
+        return ms;
+    }
     // A round that moved little costs about its fixed overhead; per position
     // it is `ms / span`.
     (lag.saturating_mul(ms) / span).saturating_add(ms.min(50))
@@ -102,6 +114,7 @@ struct Mover<'a> {
     replica: std::path::PathBuf,
     scratch: std::path::PathBuf,
     plugin: std::sync::Arc<crate::plugin::Plugin>,
+    digests: DigestCache,
 }
 
 impl<'a> Mover<'a> {
@@ -111,7 +124,7 @@ impl<'a> Mover<'a> {
         let plugin = node.plugins.get(&t.engine).cloned().ok_or("the plugin is not loaded")?;
         let replica = node.data.shard(&t.engine, &t.shard).map_err(|e| e.to_string())?;
         let scratch = node.data.staging(&t.id).map_err(|e| e.to_string())?.join("round");
-        Ok(Mover { node, t, source, replica, scratch, plugin })
+        Ok(Mover { node, t, source, replica, scratch, plugin, digests: DigestCache::default() })
     }
 
     fn headers(&self) -> Vec<(&'static str, String)> {
@@ -150,19 +163,21 @@ impl<'a> Mover<'a> {
         }
     }
 
-    /// Rounds under the fence until the replica holds exactly `last`.
+    /// Rounds under the fence until the replica holds exactly `last`: at
+    /// least one, since only a round under the fence is exact.
     async fn final_rounds(&self, mut at: ShardPosition, last: ShardPosition) -> Result<(), String> {
-        for _ in 0..MAX_FENCED_ROUNDS {
-            if at == last {
+        for n in 0..MAX_FENCED_ROUNDS {
+            if n > 0 && at == last {
                 return Ok(());
             }
-            at = self.round(at, true).await?.position;
+            at = self.round(at, true).await?.0.position;
         }
         if at == last { Ok(()) } else { Err(format!("the fenced round ended at {at:?}, not at the fence's {last:?}")) }
     }
 
     /// One round from `since`, recorded; interrupted rounds are retried.
-    async fn round(&self, since: ShardPosition, fenced: bool) -> Result<Round, String> {
+    /// Also says how long recording it took (what a commit costs now).
+    async fn round(&self, since: ShardPosition, fenced: bool) -> Result<(Round, u64), String> {
         let (id, epoch) = (self.t.id.as_str(), self.t.epoch);
         let mut failures = 0;
         let round = loop {
@@ -179,6 +194,7 @@ impl<'a> Mover<'a> {
                 plugin: &self.plugin,
                 rate: &self.node.rate,
                 stall_timeout: Duration::from_secs(self.node.config.stall_timeout),
+                digests: &self.digests,
             };
             let cancel = tokio_util::sync::CancellationToken::new();
             match pull_round(&request, &cancel).await {
@@ -203,7 +219,8 @@ impl<'a> Mover<'a> {
             round: record,
             pause_budget_ms: self.node.config.pause_budget_ms,
         };
+        let proposed = std::time::Instant::now();
         self.node.consensus.propose(command).await.map_err(|e| format!("recording a round: {e}"))?;
-        Ok(round)
+        Ok((round, proposed.elapsed().as_millis() as u64))
     }
 }

@@ -10,6 +10,7 @@ use hyper::StatusCode;
 use tokio::io::AsyncRead;
 use tokio_util::io::StreamReader;
 
+use super::blockdiff::{BlockFile, FileDigests};
 use super::manifest::ResumeRequest;
 use crate::http::{self, ApiError, Client};
 use crate::plugin::ShardPosition;
@@ -33,6 +34,8 @@ pub struct SnapshotResponse {
 
 /// Most of an error answer's body that is read; the rest is not waited for.
 pub const MAX_ERROR_BODY: usize = 64 << 10;
+/// Most bytes of a changes request's JSON answer (a list of files).
+pub const MAX_CHANGES_ANSWER: usize = 16 << 20;
 /// How long the source may take to answer at all (it plans the snapshot
 /// first).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -69,8 +72,9 @@ pub struct ChangesFetchError {
     pub code: Option<String>,
 }
 
-/// Asks `source` for the changes of `engine`/`shard` after `since` (one
-/// catch-up round); the body is the round's archive.
+/// Asks `source` for the changes of `engine`/`shard` after `request.since`
+/// (one catch-up round): the round's archive, or the files whose digests
+/// the source needs first.
 #[allow(clippy::too_many_arguments)]
 pub async fn fetch_changes(
     client: &Client,
@@ -78,23 +82,59 @@ pub async fn fetch_changes(
     token: &str,
     engine: &str,
     shard: &str,
-    since: ShardPosition,
+    request: &ChangesRequest,
     extra_headers: &[(&str, String)],
     body_timeout: Duration,
-) -> Result<Box<dyn AsyncRead + Send + Unpin>, ChangesFetchError> {
+) -> Result<Changes, ChangesFetchError> {
     let url = format!("{}/v1/engines/{engine}/shards/{shard}/changes", source.trim_end_matches('/'));
-    let body = serde_json::to_vec(&ChangesRequest { since }).expect("changes request serializes");
+    let body = serde_json::to_vec(request).expect("changes request serializes");
     let response = post(client, &url, token, body, extra_headers, body_timeout).await?;
+    let is_json = response
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        let refused = |message: String| ChangesFetchError { error: FetchError::Refused(message), code: None };
+        let bytes = http::read_bounded(response.into_body(), MAX_CHANGES_ANSWER, body_timeout)
+            .await
+            .map_err(|e| refused(format!("{url}: the answer: {e}")))?;
+        let answer: ChangesAnswer =
+            serde_json::from_slice(&bytes).map_err(|e| refused(format!("{url}: the answer: {e}")))?;
+        let ChangesAnswer::NeedDigests { files } = answer;
+        return Ok(Changes::NeedDigests(files));
+    }
     let stream = response.into_body().into_data_stream().map_err(io::Error::other);
-    Ok(Box::new(StreamReader::new(stream)))
+    Ok(Changes::Archive(Box::new(StreamReader::new(stream))))
 }
 
 /// Body of a changes request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChangesRequest {
     /// The position the receiver holds.
     pub since: ShardPosition,
+    /// The receiver's digests of the files the source compares block by
+    /// block (as a previous answer asked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub digests: Vec<FileDigests>,
+}
+
+/// A changes request's answer when it is not the round's archive (which is
+/// `application/x-tar`): JSON.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "answer", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ChangesAnswer {
+    /// The round compares these files block by block: ask again with the
+    /// receiver's digests of each.
+    NeedDigests { files: Vec<BlockFile> },
+}
+
+/// What a changes request got.
+pub enum Changes {
+    /// The round's archive.
+    Archive(Box<dyn AsyncRead + Send + Unpin>),
+    NeedDigests(Vec<BlockFile>),
 }
 
 /// POSTs `body` to `url`; an answer other than 200 is an error, with its

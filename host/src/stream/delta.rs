@@ -2,10 +2,11 @@
 //!
 //! Archive layout (same framing, bounds and checks as a snapshot):
 //! 1. `.ferry/delta.json` — the [`DeltaPreamble`]: engine, shard, the round's
-//!    [`DeltaMeta`] and every entry (a range of a file, an inline file, a
-//!    removal), in plan order.
-//! 2. One data entry per range or inline entry, named by its path, in plan
-//!    order: a range entry holds just the range's bytes.
+//!    [`DeltaMeta`] and every entry (a range of a file, the differing blocks
+//!    of a file, an inline file, a removal), in plan order.
+//! 2. One data entry per range, blocks or inline entry, named by its path, in
+//!    plan order: a range entry holds just the range's bytes, a blocks entry
+//!    the bytes of its ranges one after the other.
 //! 3. (the source runs the plugin's `delta-check` here)
 //! 4. `.ferry/manifest.json` — the [`DeltaManifest`]: size and BLAKE3 of every
 //!    data entry, and the meta. Last entry.
@@ -21,6 +22,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::blockdiff::{self, BlockFile, FileDigests};
 use super::manifest::{ARCHIVE_FORMAT, FailureCode, FileRecord, MANIFEST_PATH, SourceFailure};
 use super::source::{Chunk, Planned, StreamContext, failure, resolve, send, send_entries, send_entry, spawn_producer};
 use super::tar;
@@ -37,6 +39,11 @@ pub enum DeltaEntryInfo {
     /// The data entry `path` holds bytes `[offset, offset + length)` of the
     /// file, to be written at `offset`.
     Range { path: RelPath, offset: u64, length: u64 },
+    /// The file becomes `length` bytes long, and the data entry `path` holds
+    /// the bytes of `ranges` (`[offset, length]` pairs, ascending, apart),
+    /// one after the other, each written at its offset: the blocks that
+    /// differ from the receiver's digests (`block_size` apart).
+    Blocks { path: RelPath, length: u64, block_size: u32, ranges: Vec<[u64; 2]> },
     /// The data entry `path` (`size` bytes) replaces the whole file.
     Inline { path: RelPath, size: u64 },
     /// The file is removed; no data entry.
@@ -48,6 +55,7 @@ impl DeltaEntryInfo {
     pub fn path(&self) -> &RelPath {
         match self {
             DeltaEntryInfo::Range { path, .. }
+            | DeltaEntryInfo::Blocks { path, .. }
             | DeltaEntryInfo::Inline { path, .. }
             | DeltaEntryInfo::Remove { path } => path,
         }
@@ -57,6 +65,7 @@ impl DeltaEntryInfo {
     pub fn data_size(&self) -> Option<u64> {
         match self {
             DeltaEntryInfo::Range { length, .. } => Some(*length),
+            DeltaEntryInfo::Blocks { ranges, .. } => Some(ranges.iter().map(|[_, n]| n).sum()),
             DeltaEntryInfo::Inline { size, .. } => Some(*size),
             DeltaEntryInfo::Remove { .. } => None,
         }
@@ -109,20 +118,44 @@ fn hook_failure(step: &str, e: &HookError) -> SourceFailure {
     SourceFailure { code, ..failure(step, e.to_string()) }
 }
 
+/// What a round's request gets: the round, or the list of files compared
+/// block by block whose digests the receiver must send first.
+pub enum Prepared {
+    Round(PreparedDelta),
+    NeedDigests(Vec<BlockFile>),
+}
+
 /// Plans the changes of the live shard in `dir` after `since` and resolves
 /// them like a snapshot's files: a range must lie in a regular file (no
-/// symlink on the way) within its current size. Block-diff entries are
-/// refused for now (`unsupported`).
+/// symlink on the way) within its current size. A block-diff entry is
+/// compared with the receiver's `digests` of that file, and becomes the
+/// ranges that differ; without them, the answer asks for them.
 pub async fn prepare_delta(
     plugin: &Plugin,
     engine: &str,
     shard: &str,
     dir: &Path,
     since: ShardPosition,
-) -> Result<PreparedDelta, SourceFailure> {
+    digests: &[FileDigests],
+) -> Result<Prepared, SourceFailure> {
     let plan = plugin.changes_since(shard, dir, since).await.map_err(|e| hook_failure("changes-since", &e))?;
+    let needed: Vec<BlockFile> = plan
+        .entries
+        .iter()
+        .filter_map(|entry| match entry {
+            DeltaEntry::BlockDiff { path, block_size, .. } => {
+                let file = BlockFile { path: path.clone(), block_size: *block_size };
+                (!digests.iter().any(|d| d.file() == file)).then_some(file)
+            }
+            _ => None,
+        })
+        .collect();
+    if !needed.is_empty() {
+        return Ok(Prepared::NeedDigests(needed));
+    }
     let mut infos = Vec::with_capacity(plan.entries.len());
     let mut to_resolve = Vec::new();
+    let mut compare = Vec::new();
     for entry in plan.entries {
         match entry {
             DeltaEntry::Range { path, offset, length } => {
@@ -134,18 +167,26 @@ pub async fn prepare_delta(
                 to_resolve.push(PlanEntry::Inline { path, contents });
             }
             DeltaEntry::Remove { path } => infos.push(DeltaEntryInfo::Remove { path }),
-            DeltaEntry::BlockDiff { path, .. } => {
-                return Err(SourceFailure {
-                    code: Some(FailureCode::Unsupported),
-                    ..failure("plan", format!("{path}: block-diff entries are not supported yet"))
-                });
+            DeltaEntry::BlockDiff { path, block_size, length } => {
+                let theirs = digests.iter().find(|d| d.path == path && d.block_size == block_size);
+                let theirs = theirs.expect("digests of every block-diff file were checked above");
+                let theirs = theirs.decode().map_err(|e| failure("digests", e))?;
+                // Placeholder, filled in once the file is compared.
+                infos.push(DeltaEntryInfo::Blocks { path: path.clone(), length, block_size, ranges: Vec::new() });
+                compare.push((infos.len() - 1, theirs));
+                to_resolve.push(PlanEntry::File { path, offset: 0, length: Some(length) });
             }
         }
     }
     let owned = dir.to_owned();
-    let data = tokio::task::spawn_blocking(move || resolve(&owned, to_resolve))
-        .await
-        .map_err(|e| failure("plan", e.to_string()))??;
+    let data = tokio::task::spawn_blocking(move || {
+        let mut data = resolve(&owned, to_resolve)?;
+        compare_blocks(&mut infos, &mut data, compare)?;
+        Ok::<_, SourceFailure>((infos, data))
+    })
+    .await
+    .map_err(|e| failure("plan", e.to_string()))?;
+    let (infos, data) = data?;
     let preamble = DeltaPreamble {
         format: ARCHIVE_FORMAT,
         engine: engine.to_owned(),
@@ -153,7 +194,32 @@ pub async fn prepare_delta(
         meta: plan.meta,
         entries: infos,
     };
-    Ok(PreparedDelta { preamble, data })
+    Ok(Prepared::Round(PreparedDelta { preamble, data }))
+}
+
+/// Compares each block-diff file with the receiver's digests: its preamble
+/// entry gets the differing ranges, its data entry sends just those.
+fn compare_blocks(
+    infos: &mut [DeltaEntryInfo],
+    data: &mut [Planned],
+    compare: Vec<(usize, Vec<u128>)>,
+) -> Result<(), SourceFailure> {
+    // Data entries are in the order of the infos that have data.
+    let data_index: Vec<usize> =
+        infos.iter().enumerate().filter(|(_, i)| !matches!(i, DeltaEntryInfo::Remove { .. })).map(|(n, _)| n).collect();
+    for (info_at, theirs) in compare {
+        let DeltaEntryInfo::Blocks { path, length, block_size, ranges } = &mut infos[info_at] else {
+            unreachable!("compare lists blocks entries")
+        };
+        let at = data_index.iter().position(|&n| n == info_at).expect("a blocks entry has data");
+        let Planned::File { source, .. } = &data[at] else { unreachable!("a blocks entry is a file") };
+        let file = std::fs::File::open(source).map_err(|e| failure("compare", format!("{path}: {e}")))?;
+        let (found, total) = blockdiff::differing_ranges(&file, *length, *block_size, &theirs)
+            .map_err(|e| failure("compare", format!("{path}: {e}")))?;
+        *ranges = found.iter().map(|&(offset, n)| [offset, n]).collect();
+        data[at] = Planned::Ranges { path: path.clone(), source: source.clone(), ranges: found, size: total };
+    }
+    Ok(())
 }
 
 /// Starts producing the round's archive; the receiver yields body chunks.

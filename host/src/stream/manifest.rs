@@ -93,6 +93,12 @@ pub struct Manifest {
     pub snapshot_id: String,
     pub meta: SnapshotMeta,
     pub entries: Vec<FileRecord>,
+    /// The shard was written to while it was read (its term-check failed)
+    /// and the source sent it anyway, for a live move: the files may mix
+    /// two states. Only a live move's receiver accepts it, and its rounds,
+    /// the last under the fence, make it exact.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fuzzy: bool,
 }
 
 /// Why a source gave up on a snapshot or a delta mid-stream.

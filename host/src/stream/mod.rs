@@ -15,6 +15,7 @@
 //! A receiver accepts a snapshot only after its manifest, so it can never
 //! mistake a cut or aborted stream for a complete snapshot (Neon #7944).
 
+pub mod blockdiff;
 pub mod buffer;
 pub mod client;
 pub mod delta;

@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +29,7 @@ use super::manifest::{
 };
 use super::ratelimit::RateLimiter;
 use super::tar;
-use crate::plugin::{PlanEntry, Plugin};
+use crate::plugin::{EngineError, PlanEntry, Plugin};
 use crate::relpath::RelPath;
 
 /// Size of one read from disk and of one body chunk.
@@ -39,21 +39,37 @@ pub const IN_FLIGHT: usize = 4;
 
 /// One entry, resolved against the shard directory.
 pub(super) enum Planned {
-    Inline { path: RelPath, contents: Bytes },
-    File { path: RelPath, source: PathBuf, offset: u64, size: u64 },
+    Inline {
+        path: RelPath,
+        contents: Bytes,
+    },
+    File {
+        path: RelPath,
+        source: PathBuf,
+        offset: u64,
+        size: u64,
+    },
+    /// Byte ranges `(offset, length)` of one file, sent one after the other
+    /// as one entry (a block diff's differing blocks); `size` is their sum.
+    Ranges {
+        path: RelPath,
+        source: PathBuf,
+        ranges: Vec<(u64, u64)>,
+        size: u64,
+    },
 }
 
 impl Planned {
     pub(super) fn path(&self) -> &RelPath {
         match self {
-            Planned::Inline { path, .. } | Planned::File { path, .. } => path,
+            Planned::Inline { path, .. } | Planned::File { path, .. } | Planned::Ranges { path, .. } => path,
         }
     }
 
     pub(super) fn size(&self) -> u64 {
         match self {
             Planned::Inline { contents, .. } => contents.len() as u64,
-            Planned::File { size, .. } => *size,
+            Planned::File { size, .. } | Planned::Ranges { size, .. } => *size,
         }
     }
 }
@@ -93,6 +109,7 @@ pub async fn prepare(
         entries.iter().map(|e| match e {
             Planned::Inline { path, contents } => IdEntry::Inline { path, contents },
             Planned::File { path, offset, size, .. } => IdEntry::File { path, offset: *offset, size: *size },
+            Planned::Ranges { .. } => unreachable!("a snapshot plan resolves to whole entries"),
         }),
     );
 
@@ -191,6 +208,7 @@ fn open_range(source: &Path, offset: u64) -> io::Result<File> {
 async fn checksum(entry: &Planned) -> Result<Checksum, SourceFailure> {
     match entry {
         Planned::Inline { contents, .. } => Ok(Checksum(*blake3::hash(contents).as_bytes())),
+        Planned::Ranges { path, .. } => Err(failure("resume", format!("{path}: block ranges are not resumed"))),
         Planned::File { path, source, offset, size } => {
             let (source, offset, size, path) = (source.clone(), *offset, *size, path.clone());
             tokio::task::spawn_blocking(move || {
@@ -219,6 +237,10 @@ pub struct StreamContext {
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// A chunk the receiver does not take within this long ends the stream.
     pub stall_timeout: Duration,
+    /// A snapshot for a live move: one whose term-check fails for writes
+    /// during the copy is sent as fuzzy instead of void (see
+    /// [`Manifest::fuzzy`]).
+    pub fuzzy_ok: bool,
 }
 
 pub type Chunk = Result<Bytes, io::Error>;
@@ -329,14 +351,24 @@ async fn produce(tx: &Out, prepared: PreparedSnapshot, ctx: &StreamContext) -> R
     let records = send_entries(tx, entries, &skipped, &ctx.rate).await?;
 
     // The last data entry is out; the archive is not finished. If the term
-    // moved, the snapshot is void and the receiver must not get a manifest.
-    ctx.plugin
-        .term_check(&ctx.shard, &ctx.dir, &preamble.meta)
-        .await
-        .map_err(|e| failure("term-check", e.to_string()))?;
+    // moved, the snapshot is void and the receiver must not get a manifest,
+    // unless a live move's rounds will complete it.
+    let fuzzy = match ctx.plugin.term_check(&ctx.shard, &ctx.dir, &preamble.meta).await {
+        Ok(()) => false,
+        Err(e) if ctx.fuzzy_ok && matches!(e.engine_error(), Some(EngineError::TermChanged(_))) => {
+            tracing::info!(shard = %ctx.shard, "the shard was written to during the snapshot ({e}): sent as fuzzy");
+            true
+        }
+        Err(e) => return Err(failure("term-check", e.to_string()).into()),
+    };
 
-    let manifest =
-        Manifest { format: ARCHIVE_FORMAT, snapshot_id: preamble.snapshot_id, meta: preamble.meta, entries: records };
+    let manifest = Manifest {
+        format: ARCHIVE_FORMAT,
+        snapshot_id: preamble.snapshot_id,
+        meta: preamble.meta,
+        entries: records,
+        fuzzy,
+    };
     let json = serde_json::to_vec(&manifest).expect("manifest serializes");
     send_entry(tx, MANIFEST_PATH, Bytes::from(json), None).await?;
     send(tx, tar::end()).await
@@ -387,8 +419,9 @@ pub(super) async fn send_entries(
                 Checksum(*blake3::hash(contents).as_bytes())
             }
             Planned::File { path, source, offset, .. } => {
-                send_file(tx, path, source, *offset, size, rate, &buffers).await?
+                send_file(tx, path, source, &[(*offset, size)], rate, &buffers).await?
             }
+            Planned::Ranges { path, source, ranges, .. } => send_file(tx, path, source, ranges, rate, &buffers).await?,
         };
         if let Some(pad) = tar::padding(size) {
             send(tx, pad).await?;
@@ -460,46 +493,66 @@ async fn send_file(
     tx: &Out,
     path: &RelPath,
     source: &Path,
-    offset: u64,
-    size: u64,
+    ranges: &[(u64, u64)],
     rate: &RateLimiter,
     buffers: &BufferPool,
 ) -> Result<Checksum, Produce> {
     let read_failed = |e: io::Error| Produce::Failed(failure("read", format!("{path}: {e}")));
     let source = source.to_owned();
-    let mut file = tokio::task::spawn_blocking(move || open_range(&source, offset))
+    let file = tokio::task::spawn_blocking(move || open_range(&source, 0))
         .await
         .map_err(|e| read_failed(io::Error::other(e)))?
         .map_err(read_failed)?;
+    let file = Arc::new(file);
     let mut hasher = blake3::Hasher::new();
-    let mut left = size;
-    while left > 0 {
-        let want = left.min(CHUNK as u64) as usize;
+    // Where the next chunk starts: a range, and how far into it.
+    let (mut range, mut into) = (0usize, 0u64);
+    let ranges: Arc<[(u64, u64)]> = ranges.into();
+    while range < ranges.len() {
         let mut buf = buffers.take();
-        let (back_file, back_hasher, buf) = tokio::task::spawn_blocking(move || {
-            while buf.len() < want {
-                match file.read(buf.spare(want)) {
+        let (f, r) = (file.clone(), ranges.clone());
+        let (back_hasher, buf, next) = tokio::task::spawn_blocking(move || {
+            // Fill one chunk from as many ranges as fit (a block diff sends
+            // many small ones).
+            let (mut range, mut into) = (range, into);
+            while range < r.len() && buf.len() < CHUNK {
+                let (offset, length) = r[range];
+                if length == 0 {
+                    range += 1;
+                    continue;
+                }
+                let want = (length - into).min((CHUNK - buf.len()) as u64) as usize;
+                match f.read_at(&mut buf.spare(buf.len() + want)[..want], offset + into) {
                     Ok(0) => {
                         return Err(io::Error::other(format!(
                             "file shrank while being sent ({} bytes short)",
-                            want - buf.len()
+                            length - into
                         )));
                     }
-                    Ok(n) => buf.advance(n),
+                    Ok(n) => {
+                        buf.advance(n);
+                        into += n as u64;
+                        if into == length {
+                            (range, into) = (range + 1, 0);
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
                 }
             }
             hasher.update(&buf);
-            Ok((file, hasher, buf))
+            Ok((hasher, buf, (range, into)))
         })
         .await
         .map_err(|e| read_failed(io::Error::other(e)))?
         .map_err(read_failed)?;
-        file = back_file;
         hasher = back_hasher;
+        (range, into) = next;
+        if buf.is_empty() {
+            buffers.give_back(buf);
+            continue;
+        }
         let chunk = buffers.lend(buf);
-        left -= chunk.len() as u64;
         rate.acquire(chunk.len() as u64).await;
         send(tx, chunk).await?;
     }

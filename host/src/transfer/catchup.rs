@@ -34,7 +34,8 @@ use crate::install::sync::syncfs;
 use crate::plugin::types::MAX_PLAN_ENTRIES;
 use crate::plugin::{DeltaMeta, EngineError, HookError, Plugin, ShardPosition};
 use crate::relpath::RelPath;
-use crate::stream::client::{ChangesFetchError, FetchError, fetch_changes};
+use crate::stream::blockdiff::{self, BlockFile, FileDigests};
+use crate::stream::client::{Changes, ChangesFetchError, ChangesRequest, FetchError, fetch_changes};
 use crate::stream::delta::{DELTA_PATH, DeltaEntryInfo, DeltaManifest, DeltaPreamble};
 use crate::stream::guard::TarGuard;
 use crate::stream::manifest::{ARCHIVE_FORMAT, ERROR_PATH, MANIFEST_PATH};
@@ -138,6 +139,86 @@ pub struct RoundRequest<'a> {
     pub rate: &'a RateLimiter,
     /// A read that waits longer than this for data breaks the round.
     pub stall_timeout: Duration,
+    /// The replica's block digests, kept from round to round.
+    pub digests: &'a DigestCache,
+}
+
+/// The digests of the replica's files the source compares block by block,
+/// kept between rounds: only the blocks a round wrote are hashed again, so a
+/// round costs the receiver its changes, not its files. Only rounds write
+/// the replica while it is caught up; a round that fails clears it.
+#[derive(Clone, Default)]
+pub struct DigestCache(Arc<std::sync::Mutex<HashMap<BlockFile, (u64, Vec<u128>)>>>);
+
+impl DigestCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BlockFile, (u64, Vec<u128>)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The digests of `files` in `replica`, hashing those not cached.
+    fn digests(&self, replica: &Path, files: &[BlockFile]) -> io::Result<Vec<FileDigests>> {
+        let mut out = Vec::with_capacity(files.len());
+        let mut total = 0usize;
+        for file in files {
+            let cached = self.lock().get(file).cloned();
+            let (length, digests) = match cached {
+                Some(found) => found,
+                None => {
+                    let fresh = FileDigests::of(replica, file)?;
+                    let digests = fresh.decode().map_err(io::Error::other)?;
+                    self.lock().insert(file.clone(), (fresh.length, digests.clone()));
+                    (fresh.length, digests)
+                }
+            };
+            total += digests.len() * blockdiff::DIGEST_BYTES;
+            if total > blockdiff::MAX_DIGEST_BYTES {
+                return Err(io::Error::other(format!(
+                    "the files compared block by block need more than {} MiB of digests in one round",
+                    blockdiff::MAX_DIGEST_BYTES >> 20
+                )));
+            }
+            out.push(FileDigests::new(file, length, &digests));
+        }
+        Ok(out)
+    }
+
+    /// The files whose digests are kept (asked for by an earlier round).
+    fn files(&self) -> Vec<BlockFile> {
+        let mut files: Vec<BlockFile> = self.lock().keys().cloned().collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path).then(a.block_size.cmp(&b.block_size)));
+        files
+    }
+
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// After a round was written into `replica`: the blocks it wrote are
+    /// hashed again, and a file changed any other way is forgotten.
+    fn update(&self, replica: &Path, entries: &[DeltaEntryInfo]) -> io::Result<()> {
+        let mut cache = self.lock();
+        for entry in entries {
+            let DeltaEntryInfo::Blocks { path, length, block_size, ranges } = entry else {
+                cache.retain(|file, _| &file.path != entry.path());
+                continue;
+            };
+            cache.retain(|file, _| &file.path != path || file.block_size == *block_size);
+            let Some((cached_len, digests)) = cache.get_mut(&BlockFile { path: path.clone(), block_size: *block_size })
+            else {
+                continue;
+            };
+            let f = File::open(path.join_to(replica))?;
+            digests.resize(blockdiff::blocks(*length, *block_size) as usize, 0);
+            let bs = u64::from(*block_size);
+            for [offset, n] in ranges {
+                let first = offset / bs;
+                let fresh = blockdiff::hash_range(&f, *offset, *n, *block_size)?;
+                digests[first as usize..first as usize + fresh.len()].copy_from_slice(&fresh);
+            }
+            *cached_len = *length;
+        }
+        Ok(())
+    }
 }
 
 /// Pulls one round of changes after `req.since` from the source and applies
@@ -153,14 +234,45 @@ pub async fn pull_round(req: &RoundRequest<'_>, cancel: &CancellationToken) -> R
         Some((id, epoch)) => vec![(TRANSFER_ID_HEADER, id.to_owned()), (TRANSFER_EPOCH_HEADER, epoch.to_string())],
         None => Vec::new(),
     };
-    let fetched = tokio::select! {
-        r = fetch_changes(req.client, req.source, req.token, req.engine, req.shard, req.since, &headers, req.stall_timeout) => r,
-        _ = cancel.cancelled() => return Err(RoundError::Cancelled),
+    let mut files = req.digests.files();
+    // Asked once for the files a round compares, then with their digests;
+    // a third ask means the plan keeps changing under us.
+    let mut asks = 0;
+    let body = loop {
+        let (replica, wanted, cache) = (req.replica.to_owned(), files.clone(), req.digests.clone());
+        let digests = tokio::task::spawn_blocking(move || cache.digests(&replica, &wanted))
+            .await
+            .map_err(|e| RoundError::Local(e.to_string()))?
+            .map_err(|e| RoundError::Local(format!("digests of the replica: {e}")))?;
+        let request = ChangesRequest { since: req.since, digests };
+        let fetched = tokio::select! {
+            r = fetch_changes(req.client, req.source, req.token, req.engine, req.shard, &request, &headers, req.stall_timeout) => r,
+            _ = cancel.cancelled() => return Err(RoundError::Cancelled),
+        };
+        match fetched.map_err(fetch_error)? {
+            Changes::Archive(body) => break body,
+            Changes::NeedDigests(more) if asks < 2 && more.iter().all(|f| !files.contains(f)) => {
+                asks += 1;
+                if more.len() > MAX_PLAN_ENTRIES {
+                    return Err(RoundError::Refused(format!("the source asks for digests of {} files", more.len())));
+                }
+                files.extend(more);
+            }
+            Changes::NeedDigests(more) => {
+                return Err(RoundError::Interrupted(format!(
+                    "the source asks again for digests ({} files): the plan changed",
+                    more.len()
+                )));
+            }
+        }
     };
-    let body = fetched.map_err(fetch_error)?;
     let body = StallGuard::new(body, req.stall_timeout);
-    let received = receive_round(body, req.engine, req.shard, req.since, req.scratch, req.rate, cancel).await?;
-    let mut round = apply_round(&received, req.plugin, req.shard, req.replica).await?;
+    let received = receive_round(body, req.engine, req.shard, req.since, req.scratch, req.rate, cancel).await;
+    let applied = match received {
+        Ok(received) => apply_round(&received, req.plugin, req.shard, req.replica, req.digests).await,
+        Err(e) => Err(e),
+    };
+    let mut round = applied.inspect_err(|_| req.digests.clear())?;
     round.elapsed = started.elapsed();
     // The data is in the replica now; the scratch copy only takes space.
     let scratch = req.scratch.to_owned();
@@ -340,7 +452,9 @@ fn check_preamble(
     if p.engine != engine || p.shard != shard {
         return refused(format!("the delta is of {}/{}, not {engine}/{shard}", p.engine, p.shard));
     }
-    if p.meta.since != since.position || p.meta.until < p.meta.since {
+    // `until` may be below `since`: an engine's position need not grow when
+    // its files are rewritten (a SQLite WAL that was reset).
+    if p.meta.since != since.position {
         return refused(format!(
             "the delta covers {}..{}, we asked for the changes after {}",
             p.meta.since, p.meta.until, since.position
@@ -364,6 +478,10 @@ fn check_preamble(
         {
             return refused(format!("entry {path}: range {offset}+{length} is out of bounds"));
         }
+        if let DeltaEntryInfo::Blocks { length, block_size, ranges, .. } = entry {
+            check_blocks(*length, *block_size, ranges)
+                .map_err(|e| RoundError::Refused(format!("entry {path}: {e}")))?;
+        }
         if let Some(size) = entry.data_size() {
             data.insert(path.clone(), size);
         }
@@ -374,6 +492,36 @@ fn check_preamble(
         }
     }
     Ok(data)
+}
+
+/// A blocks entry's ranges: whole blocks (the last may end at `length`),
+/// ascending and apart, within the file.
+fn check_blocks(length: u64, block_size: u32, ranges: &[[u64; 2]]) -> Result<(), String> {
+    if !block_size.is_power_of_two()
+        || !(crate::plugin::types::MIN_DIFF_BLOCK..=crate::plugin::types::MAX_DIFF_BLOCK).contains(&block_size)
+    {
+        return Err(format!("block size {block_size} is out of bounds"));
+    }
+    if length > crate::plugin::types::MAX_DELTA_FILE {
+        return Err(format!("length {length} is out of bounds"));
+    }
+    if ranges.len() as u64 > blockdiff::blocks(length, block_size) {
+        return Err(format!("{} ranges for {length} bytes", ranges.len()));
+    }
+    let bs = u64::from(block_size);
+    let mut end = 0;
+    for &[offset, n] in ranges {
+        let stop = offset.checked_add(n).filter(|&s| s <= length);
+        let Some(stop) = stop else { return Err(format!("range {offset}+{n} is past {length} bytes")) };
+        if n == 0 || offset < end || (end > 0 && offset == end) {
+            return Err(format!("range {offset}+{n} is empty, out of order or touches the one before"));
+        }
+        if offset % bs != 0 || (stop % bs != 0 && stop != length) {
+            return Err(format!("range {offset}+{n} is not whole blocks of {block_size}"));
+        }
+        end = stop;
+    }
+    Ok(())
 }
 
 /// Every data entry we wrote must match the source's checksum.
@@ -402,14 +550,17 @@ pub async fn apply_round(
     plugin: &Plugin,
     shard: &str,
     replica: &Path,
+    digests: &DigestCache,
 ) -> Result<Round, RoundError> {
     let started = Instant::now();
     let (entries, data_dir, root) = (received.preamble.entries.clone(), received.data_dir.clone(), replica.to_owned());
+    let cache = digests.clone();
     tokio::task::spawn_blocking(move || {
         for entry in &entries {
             write_entry(&root, &data_dir, entry).map_err(|e| RoundError::Local(format!("{}: {e}", entry.path())))?;
         }
-        syncfs(&root).map_err(|e| RoundError::Local(format!("syncfs of {}: {e}", root.display())))
+        syncfs(&root).map_err(|e| RoundError::Local(format!("syncfs of {}: {e}", root.display())))?;
+        cache.update(&root, &entries).map_err(|e| RoundError::Local(format!("digests of the replica: {e}")))
     })
     .await
     .map_err(|e| RoundError::Local(e.to_string()))??;
@@ -461,6 +612,21 @@ fn write_entry(root: &Path, data_dir: &Path, entry: &DeltaEntryInfo) -> io::Resu
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&target)?;
             copy_at(&mut input, &output, *offset, *length)
+        }
+        DeltaEntryInfo::Blocks { length, ranges, .. } => {
+            let mut input = File::open(path.join_to(data_dir))?;
+            let output = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&target)?;
+            output.set_len(*length)?;
+            for [offset, n] in ranges {
+                copy_at(&mut input, &output, *offset, *n)?;
+            }
+            Ok(())
         }
         DeltaEntryInfo::Inline { size, .. } => {
             let name = target.file_name().expect("a relative path has a file name").to_string_lossy();

@@ -320,6 +320,18 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
         )));
     }
 
+    // A fuzzy snapshot (written to while it was read) is only a live move's
+    // first copy: its rounds, the last under the fence, make it exact, and
+    // the plugin checks it then. Anything else refuses it.
+    let fuzzy = complete.manifest.fuzzy;
+    if fuzzy && (transfer.fencing.is_none() || !plugin.contract().has(crate::plugin::Hook::ApplyChanges)) {
+        return Err(Ended::Failed(
+            "verifying: the source sent a fuzzy snapshot (the shard was written to during the copy), \
+             which only a live move accepts"
+                .into(),
+        ));
+    }
+
     // The files are verified. Flushing them to disk and the guest's validate
     // run at once: validate only reads, and sees the same bytes from the page
     // cache either way; apply and publish wait for both. A failed flush is
@@ -327,7 +339,13 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
     transfer.set_stage(Stage::Validating);
     let dir = data_dir.clone();
     let flushed = blocking(move || syncfs(&dir));
-    let validated = plugin.validate(&request.shard, &data_dir, meta);
+    let validated = async {
+        if fuzzy {
+            Ok(crate::plugin::ShardPosition { term: 0, position: 0 })
+        } else {
+            plugin.validate(&request.shard, &data_dir, meta).await
+        }
+    };
     let (flushed, validated) = tokio::select! {
         both = async { tokio::join!(flushed, validated) } => both,
         _ = cancel.cancelled() => return Err(Ended::Cancelled),
@@ -335,12 +353,14 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
     flushed.map_err(|e| Ended::Failed(format!("streaming: writing: syncfs: {e}")))?;
     validated.map_err(|e| Ended::Failed(format!("validating: {e}")))?;
 
-    transfer.set_stage(Stage::Applying);
-    let applied = tokio::select! {
-        r = plugin.apply(&request.shard, &data_dir, meta) => r,
-        _ = cancel.cancelled() => return Err(Ended::Cancelled),
-    };
-    applied.map_err(|e| Ended::Failed(format!("applying: {e}")))?;
+    if !fuzzy {
+        transfer.set_stage(Stage::Applying);
+        let applied = tokio::select! {
+            r = plugin.apply(&request.shard, &data_dir, meta) => r,
+            _ = cancel.cancelled() => return Err(Ended::Cancelled),
+        };
+        applied.map_err(|e| Ended::Failed(format!("applying: {e}")))?;
+    }
     // apply could write anything WASI allows, symlinks included: publish
     // only regular files and directories.
     let dir = data_dir.clone();
