@@ -382,6 +382,27 @@ pub fn free_port() -> u16 {
 impl Drop for TestNode {
     fn drop(&mut self) {
         self.kill();
+        kill_fence_keepers(&self.data_dir.join("fences"));
+    }
+}
+
+/// Ends the fence keepers a node left (`sleep` processes that hold a fenced
+/// shard's locks past the node's death, by design): a test's node is gone
+/// for good.
+fn kill_fence_keepers(dir: &Path) {
+    let Ok(engines) = std::fs::read_dir(dir) else { return };
+    for record in engines.flatten().filter_map(|e| std::fs::read_dir(e.path()).ok()).flatten().flatten() {
+        let Ok(record) = serde_json::from_slice::<serde_json::Value>(&std::fs::read(record.path()).unwrap_or_default())
+        else {
+            continue;
+        };
+        let (Some(pid), Some(tag)) = (record["pid"].as_u64(), record["tag"].as_str()) else { continue };
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let want = format!("FERRY_FENCE_KEEPER={tag}");
+        if environ.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+            // SAFETY: kill(2) on a pid whose environment names the keeper.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
     }
 }
 

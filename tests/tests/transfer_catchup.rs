@@ -9,7 +9,7 @@ use std::time::Duration;
 use ferry::plugin::{Plugin, PluginRuntime, RuntimeConfig, ShardPosition};
 use ferry::relpath::RelPath;
 use ferry::stream::RateLimiter;
-use ferry::stream::delta::{prepare_delta, stream_delta};
+use ferry::stream::delta::{Prepared, prepare_delta, stream_delta};
 use ferry::stream::source::StreamContext;
 use ferry::transfer::State;
 use ferry::transfer::catchup::{DigestCache, Round, RoundError, RoundRequest, pull_round, receive_round};
@@ -154,7 +154,9 @@ async fn changes_endpoint_needs_a_position_and_a_known_shard() {
 /// The archive `prepare_delta` and `stream_delta` make for the changes after
 /// `since` of the shard in `dir`.
 async fn archive(plugin: Arc<Plugin>, dir: &Path, since: ShardPosition) -> Vec<u8> {
-    let prepared = prepare_delta(&plugin, "segment-log", "s1", dir, since).await.unwrap();
+    let Prepared::Round(prepared) = prepare_delta(&plugin, "segment-log", "s1", dir, since, &[]).await.unwrap() else {
+        panic!("segment-log rounds compare no blocks")
+    };
     let ctx = StreamContext {
         plugin,
         shard: "s1".into(),
@@ -162,6 +164,7 @@ async fn archive(plugin: Arc<Plugin>, dir: &Path, since: ShardPosition) -> Vec<u
         rate: Arc::new(RateLimiter::new(None)),
         permit: None,
         stall_timeout: Duration::from_secs(30),
+        fuzzy_ok: false,
     };
     let mut chunks = stream_delta(prepared, ctx);
     let mut out = Vec::new();
@@ -227,8 +230,82 @@ async fn delta_archives_are_checked_entry_by_entry() {
 
     // A source that fails under way says why, with its code.
     Control { term: 4, ..Control::read(&dir).unwrap() }.write(&dir).unwrap();
-    let Err(err) = prepare_delta(&plugin, "segment-log", "s1", &dir, since).await else {
+    let Err(err) = prepare_delta(&plugin, "segment-log", "s1", &dir, since, &[]).await else {
         panic!("a moved term fails the plan")
     };
     assert_eq!(err.code, Some(ferry::stream::FailureCode::TermChanged), "{err}");
+}
+
+/// The host's block diff, with the SQLite plugin (whose rounds compare every
+/// database and WAL block by block): a round sends the pages that changed,
+/// not the files; the replica ends byte for byte equal to the source; the
+/// receiver's digests, kept from round to round, stay true.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_diff_rounds_send_only_the_pages_that_changed() {
+    use ferry_tests::engines::{Sqlite, sqlite3};
+    let source = TestNode::start("source", NodeOptions::default());
+    let src = source.shard_dir("sqlite", "db");
+    Sqlite.create(&src, 4 << 20);
+    let runtime = PluginRuntime::new(RuntimeConfig::default()).unwrap();
+    let plugin = runtime.load(Path::new(plugins::SQLITE)).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (replica, scratch) = (tmp.path().join("replica"), tmp.path().join("scratch"));
+    copy_dir(&src, &replica);
+    let digests = DigestCache::default();
+    let client = ferry::http::client();
+    let rate = RateLimiter::new(None);
+    let round = |since: ShardPosition| {
+        let request = RoundRequest {
+            client: &client,
+            source: &source.url,
+            token: TOKEN,
+            engine: "sqlite",
+            shard: "db",
+            transfer: None,
+            since,
+            scratch: &scratch,
+            replica: &replica,
+            plugin: &plugin,
+            rate: &rate,
+            stall_timeout: Duration::from_secs(30),
+            digests: &digests,
+        };
+        async move { pull_round(&request, &CancellationToken::new()).await }
+    };
+    let same = |name: &str| std::fs::read(src.join(name)).ok() == std::fs::read(replica.join(name)).ok();
+    let db_size = std::fs::metadata(src.join("main.db")).unwrap().len();
+
+    // A few rows changed in a 4 MiB database: a few pages travel.
+    sqlite3(&src.join("main.db"), "UPDATE t SET v = randomblob(1000) WHERE id IN (3, 1000); INSERT INTO t(k, v) VALUES (1, x'00')");
+    let since = plugin.shard_status("db", &replica).await.unwrap();
+    let first = round(since).await.unwrap();
+    assert!(same("main.db") && same("users.db"), "the replica differs from the source");
+    assert!(first.bytes > 0 && first.bytes < db_size / 20, "{} bytes for a {db_size}-byte database", first.bytes);
+    assert_eq!(first.position, plugin.shard_status("db", &src).await.unwrap());
+
+    // Nothing changed: nothing travels.
+    let idle = round(first.position).await.unwrap();
+    assert_eq!(idle.bytes, 0);
+
+    // More changes, with the receiver's digests from the cache: still exact.
+    sqlite3(&src.join("users.db"), "INSERT INTO users VALUES ('barbara2', 31)");
+    sqlite3(&src.join("main.db"), "DELETE FROM t WHERE id > 3500");
+    let third = round(idle.position).await.unwrap();
+    assert!(same("main.db") && same("users.db"), "a round from cached digests left the replica different");
+    assert!(third.bytes < db_size, "{}", third.bytes);
+
+    // WAL mode, with a connection that never closed (its WAL and index
+    // stay): the WAL travels too, and the replica reads the same rows.
+    let script = format!(
+        "import sqlite3, os\nc = sqlite3.connect({:?}, isolation_level=None)\nc.execute('PRAGMA journal_mode=WAL')\n\
+         c.execute('PRAGMA wal_autocheckpoint=0')\nfor i in range(50): c.execute('INSERT INTO t(k, v) VALUES (?, randomblob(500))', (i,))\nos._exit(0)",
+        src.join("main.db").display().to_string()
+    );
+    assert!(std::process::Command::new("python3").args(["-c", &script]).status().unwrap().success());
+    assert!(src.join("main.db-wal").exists());
+    let wal = round(third.position).await.unwrap();
+    assert!(same("main.db") && same("main.db-wal"), "the WAL did not travel");
+    assert!(!replica.join("main.db-shm").exists(), "the index is never copied");
+    assert_eq!(wal.position, plugin.shard_status("db", &src).await.unwrap());
+    Sqlite.assert_same(&src, &replica);
 }

@@ -1,34 +1,154 @@
 //! The locks a fenced source holds on its plugin's behalf (WASI has no
 //! locks): open file description (OFD) byte-range locks, which conflict with
 //! the POSIX record locks an engine's own writers take (`fcntl`), and belong
-//! to this process's open file, not to a thread. Closing the file releases
-//! them, so a crashed node holds none: the engine's own fence state (a term,
-//! a fence marker) must keep writers out until the node is back and has
-//! fenced again.
+//! to the open file, not to a thread or a process.
+//!
+//! An engine whose only fence is such a lock (SQLite) would lose it with the
+//! node: a crashed source would let its writers in while the move commits.
+//! So the open files are also handed to a **keeper**, a `sleep infinity`
+//! child that inherits them and does nothing else: the locks last as long as
+//! one of the two holds the files, and a node killed while fenced leaves
+//! them held. The keeper is recorded under `<data>/fences/`; a restarted
+//! node adopts it when it fences again for the same epoch, and kills it when
+//! it unfences or retires. (A reboot ends keepers too: an engine's own fence
+//! state, as segment-log's term, is what survives that.)
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::plugin::FileLock;
 
+/// The environment variable that names a keeper (checked before one is
+/// adopted or killed: a pid may have been reused).
+const KEEPER_ENV: &str = "FERRY_FENCE_KEEPER";
+
 /// Locks held per shard, with the epoch that holds them.
 #[derive(Default)]
-pub struct Fences(Mutex<HashMap<(String, String), Held>>);
+pub struct Fences {
+    held: Mutex<HashMap<(String, String), Held>>,
+    /// Where keepers are recorded; `None`: no keepers (the locks end with
+    /// this process).
+    keepers: Option<PathBuf>,
+}
 
 struct Held {
     epoch: u64,
     _files: Vec<File>,
+    keeper: Option<Keeper>,
+}
+
+/// A keeper process and its record.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeeperRecord {
+    epoch: u64,
+    pid: u32,
+    tag: String,
+}
+
+struct Keeper {
+    record: KeeperRecord,
+    path: PathBuf,
+    /// Our child, to reap; `None` for one adopted after a restart.
+    child: Option<std::process::Child>,
+}
+
+impl Keeper {
+    /// Starts a keeper that inherits `files`.
+    fn spawn(files: &[File], epoch: u64, path: PathBuf) -> std::io::Result<Keeper> {
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("infinity")
+            .env(KEEPER_ENV, &tag)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            // Its own process group: a signal to the node's group (a
+            // terminal's Ctrl-C) leaves the fence standing.
+            .process_group(0);
+        // SAFETY: between fork and exec only fcntl, which is async-signal-safe,
+        // on descriptors this process owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        let record = KeeperRecord { epoch, pid: child.id(), tag };
+        let keeper = Keeper { record, path, child: Some(child) };
+        keeper.save()?;
+        Ok(keeper)
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        if let Some(parent) = self.path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&self.record).expect("a keeper record serializes"))?;
+        File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+    }
+
+    /// The keeper recorded at `path`, if it still runs.
+    fn find(path: &Path) -> Option<Keeper> {
+        let record: KeeperRecord = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        let environ = std::fs::read(format!("/proc/{}/environ", record.pid)).ok()?;
+        let want = format!("{KEEPER_ENV}={}", record.tag);
+        let alive = environ.split(|&b| b == 0).any(|var| var == want.as_bytes());
+        if !alive {
+            let _ = std::fs::remove_file(path);
+            return None;
+        }
+        Some(Keeper { record, path: path.to_owned(), child: None })
+    }
+
+    /// Ends the keeper (its locks go with it) and its record.
+    fn end(mut self) {
+        match self.child.take() {
+            Some(mut child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            // SAFETY: kill(2) on a pid whose environment named our keeper.
+            None => unsafe {
+                libc::kill(self.record.pid as libc::pid_t, libc::SIGKILL);
+            },
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl Fences {
+    /// Fences whose locks also go to keepers recorded in `dir`.
+    pub fn with_keepers(dir: PathBuf) -> Fences {
+        Fences { held: Mutex::default(), keepers: Some(dir) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn keeper_path(&self, engine: &str, shard: &str) -> Option<PathBuf> {
+        // Engine and shard names are checked: no `/`, no `..`.
+        self.keepers.as_ref().map(|dir| dir.join(engine).join(format!("{shard}.json")))
+    }
+
     /// Takes `locks` on files of the shard in `dir` for `epoch`, waiting at
     /// most `within` for writers that hold them (an append in flight
-    /// finishes first). Holding them already for `epoch` is success.
+    /// finishes first). Holding them already for `epoch` is success, and so
+    /// is a keeper left by this node's previous run for `epoch`.
     pub async fn hold(
         &self,
         engine: &str,
@@ -39,11 +159,23 @@ impl Fences {
         within: Duration,
     ) -> Result<(), String> {
         let key = (engine.to_owned(), shard.to_owned());
-        if let Some(held) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(held) = self.lock().get(&key) {
             if held.epoch == epoch {
                 return Ok(());
             }
             return Err(format!("{engine}/{shard} is fenced by transfer epoch {}", held.epoch));
+        }
+        let keeper_path = self.keeper_path(engine, shard);
+        if let Some(keeper) = keeper_path.as_deref().and_then(Keeper::find) {
+            if keeper.record.epoch != epoch {
+                return Err(format!(
+                    "{engine}/{shard} is fenced by transfer epoch {} (keeper pid {})",
+                    keeper.record.epoch, keeper.record.pid
+                ));
+            }
+            tracing::info!(engine, shard, epoch, pid = keeper.record.pid, "fence locks adopted from a keeper");
+            self.lock().insert(key, Held { epoch, _files: Vec::new(), keeper: Some(keeper) });
+            return Ok(());
         }
         let deadline = tokio::time::Instant::now() + within;
         let mut files = Vec::with_capacity(locks.len());
@@ -67,25 +199,46 @@ impl Fences {
             }
             files.push(file);
         }
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key, Held { epoch, _files: files });
+        let keeper = match keeper_path {
+            Some(path) if !files.is_empty() => match Keeper::spawn(&files, epoch, path) {
+                Ok(keeper) => Some(keeper),
+                Err(e) => {
+                    tracing::warn!(engine, shard, "no keeper for the fence's locks (they end with this process): {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        self.lock().insert(key, Held { epoch, _files: files, keeper });
         Ok(())
     }
 
-    /// Releases the locks `epoch` holds on the shard; whether it held any.
+    /// Releases the locks `epoch` holds on the shard (a keeper left by a
+    /// previous run included); whether it held any.
     pub fn release(&self, engine: &str, shard: &str, epoch: u64) -> bool {
-        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let key = (engine.to_owned(), shard.to_owned());
+        let mut held = self.lock();
         if held.get(&key).is_some_and(|h| h.epoch == epoch) {
-            held.remove(&key);
-            true
-        } else {
-            false
+            let gone = held.remove(&key).expect("checked above");
+            drop(held);
+            if let Some(keeper) = gone.keeper {
+                keeper.end();
+            }
+            return true;
+        }
+        drop(held);
+        match self.keeper_path(engine, shard).as_deref().and_then(Keeper::find) {
+            Some(keeper) if keeper.record.epoch == epoch => {
+                keeper.end();
+                true
+            }
+            _ => false,
         }
     }
 
     /// The epoch holding locks on the shard, if any.
     pub fn holder(&self, engine: &str, shard: &str) -> Option<u64> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&(engine.to_owned(), shard.to_owned())).map(|h| h.epoch)
+        self.lock().get(&(engine.to_owned(), shard.to_owned())).map(|h| h.epoch)
     }
 }
 
@@ -173,6 +326,44 @@ mod tests {
         assert!(!fences.release("e", "s", 8));
         assert!(fences.release("e", "s", 7));
         assert_eq!(fences.holder("e", "s"), None);
+    }
+
+    /// Whether another process can take the lock now.
+    fn free_for_a_writer(path: &Path) -> bool {
+        let script = format!(
+            "import fcntl, sys; f = open({:?}, 'r+')\ntry:\n  fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)\nexcept OSError:\n  sys.exit(1)",
+            path.display().to_string()
+        );
+        std::process::Command::new("python3").args(["-c", &script]).status().unwrap().success()
+    }
+
+    #[tokio::test]
+    async fn a_keeper_holds_the_locks_after_the_node_is_gone_until_it_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.lock");
+        std::fs::write(&path, b"").unwrap();
+        let keepers = dir.path().join("fences");
+
+        let fences = Fences::with_keepers(keepers.clone());
+        fences.hold("e", "s", dir.path(), 7, &[lock()], Duration::from_secs(2)).await.unwrap();
+        assert!(!free_for_a_writer(&path));
+        // The node dies without releasing: its files close, the keeper's stay.
+        std::mem::forget(fences.lock().remove(&("e".into(), "s".into())).unwrap().keeper.unwrap().child.take());
+        drop(fences);
+        assert!(!free_for_a_writer(&path), "the lock went with the node");
+
+        // Its next run adopts the keeper for the same epoch, refuses another.
+        let again = Fences::with_keepers(keepers.clone());
+        assert!(again.hold("e", "s", dir.path(), 8, &[lock()], Duration::from_millis(100)).await.is_err());
+        again.hold("e", "s", dir.path(), 7, &[lock()], Duration::from_secs(2)).await.unwrap();
+        assert_eq!(again.holder("e", "s"), Some(7));
+        assert!(again.release("e", "s", 7));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !free_for_a_writer(&path) {
+            assert!(std::time::Instant::now() < deadline, "the keeper still holds the lock");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(std::fs::read_dir(keepers.join("e")).unwrap().next().is_none(), "the keeper's record is left");
     }
 
     #[test]

@@ -135,7 +135,7 @@ impl Node {
             consensus,
             registrar,
             conducting: conductor::Conducting::default(),
-            fences: Default::default(),
+            fences: fences::Fences::with_keepers(data.root().join("fences")),
             settled: Default::default(),
             config,
             data,

@@ -3,13 +3,16 @@
 //!
 //! Workloads (segment-log shards):
 //! - large: ~2 GiB in 64 MiB segment files;
-//! - small: 20,000 segment files of 4 KiB.
+//! - small: 20,000 segment files of 4 KiB;
+//! - live: a 1 GiB segment-log shard and a 256 MiB SQLite database (WAL
+//!   mode) moved back and forth between two cluster members, 5 times each,
+//!   while an application writes 500 times a second (see `live.rs`).
 //!
 //! Every measurement starts with the page cache dropped when the machine
 //! allows it (else everything runs warm alike) and ends durable: the
 //! baselines include a `sync`, Ferry its own fsync/syncfs. Prints one final
 //! line: `large_ratio=<ferry/cp> small_ratio=<ferry/tar> peak_rss_mib=<max
-//! of both nodes>`.
+//! of both nodes> live_segment_log_pause_p50_ms=… live_sqlite_pause_p50_ms=…`.
 //!
 //! Run: `tests/bench.sh` (builds release binaries, then runs this).
 
@@ -41,10 +44,21 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Measure one workload only (for quick iterations; the final line then
-    /// has only its ratio).
-    #[arg(long, value_parser = ["large", "small"])]
+    /// has only its figures).
+    #[arg(long, value_parser = ["large", "small", "live"])]
     only: Option<String>,
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    live_segment_log_size: u64,
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    live_sqlite_size: u64,
+    /// Writes per second during the live moves.
+    #[arg(long, default_value_t = 500)]
+    live_rate: u32,
+    #[arg(long, default_value_t = 5)]
+    live_moves: usize,
 }
+
+mod live;
 
 fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
@@ -146,6 +160,24 @@ async fn main() -> anyhow::Result<()> {
     let target = TestNode::start("bench-target", NodeOptions { data_dir: Some(base.join("b")), ..Default::default() });
     println!("page cache dropped before each run: {}", drop_caches());
 
+    let mut figures = Vec::new();
+    if args.only.as_deref().is_none_or(|only| only == "live") {
+        let live = live::LiveArgs {
+            segment_log_size: args.live_segment_log_size,
+            sqlite_size: args.live_sqlite_size,
+            rate: args.live_rate,
+            moves: args.live_moves.max(1),
+        };
+        for result in live::run(&live).await? {
+            let name = result.engine.replace('-', "_");
+            figures.push(format!("live_{name}_pause_p50_ms={} live_{name}_pause_max_ms={}", result.p50(), result.max()));
+        }
+        if args.only.is_some() {
+            println!("{}", figures.join(" "));
+            return Ok(());
+        }
+    }
+
     let large = source.shard_dir("segment-log", "large");
     Generator { segment_size: args.large_file, term: 1, seed: 1 }.create(&large, args.large_size)?;
     let small = source.shard_dir("segment-log", "small");
@@ -194,6 +226,6 @@ async fn main() -> anyhow::Result<()> {
     let (source_rss, target_rss) = (peak_rss_kib(source.pid())?, peak_rss_kib(target.pid())?);
     println!("peak RSS: source {} MiB, target {} MiB", source_rss / 1024, target_rss / 1024);
     let rss = source_rss.max(target_rss);
-    println!("{} peak_rss_mib={}", ratios.join(" "), rss / 1024);
+    println!("{} peak_rss_mib={} {}", ratios.join(" "), rss / 1024, figures.join(" "));
     Ok(())
 }
