@@ -135,7 +135,7 @@ async fn contract_0_2_0_loads_with_its_live_hooks() {
 
     // A 0.1.0 plugin loads as before and says, typed, that it has no live
     // hooks; nothing runs.
-    let old = runtime.load(Path::new(plugins::SQLITE)).await.unwrap();
+    let old = runtime.load(Path::new(plugins::MISBEHAVE)).await.unwrap();
     assert_eq!(old.contract(), ContractVersion::V0_1_0);
     assert_eq!(old.contract().hooks(), &Hook::HOOKS);
     let dir = tempfile::tempdir().unwrap();
