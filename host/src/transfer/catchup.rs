@@ -603,25 +603,10 @@ fn write_entry(root: &Path, data_dir: &Path, entry: &DeltaEntryInfo) -> io::Resu
     let target = path.join_to(root);
     match entry {
         DeltaEntryInfo::Range { offset, length, .. } => {
-            let mut input = File::open(path.join_to(data_dir))?;
-            let output = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o644)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&target)?;
-            copy_at(&mut input, &output, *offset, *length)
+            copy_at(&mut File::open(path.join_to(data_dir))?, &open_in_place(&target)?, *offset, *length)
         }
         DeltaEntryInfo::Blocks { length, ranges, .. } => {
-            let mut input = File::open(path.join_to(data_dir))?;
-            let output = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o644)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&target)?;
+            let (mut input, output) = (File::open(path.join_to(data_dir))?, open_in_place(&target)?);
             output.set_len(*length)?;
             for [offset, n] in ranges {
                 copy_at(&mut input, &output, *offset, *n)?;
@@ -643,6 +628,18 @@ fn write_entry(root: &Path, data_dir: &Path, entry: &DeltaEntryInfo) -> io::Resu
             _ => Ok(()),
         },
     }
+}
+
+/// A replica's file, to be written in place (created if missing; never
+/// through a symlink).
+fn open_in_place(target: &Path) -> io::Result<File> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(target)
 }
 
 /// Copies `length` bytes of `input` to `output` at `offset`, a chunk at a time.
