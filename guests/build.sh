@@ -32,15 +32,28 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 cd "$ROOT/guests"   # cargo reads guests/.cargo/config.toml from the cwd
-env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WRAPPER -u RUSTC_WORKSPACE_WRAPPER \
-    -u CARGO_BUILD_TARGET -u RUSTUP_TOOLCHAIN -u CARGO_TARGET_DIR -u RUSTDOC \
-  RUSTC="$DEB_RUSTC" RUSTC_BOOTSTRAP=1 \
-  CARGO_TARGET_DIR="$ROOT/target/guests" \
-  CARGO_TARGET_WASM32_WASIP2_LINKER="$LINKER" \
-  CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS="-L native=$WASI_LIBC -C link-arg=--wasm-ld-path=$WASM_LD" \
-  "$DEB_CARGO" build --release --locked --quiet
+guest_cargo() {
+  env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WRAPPER -u RUSTC_WORKSPACE_WRAPPER \
+      -u CARGO_BUILD_TARGET -u RUSTUP_TOOLCHAIN -u CARGO_TARGET_DIR -u RUSTDOC \
+    RUSTC="$DEB_RUSTC" RUSTC_BOOTSTRAP=1 \
+    CARGO_TARGET_DIR="$ROOT/target/guests" \
+    CARGO_TARGET_WASM32_WASIP2_LINKER="$LINKER" \
+    CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS="-L native=$WASI_LIBC -C link-arg=--wasm-ld-path=$WASM_LD" \
+    "$DEB_CARGO" "$@"
+}
 
 mkdir -p "$OUT"
+# Mutants of the segment-log plugin, each broken on purpose (a cargo feature),
+# for the conformance kit's own tests: target/plugins/mutants/, which no node
+# loads. Built first, so that the last build of segment_log.wasm is the real one.
+mkdir -p "$OUT/mutants"
+for mutant in validate-accepts-anything plan-drops-a-file read-only-hook-writes; do
+  guest_cargo build --release --locked --quiet -p segment-log --features "mutant-$mutant"
+  wasm="$ROOT/target/guests/$TARGET/release/segment_log.wasm"
+  cmp -s "$wasm" "$OUT/mutants/segment-log-$mutant.wasm" || cp "$wasm" "$OUT/mutants/segment-log-$mutant.wasm"
+done
+guest_cargo build --release --locked --quiet
+
 for wasm in "$ROOT/target/guests/$TARGET/release/"*.wasm; do
   name=$(basename "$wasm" .wasm)
   engine=${name//_/-}

@@ -11,6 +11,7 @@
 //! - [`api`]: the HTTP server and the command line.
 
 pub mod api;
+pub mod conformance;
 pub mod consensus;
 pub mod http;
 pub mod install;

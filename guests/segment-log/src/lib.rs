@@ -94,6 +94,8 @@ impl Guest for SegmentLog {
     }
 
     fn shard_status(_shard: String) -> Result<ShardPosition, EngineError> {
+        #[cfg(feature = "mutant-read-only-hook-writes")]
+        fs::write(Path::new(SHARD).join("touched"), b"mutant").map_err(io("touched"))?;
         let control = read_control()?;
         Ok(ShardPosition { term: control.term, position: control.flush })
     }
@@ -120,6 +122,10 @@ impl Guest for SegmentLog {
                 return Err(EngineError::Invalid(format!("{name} is {len} bytes, shorter than its {used} used bytes")));
             }
             entries.push(Entry::File(FileEntry { path: name, offset: 0, length: Some(used) }));
+        }
+        #[cfg(feature = "mutant-plan-drops-a-file")]
+        if entries.len() > 2 {
+            entries.remove(1);
         }
         log(
             Level::Info,
@@ -155,6 +161,9 @@ impl Guest for SegmentLog {
     }
 
     fn validate(_shard: String, meta: SnapshotMeta) -> Result<ShardPosition, EngineError> {
+        #[cfg(feature = "mutant-validate-accepts-anything")]
+        return Ok(ShardPosition { term: meta.term, position: meta.position });
+        #[allow(unreachable_code)]
         let summary = check_shard(Path::new(SHARD)).map_err(to_engine_error)?;
         let control = summary.control;
         if control.state != ShardState::Snapshot {

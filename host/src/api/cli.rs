@@ -258,6 +258,29 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The conformance kit: run a plugin against a sample shard through
+    /// Ferry's own code and name every check it fails (exit 1). Works on
+    /// copies; DIR is never changed.
+    Test {
+        /// The plugin component (`.wasm`).
+        file: PathBuf,
+        /// A sample shard of the plugin's engine.
+        #[arg(long)]
+        shard_dir: PathBuf,
+        /// A shell command that writes to the shard in `$FERRY_SHARD_DIR`
+        /// (so that a snapshot taken before it is void); without it that
+        /// check is skipped.
+        #[arg(long)]
+        mutate: Option<String>,
+        /// How many times each read-only hook is called (all must agree).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..=100))]
+        repeat: u32,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run one hook of a plugin against a directory and print its result.
     RunHook {
         /// The plugin component (`.wasm`).
@@ -421,6 +444,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugin(PluginCommand::Check { file, runtime, json }) => check(&file, &runtime, json).await,
+        Command::Plugin(PluginCommand::Test { file, shard_dir, mutate, repeat, runtime, json }) => {
+            conformance_test(file, shard_dir, mutate, repeat, &runtime, json).await
+        }
         Command::Plugin(PluginCommand::RunHook {
             file,
             hook,
@@ -487,6 +513,33 @@ async fn check(file: &Path, args: &RuntimeArgs, json: bool) -> anyhow::Result<Ex
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn conformance_test(
+    plugin: PathBuf,
+    shard_dir: PathBuf,
+    mutate: Option<String>,
+    repeat: u32,
+    runtime: &RuntimeArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if !shard_dir.is_dir() {
+        bail!("--shard-dir {} is not a directory", shard_dir.display());
+    }
+    let options = crate::conformance::KitOptions {
+        plugin,
+        shard_dir,
+        repeat: repeat as usize,
+        mutate,
+        runtime: runtime.config()?,
+    };
+    let report = crate::conformance::run(&options).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", crate::conformance::render(&report));
+    }
+    Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {

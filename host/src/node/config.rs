@@ -67,6 +67,8 @@ pub struct PluginSettings {
     pub max_calls_per_engine: usize,
     /// Per-hook deadlines in milliseconds.
     pub deadlines: HookDeadlines,
+    /// Where compiled plugins are kept (default `<data_dir>/state/compiled`).
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for PluginSettings {
@@ -76,6 +78,7 @@ impl Default for PluginSettings {
             memory_budget: DEFAULT_MEMORY_BUDGET,
             max_calls_per_engine: DEFAULT_MAX_CALLS_PER_ENGINE,
             deadlines: HookDeadlines::default(),
+            cache_dir: None,
         }
     }
 }
@@ -163,7 +166,7 @@ impl Config {
             memory_limit: self.plugin.memory_limit,
             memory_budget: self.plugin.memory_budget,
             max_calls_per_engine: self.plugin.max_calls_per_engine,
-            cache_dir: Some(self.data_dir.join("state").join("compiled")),
+            cache_dir: Some(self.plugin.cache_dir.clone().unwrap_or_else(|| self.data_dir.join("state").join("compiled"))),
             ..RuntimeConfig::default()
         }
     }

@@ -116,6 +116,12 @@ impl MemoryAccount {
         self.in_use.fetch_sub(bytes, Ordering::Relaxed);
     }
 
+    /// Starts the peaks again from what is held now.
+    pub fn reset_peaks(&self) {
+        self.reserved_peak.store(self.reserved.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.in_use_peak.store(self.in_use.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     /// The figures now, against `budget`.
     pub fn usage(&self, budget: usize) -> MemoryUsage {
         MemoryUsage {

@@ -127,6 +127,10 @@ impl PluginShared {
     pub fn memory_usage(&self) -> MemoryUsage {
         self.account.usage(self.config.memory_budget)
     }
+
+    pub fn reset_memory_peaks(&self) {
+        self.account.reset_peaks();
+    }
 }
 
 /// A loaded, checked plugin. Cheap to share (`Arc`) across tasks.

@@ -239,6 +239,12 @@ impl PluginRuntime {
         self.shared.memory_usage()
     }
 
+    /// Starts the peaks of [`memory`](Self::memory) again from now (to
+    /// measure one call).
+    pub fn reset_memory_peak(&self) {
+        self.shared.reset_memory_peaks();
+    }
+
     /// Loads, checks and describes the plugin in `path`.
     pub async fn load(&self, path: &Path) -> Result<Plugin, LoadError> {
         let fail = |kind| LoadError { path: path.to_owned(), kind };

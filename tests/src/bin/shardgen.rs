@@ -64,6 +64,9 @@ enum Cmd {
         #[arg(long)]
         stop_file: Option<PathBuf>,
     },
+    /// A new leader's term on a segment-log shard (the write the conformance
+    /// kit's `--mutate` needs: it voids snapshots taken before).
+    Term { dir: PathBuf },
     /// Copy what a plan (from `ferry plugin run-hook … create-snapshot --json`) names.
     Materialize {
         #[arg(long)]
@@ -86,6 +89,11 @@ fn main() -> anyhow::Result<()> {
                 control.flush,
                 control.segments().count()
             );
+        }
+        Cmd::Term { dir } => {
+            use ferry_tests::engines::TestEngine;
+            ferry_tests::engines::SegmentLog.write(&dir);
+            println!("segment-log shard {}: term {}", dir.display(), ferry_tests::segment_log::Control::read(&dir)?.term);
         }
         Cmd::Sqlite { dir, size } => {
             ferry_tests::engines::Sqlite.create(&dir, size);

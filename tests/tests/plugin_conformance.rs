@@ -1,0 +1,107 @@
+//! The conformance kit, `ferry plugin test`, run as a vendor would: the
+//! project's own plugins pass it (and their sample shards are left as they
+//! were), and deliberately broken builds of a real plugin (mutants, built by
+//! `guests/build.sh` into `target/plugins/mutants/`) fail it at the check
+//! that names what is broken.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ferry_tests::engines::{Sqlite, TestEngine};
+use ferry_tests::segment_log::Generator;
+use ferry_tests::{ferry_bin, plugins, tree};
+use serde_json::Value;
+
+/// Runs the kit; its exit status and JSON report.
+fn kit(plugin: &str, shard: &Path, mutate: Option<&str>, cache: &Path) -> (bool, Value) {
+    let mut cmd = Command::new(ferry_bin());
+    cmd.args(["plugin", "test", plugin, "--json", "--shard-dir"]).arg(shard).arg("--cache-dir").arg(cache);
+    if let Some(mutate) = mutate {
+        cmd.args(["--mutate", mutate]);
+    }
+    let out = cmd.output().expect("running ferry plugin test");
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    (out.status.success(), report)
+}
+
+fn outcomes(report: &Value) -> Vec<(String, String, String)> {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["check"].as_str().unwrap().into(), c["outcome"].as_str().unwrap().into(), c["detail"].to_string()))
+        .collect()
+}
+
+/// Every file below `dir` with its bytes.
+fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    tree(dir).into_iter().filter(|p| !p.ends_with('/')).map(|p| (p.clone(), std::fs::read(dir.join(&p)).unwrap())).collect()
+}
+
+fn shardgen() -> PathBuf {
+    ferry_bin().with_file_name("shardgen")
+}
+
+fn segment_log_shard(dir: &Path) {
+    Generator { segment_size: 1 << 20, term: 2, seed: 11 }.create(dir, 3 << 20).unwrap();
+}
+
+#[test]
+fn the_projects_plugins_pass_the_kit_and_their_shards_stay_as_they_were() {
+    let (tmp, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (segments, databases) = (tmp.path().join("segment-log"), tmp.path().join("sqlite"));
+    segment_log_shard(&segments);
+    Sqlite.create(&databases, 2 << 20);
+    let term = format!("{} term \"$FERRY_SHARD_DIR\"", shardgen().display());
+    let insert = "sqlite3 \"$FERRY_SHARD_DIR/users.db\" \"INSERT INTO users VALUES ('kit', 1)\"";
+    for (plugin, dir, mutate) in [(plugins::SEGMENT_LOG, &segments, term.as_str()), (plugins::SQLITE, &databases, insert)] {
+        let before = contents(dir);
+        let (passed, report) = kit(plugin, dir, Some(mutate), cache.path());
+        let checks = outcomes(&report);
+        assert!(passed, "{plugin}: {checks:#?}");
+        assert!(checks.iter().all(|(_, outcome, _)| outcome == "passed"), "{plugin}: {checks:#?}");
+        assert_eq!(checks.len(), 8, "{plugin}: every check ran: {checks:#?}");
+        let hooks: Vec<&str> = report["hooks"].as_array().unwrap().iter().map(|h| h["hook"].as_str().unwrap()).collect();
+        for hook in ["describe", "shard-status", "create-snapshot", "term-check", "validate", "changes-since", "fence", "retire"]
+        {
+            assert!(hooks.contains(&hook), "{plugin}: {hook} not measured: {hooks:?}");
+        }
+        assert!(report["hooks"].as_array().unwrap().iter().all(|h| h["peak_memory"].as_u64().unwrap() > 0));
+        assert!(contents(dir) == before, "{plugin}: the kit changed the sample shard");
+    }
+
+    // Without --mutate that check is skipped, not passed; a missing shard
+    // directory is a usage error.
+    let (passed, report) = kit(plugins::SQLITE, &databases, None, cache.path());
+    assert!(passed);
+    assert!(outcomes(&report).iter().any(|(check, outcome, _)| check.starts_with("term-check") && outcome == "skipped"));
+    let out = Command::new(ferry_bin())
+        .args(["plugin", "test", plugins::SQLITE, "--shard-dir"])
+        .arg(tmp.path().join("nope"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is not a directory"));
+}
+
+#[test]
+fn the_kit_fails_broken_plugins_at_the_check_that_names_the_fault() {
+    let (tmp, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dir = tmp.path().join("shard");
+    segment_log_shard(&dir);
+    let mutants = Path::new(plugins::SEGMENT_LOG).parent().unwrap().join("mutants");
+    for (mutant, failing) in [
+        ("validate-accepts-anything", "validate accepts the snapshot and refuses a damaged one"),
+        ("plan-drops-a-file", "the shard moves between two nodes"),
+        ("read-only-hook-writes", "read-only hooks change nothing and agree"),
+    ] {
+        let plugin = mutants.join(format!("segment-log-{mutant}.wasm"));
+        let (passed, report) = kit(plugin.to_str().unwrap(), &dir, None, cache.path());
+        let checks = outcomes(&report);
+        assert!(!passed, "{mutant} passed the kit: {checks:#?}");
+        let failed: Vec<&(String, String, String)> = checks.iter().filter(|(_, o, _)| o == "failed").collect();
+        assert!(failed.iter().any(|(check, _, _)| check == failing), "{mutant}: {failing:?} did not fail: {checks:#?}");
+        eprintln!("{mutant}: caught by {:?}", failed.iter().map(|(c, _, d)| format!("{c}: {d}")).collect::<Vec<_>>());
+    }
+}
