@@ -159,12 +159,17 @@ impl ArchiveBuilder {
     }
 
     pub fn preamble(self, engine: &str, shard: &str, entries: &[(&str, u64)]) -> Self {
+        self.preamble_of_format(engine, shard, entries, 1)
+    }
+
+    /// A preamble announcing a snapshot of layout `snapshot_format`.
+    pub fn preamble_of_format(self, engine: &str, shard: &str, entries: &[(&str, u64)], snapshot_format: u32) -> Self {
         let preamble = Preamble {
             format: ARCHIVE_FORMAT,
             snapshot_id: "fake".into(),
             engine: engine.into(),
             shard: shard.into(),
-            snapshot_format: 1,
+            snapshot_format,
             meta: meta(),
             entries: entries.iter().map(|(p, s)| EntryInfo { path: RelPath::new(p).unwrap(), size: *s }).collect(),
             skipped: vec![],

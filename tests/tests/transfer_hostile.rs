@@ -87,6 +87,29 @@ async fn hostile_archives_are_refused() {
     assert!(after.iter().all(|p| p.starts_with("data/state/") || p == "data/state/"), "new files: {after:?}");
 }
 
+/// A snapshot of a layout the local plugin does not read (another plugin
+/// version on the source) is refused at its preamble: not a byte written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_another_format_is_refused_before_a_byte_is_written() {
+    let target = TestNode::start("target", NodeOptions::default());
+    let data = vec![7u8; 1 << 20];
+    let archive = ArchiveBuilder::new()
+        .preamble_of_format(ENGINE, SHARD, &[("control", data.len() as u64)], 99)
+        .file("control", &data)
+        .manifest(&[("control", &data)])
+        .end();
+    let (url, server) = fake_source::serve(archive).await;
+    let started = target.start_transfer(ENGINE, SHARD, &url).await.unwrap();
+    let done = target.wait_transfer(&started.id, Duration::from_secs(60)).await;
+    server.abort();
+    assert_eq!(done.state, State::Failed, "{done:?}");
+    let error = done.error.unwrap_or_default();
+    assert!(error.contains("snapshot format 99") && error.contains("plugin version"), "{error}");
+    assert_eq!((done.bytes_done, done.files_done), (0, 0), "bytes were written");
+    assert_eq!(done.attempts, 1, "a format mismatch is not retried");
+    assert!(!target.shard_dir(ENGINE, SHARD).exists());
+}
+
 const GIB8: u64 = 8 << 30;
 
 /// The node's peak resident memory since the last [`reset_peak`], in MiB.

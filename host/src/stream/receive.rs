@@ -162,6 +162,9 @@ impl Held {
 pub struct Destination<'a> {
     pub engine: &'a str,
     pub shard: &'a str,
+    /// The snapshot format the local plugin reads: an archive of another
+    /// is refused at its preamble, before a byte is written.
+    pub snapshot_format: u32,
     /// The staging directory's `data/`.
     pub data_dir: &'a Path,
     pub rate: &'a RateLimiter,
@@ -218,7 +221,7 @@ async fn unpack(
     held: &mut Held,
     writer: &mut FileWriter,
 ) -> Result<(Preamble, Manifest), ReceiveError> {
-    let Destination { engine, shard, data_dir, rate, progress } = *to;
+    let Destination { engine, shard, snapshot_format, data_dir, rate, progress } = *to;
     let transport = TransportWatch::new(reader);
     let broke = transport.failed.clone();
     // An error while reading entries is the network's if the transport
@@ -244,6 +247,13 @@ async fn unpack(
     let preamble: Preamble = read_json(&mut first, PREAMBLE_PATH).await?;
     drop(first);
     let announced = check_preamble(&preamble, engine, shard)?;
+    if preamble.snapshot_format != snapshot_format {
+        return refused(format!(
+            "snapshot format {} is not the one the local {engine} plugin reads ({snapshot_format}): \
+             install the same plugin version on both nodes",
+            preamble.snapshot_format
+        ));
+    }
 
     // A different snapshot than the one we hold files of: start over from zero.
     if held.snapshot_id.as_deref() != Some(preamble.snapshot_id.as_str()) {

@@ -252,6 +252,7 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
                 let to = Destination {
                     engine: &request.engine,
                     shard: &request.shard,
+                    snapshot_format: plugin.info().snapshot_format,
                     data_dir: &data_dir,
                     rate: &shared.rate,
                     progress: &transfer.progress,
@@ -312,13 +313,6 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
     // `receive` verified every checksum against the manifest; the stage is
     // reported for operators.
     let meta = &complete.preamble.meta;
-    if complete.preamble.snapshot_format != plugin.info().snapshot_format {
-        return Err(Ended::Failed(format!(
-            "verifying: snapshot format {} is not the local plugin's {}",
-            complete.preamble.snapshot_format,
-            plugin.info().snapshot_format
-        )));
-    }
 
     // A fuzzy snapshot (written to while it was read) is only a live move's
     // first copy: its rounds, the last under the fence, make it exact, and
