@@ -2,11 +2,11 @@
 //! `ferry` binary, and helpers to make and copy shards.
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use ferry::plugin::{DeltaEntry, DeltaPlan, PlanEntry, SnapshotPlan};
+use ferry::plugin::{DeltaEntry, DeltaPlan, SnapshotPlan};
 
 /// Paths of the guest plugins, built by this crate's build script.
 pub mod plugins {
@@ -38,30 +38,7 @@ pub fn ferry_bin() -> PathBuf {
 /// transfer pipeline would deliver it: inline entries as written, file
 /// entries as the planned byte range.
 pub fn materialize(plan: &SnapshotPlan, src: &Path, dst: &Path) -> anyhow::Result<()> {
-    fs::create_dir_all(dst)?;
-    for entry in &plan.entries {
-        let target = entry.path().join_to(dst);
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        match entry {
-            PlanEntry::Inline { contents, .. } => fs::write(&target, contents)?,
-            PlanEntry::File { path, offset, length } => {
-                let source = path.join_to(src);
-                let mut input = fs::File::open(&source).with_context(|| source.display().to_string())?;
-                let size = input.metadata()?.len();
-                let length = length.unwrap_or(size.saturating_sub(*offset));
-                if offset + length > size {
-                    bail!("{path}: range {offset}+{length} is past its {size} bytes");
-                }
-                input.seek(SeekFrom::Start(*offset))?;
-                let mut output = fs::File::create(&target)?;
-                std::io::copy(&mut input.take(length), &mut output)?;
-                output.flush()?;
-            }
-        }
-    }
-    Ok(())
+    Ok(ferry::conformance::shard::materialize(plan, src, dst)?)
 }
 
 /// Applies what a delta plan names from the shard `src` to the replica `dst`,

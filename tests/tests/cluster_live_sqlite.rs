@@ -125,7 +125,8 @@ async fn a_node_killed_during_a_move_loses_no_acknowledged_write() {
 
         let body = json!({"engine": ENGINE, "shard": "k", "source": names[s], "target": names[t], "kind": "move"});
         let observer = t; // never killed before the transfer is created
-        let started: TransferStatus = cluster.nodes[observer].api().call(Method::POST, "/v1/transfers", Some(&body)).await.unwrap();
+        let started: TransferStatus =
+            cluster.nodes[observer].api().call(Method::POST, "/v1/transfers", Some(&body)).await.unwrap();
         let path = format!("/v1/transfers/{}", started.id);
         let deadline = std::time::Instant::now() + WITHIN;
         loop {
@@ -170,7 +171,11 @@ async fn a_node_killed_during_a_move_loses_no_acknowledged_write() {
         assert_eq!(sqlite3(&db, "PRAGMA integrity_check").trim(), "ok", "{victim}");
         let held = rows(&db);
         let missing: Vec<&u64> = acked.iter().filter(|s| held.binary_search(s).is_err()).collect();
-        assert!(missing.is_empty(), "{victim} killed at {when}: {:?}: acknowledged writes lost: {missing:?}", done.state);
+        assert!(
+            missing.is_empty(),
+            "{victim} killed at {when}: {:?}: acknowledged writes lost: {missing:?}",
+            done.state
+        );
         eprintln!("{victim} killed at {when}: transfer {:?}, {} acknowledged, none lost", done.state, acked.len());
     }
 }

@@ -37,7 +37,11 @@ fn outcomes(report: &Value) -> Vec<(String, String, String)> {
 
 /// Every file below `dir` with its bytes.
 fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    tree(dir).into_iter().filter(|p| !p.ends_with('/')).map(|p| (p.clone(), std::fs::read(dir.join(&p)).unwrap())).collect()
+    tree(dir)
+        .into_iter()
+        .filter(|p| !p.ends_with('/'))
+        .map(|p| (p.clone(), std::fs::read(dir.join(&p)).unwrap()))
+        .collect()
 }
 
 fn shardgen() -> PathBuf {
@@ -56,16 +60,27 @@ fn the_projects_plugins_pass_the_kit_and_their_shards_stay_as_they_were() {
     Sqlite.create(&databases, 2 << 20);
     let term = format!("{} term \"$FERRY_SHARD_DIR\"", shardgen().display());
     let insert = "sqlite3 \"$FERRY_SHARD_DIR/users.db\" \"INSERT INTO users VALUES ('kit', 1)\"";
-    for (plugin, dir, mutate) in [(plugins::SEGMENT_LOG, &segments, term.as_str()), (plugins::SQLITE, &databases, insert)] {
+    for (plugin, dir, mutate) in
+        [(plugins::SEGMENT_LOG, &segments, term.as_str()), (plugins::SQLITE, &databases, insert)]
+    {
         let before = contents(dir);
         let (passed, report) = kit(plugin, dir, Some(mutate), cache.path());
         let checks = outcomes(&report);
         assert!(passed, "{plugin}: {checks:#?}");
         assert!(checks.iter().all(|(_, outcome, _)| outcome == "passed"), "{plugin}: {checks:#?}");
         assert_eq!(checks.len(), 8, "{plugin}: every check ran: {checks:#?}");
-        let hooks: Vec<&str> = report["hooks"].as_array().unwrap().iter().map(|h| h["hook"].as_str().unwrap()).collect();
-        for hook in ["describe", "shard-status", "create-snapshot", "term-check", "validate", "changes-since", "fence", "retire"]
-        {
+        let hooks: Vec<&str> =
+            report["hooks"].as_array().unwrap().iter().map(|h| h["hook"].as_str().unwrap()).collect();
+        for hook in [
+            "describe",
+            "shard-status",
+            "create-snapshot",
+            "term-check",
+            "validate",
+            "changes-since",
+            "fence",
+            "retire",
+        ] {
             assert!(hooks.contains(&hook), "{plugin}: {hook} not measured: {hooks:?}");
         }
         assert!(report["hooks"].as_array().unwrap().iter().all(|h| h["peak_memory"].as_u64().unwrap() > 0));
@@ -76,7 +91,9 @@ fn the_projects_plugins_pass_the_kit_and_their_shards_stay_as_they_were() {
     // directory is a usage error.
     let (passed, report) = kit(plugins::SQLITE, &databases, None, cache.path());
     assert!(passed);
-    assert!(outcomes(&report).iter().any(|(check, outcome, _)| check.starts_with("term-check") && outcome == "skipped"));
+    assert!(
+        outcomes(&report).iter().any(|(check, outcome, _)| check.starts_with("term-check") && outcome == "skipped")
+    );
     let out = Command::new(ferry_bin())
         .args(["plugin", "test", plugins::SQLITE, "--shard-dir"])
         .arg(tmp.path().join("nope"))

@@ -276,7 +276,10 @@ async fn block_diff_rounds_send_only_the_pages_that_changed() {
     let db_size = std::fs::metadata(src.join("main.db")).unwrap().len();
 
     // A few rows changed in a 4 MiB database: a few pages travel.
-    sqlite3(&src.join("main.db"), "UPDATE t SET v = randomblob(1000) WHERE id IN (3, 1000); INSERT INTO t(k, v) VALUES (1, x'00')");
+    sqlite3(
+        &src.join("main.db"),
+        "UPDATE t SET v = randomblob(1000) WHERE id IN (3, 1000); INSERT INTO t(k, v) VALUES (1, x'00')",
+    );
     let since = plugin.shard_status("db", &replica).await.unwrap();
     let first = round(since).await.unwrap();
     assert!(same("main.db") && same("users.db"), "the replica differs from the source");

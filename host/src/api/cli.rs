@@ -258,6 +258,15 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Every member's plugins, by engine: version, contract and BLAKE3 of
+    /// the build each runs, and whether all members run the same.
+    List {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The conformance kit: run a plugin against a sample shard through
     /// Ferry's own code and name every check it fails (exit 1). Works on
     /// copies; DIR is never changed.
@@ -444,6 +453,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugin(PluginCommand::Check { file, runtime, json }) => check(&file, &runtime, json).await,
+        Command::Plugin(PluginCommand::List { node, json }) => plugin_list(&node, json).await,
         Command::Plugin(PluginCommand::Test { file, shard_dir, mutate, repeat, runtime, json }) => {
             conformance_test(file, shard_dir, mutate, repeat, &runtime, json).await
         }
@@ -493,6 +503,7 @@ async fn check(file: &Path, args: &RuntimeArgs, json: bool) -> anyhow::Result<Ex
             "plugin_version": info.plugin_version,
             "snapshot_format": info.snapshot_format,
             "contract": plugin.contract().package(),
+            "hash": plugin.hash(),
             "hooks": hooks,
             "compile_ms": plugin.compile_time().as_millis() as u64,
             "from_cache": plugin.from_cache(),
@@ -505,12 +516,38 @@ async fn check(file: &Path, args: &RuntimeArgs, json: bool) -> anyhow::Result<Ex
         println!("plugin version   {}", info.plugin_version);
         println!("contract         {}", plugin.contract().package());
         println!("snapshot format  {}", info.snapshot_format);
+        println!("blake3           {}", plugin.hash());
         println!("hooks            {}", hooks.join(", "));
         println!(
             "compiled in      {:.1?}{}",
             plugin.compile_time(),
             if plugin.from_cache() { " (from cache)" } else { "" }
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn plugin_list(node: &NodeArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let view: serde_json::Value = node.client()?.call(hyper::Method::GET, "/v1/cluster/plugins", None).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for engine in view["engines"].as_array().into_iter().flatten() {
+        let verdict = if engine["consistent"].as_bool() == Some(true) { "same build everywhere" } else { "DIFFERS" };
+        println!("{}: {verdict}", engine["engine"].as_str().unwrap_or("?"));
+        for (member, p) in engine["members"].as_object().into_iter().flatten() {
+            let hash = p["hash"].as_str().unwrap_or("");
+            println!(
+                "  {member:<20} {:<10} {:<20} {}",
+                p["plugin_version"].as_str().unwrap_or("?"),
+                p["contract"].as_str().unwrap_or("?"),
+                &hash[..hash.len().min(16)]
+            );
+        }
+    }
+    for (member, why) in view["unreachable"].as_object().into_iter().flatten() {
+        println!("unreachable: {member}: {}", why.as_str().unwrap_or(""));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -4,7 +4,8 @@
 //! | method | path | |
 //! | --- | --- | --- |
 //! | GET | `/v1/health` | node id and consensus health (503 when unhealthy) |
-//! | GET | `/v1/plugins` | loaded plugins |
+//! | GET | `/v1/plugins` | loaded plugins (engine, versions, contract, BLAKE3 of the component) |
+//! | GET | `/v1/cluster/plugins` | every member's plugins by engine, and whether all run the same build |
 //! | GET | `/v1/shards` | live replicas on this node |
 //! | GET, POST | `/v1/engines/{engine}/shards/{shard}/snapshot` | stream a snapshot (POST: resume) |
 //! | POST | `/v1/engines/{engine}/shards/{shard}/changes` | stream a catch-up round `{since}` |
@@ -166,6 +167,7 @@ async fn handle(node: &Node, req: Request<Incoming>, info: &ConnInfo) -> Respons
             let (engine, shard) = (engine.to_string(), shard.to_string());
             snapshot(node, &engine, &shard, req).await
         }
+        (&Method::GET, ["v1", "cluster", "plugins"]) => cluster_plugins(node).await,
         (&Method::POST, ["v1", "engines", engine, "shards", shard, "changes"]) => {
             let (engine, shard) = (engine.to_string(), shard.to_string());
             changes(node, &engine, &shard, req).await
@@ -258,20 +260,81 @@ fn health(node: &Node) -> Response<Body> {
 }
 
 fn plugins(node: &Node) -> Response<Body> {
-    let list: Vec<_> = node
-        .plugins
+    json_response(StatusCode::OK, &local_plugins(node))
+}
+
+/// A loaded plugin as `GET /v1/plugins` shows it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct PluginInfo {
+    engine: String,
+    plugin_version: String,
+    snapshot_format: u32,
+    contract: String,
+    /// BLAKE3 of the component: which build it is.
+    hash: String,
+    path: std::path::PathBuf,
+}
+
+fn local_plugins(node: &Node) -> Vec<PluginInfo> {
+    node.plugins
         .iter()
-        .map(|p| {
-            json!({
-                "engine": p.info().name,
-                "plugin_version": p.info().plugin_version,
-                "snapshot_format": p.info().snapshot_format,
-                "contract": p.contract().package(),
-                "path": p.path(),
-            })
+        .map(|p| PluginInfo {
+            engine: p.info().name.clone(),
+            plugin_version: p.info().plugin_version.clone(),
+            snapshot_format: p.info().snapshot_format,
+            contract: p.contract().package().to_owned(),
+            hash: p.hash().to_owned(),
+            path: p.path().to_owned(),
+        })
+        .collect()
+}
+
+/// The plugins of every member, by engine: which build each runs (its
+/// hash), and whether they all run the same. One bounded call per member,
+/// all at once; a member that does not answer is named.
+async fn cluster_plugins(node: &Node) -> Response<Body> {
+    let state = node.consensus.state();
+    let asks = state.members.iter().map(|(id, member)| {
+        let name = member.name.clone();
+        let api = node.peer(&member.addr).timeout(PEER_STATUS_TIMEOUT);
+        let local = (*id == node.consensus.id).then(|| local_plugins(node));
+        async move {
+            let answer = match local {
+                Some(list) => Ok(list),
+                None => api.call::<Vec<PluginInfo>>(Method::GET, "/v1/plugins", None).await.map_err(|e| e.to_string()),
+            };
+            (name, answer)
+        }
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    let mut engines: std::collections::BTreeMap<String, serde_json::Map<String, serde_json::Value>> =
+        std::collections::BTreeMap::new();
+    let mut unreachable = serde_json::Map::new();
+    for (member, answer) in &answers {
+        match answer {
+            Ok(list) => {
+                for p in list {
+                    let row = json!({"plugin_version": p.plugin_version, "hash": p.hash, "contract": p.contract,
+                                     "snapshot_format": p.snapshot_format});
+                    engines.entry(p.engine.clone()).or_default().insert(member.clone(), row);
+                }
+            }
+            Err(why) => {
+                unreachable.insert(member.clone(), json!(why));
+            }
+        }
+    }
+    let rows: Vec<serde_json::Value> = engines
+        .into_iter()
+        .map(|(engine, members)| {
+            let hashes: std::collections::BTreeSet<&str> =
+                members.values().filter_map(|m| m["hash"].as_str()).collect();
+            // Every member answered, has the plugin, and the same build of it.
+            let consistent = hashes.len() == 1 && members.len() == answers.len();
+            json!({"engine": engine, "consistent": consistent, "members": members})
         })
         .collect();
-    json_response(StatusCode::OK, &list)
+    json_response(StatusCode::OK, &json!({"engines": rows, "unreachable": unreachable}))
 }
 
 /// The replica table, from this node's applied state, with node names.

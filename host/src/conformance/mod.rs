@@ -9,7 +9,7 @@
 //! It sits above `api` (it starts nodes and their servers), like the CLI.
 
 mod nodes;
-mod shard;
+pub mod shard;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -302,7 +302,9 @@ impl Kit<'_> {
             let file = dir.join(&largest);
             let done = match damage {
                 "a file missing" => std::fs::remove_file(&file),
-                _ => std::fs::OpenOptions::new().write(true).open(&file).and_then(|f| f.set_len(size.saturating_sub(1))),
+                _ => {
+                    std::fs::OpenOptions::new().write(true).open(&file).and_then(|f| f.set_len(size.saturating_sub(1)))
+                }
             };
             done.map_err(|e| format!("damaging {largest}: {e}"))?;
             match self.call(Hook::Validate, || plugin.validate(SHARD, &dir, &plan.meta)).await {
@@ -349,7 +351,8 @@ impl Kit<'_> {
             use std::os::unix::fs::OpenOptionsExt;
             let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&token);
             let secret = uuid::Uuid::new_v4().simple().to_string();
-            file.and_then(|mut f| f.write_all(secret.as_bytes())).map_err(|e| format!("writing the nodes' token: {e}"))?;
+            file.and_then(|mut f| f.write_all(secret.as_bytes()))
+                .map_err(|e| format!("writing the nodes' token: {e}"))?;
         }
         let runtime = &self.options.runtime;
         let source = nodes::KitNode::start("kit-source", &self.work.join("node-a"), &plugins, &token, runtime)
@@ -461,13 +464,17 @@ impl Kit<'_> {
             Err(e) => return Err(format!("another epoch's unfence failed without `fenced`: {e}")),
         }
         for _ in 0..2 {
-            self.call(Hook::Unfence, || plugin.unfence(SHARD, &dir, EPOCH)).await.map_err(|e| format!("unfence: {e}"))?;
+            self.call(Hook::Unfence, || plugin.unfence(SHARD, &dir, EPOCH))
+                .await
+                .map_err(|e| format!("unfence: {e}"))?;
         }
         self.call(Hook::Fence, || plugin.fence(SHARD, &dir, EPOCH + 2))
             .await
             .map_err(|e| format!("fencing again after the unfence: {e}"))?;
         for _ in 0..2 {
-            self.call(Hook::Retire, || plugin.retire(SHARD, &dir, EPOCH + 2)).await.map_err(|e| format!("retire: {e}"))?;
+            self.call(Hook::Retire, || plugin.retire(SHARD, &dir, EPOCH + 2))
+                .await
+                .map_err(|e| format!("retire: {e}"))?;
         }
         match self.call(Hook::Fence, || plugin.fence(SHARD, &dir, EPOCH + 3)).await {
             Ok(_) => Err("a retired shard took a new fence".into()),
@@ -526,6 +533,10 @@ pub fn render(report: &Report) -> String {
         ));
     }
     let failed = report.checks.iter().filter(|c| matches!(c.outcome, Outcome::Failed(_))).count();
-    out.push_str(&if failed == 0 { "conformance: passed\n".to_owned() } else { format!("conformance: {failed} checks failed\n") });
+    out.push_str(&if failed == 0 {
+        "conformance: passed\n".to_owned()
+    } else {
+        format!("conformance: {failed} checks failed\n")
+    });
     out
 }

@@ -166,7 +166,9 @@ impl Config {
             memory_limit: self.plugin.memory_limit,
             memory_budget: self.plugin.memory_budget,
             max_calls_per_engine: self.plugin.max_calls_per_engine,
-            cache_dir: Some(self.plugin.cache_dir.clone().unwrap_or_else(|| self.data_dir.join("state").join("compiled"))),
+            cache_dir: Some(
+                self.plugin.cache_dir.clone().unwrap_or_else(|| self.data_dir.join("state").join("compiled")),
+            ),
             ..RuntimeConfig::default()
         }
     }

@@ -142,6 +142,8 @@ pub struct Plugin {
     info: Option<EngineInfo>,
     compile_time: Duration,
     cached: bool,
+    /// BLAKE3 of the component's bytes: which build this is.
+    hash: String,
     /// This plugin's call slots.
     calls: Gate,
 }
@@ -162,10 +164,17 @@ impl Plugin {
         pre: Pre,
         compile_time: Duration,
         cached: bool,
+        hash: String,
     ) -> Plugin {
         let slots = shared.config.max_calls_per_engine;
         let calls = Gate::new(slots, Queue::EngineCalls(slots));
-        Plugin { shared, path, contract, pre, info: None, compile_time, cached, calls }
+        Plugin { shared, path, contract, pre, info: None, compile_time, cached, hash, calls }
+    }
+
+    /// BLAKE3 (hex) of the component's bytes: two nodes run the same build
+    /// of a plugin when their hashes agree.
+    pub fn hash(&self) -> &str {
+        &self.hash
     }
 
     pub(super) fn with_info(mut self, info: EngineInfo) -> Plugin {

@@ -257,6 +257,7 @@ impl PluginRuntime {
     pub async fn load_bytes(&self, path: &Path, wasm: Vec<u8>) -> Result<Plugin, LoadError> {
         let fail = |kind| LoadError { path: path.to_owned(), kind };
         check_header(&wasm).map_err(fail)?;
+        let hash = blake3::hash(&wasm).to_hex().to_string();
 
         let started = Instant::now();
         let engine = self.shared.engine.clone();
@@ -281,7 +282,7 @@ impl PluginRuntime {
             ContractVersion::V0_2_0 => Pre::V2(v2::EnginePre::new(instance_pre).map_err(mismatch)?),
         };
 
-        let plugin = Plugin::new(self.shared.clone(), path.to_owned(), contract, pre, compile_time, cached);
+        let plugin = Plugin::new(self.shared.clone(), path.to_owned(), contract, pre, compile_time, cached, hash);
         let info = plugin.probe().await.map_err(fail)?;
         Ok(plugin.with_info(info))
     }

@@ -148,10 +148,13 @@ pub struct RoundRequest<'a> {
 /// round costs the receiver its changes, not its files. Only rounds write
 /// the replica while it is caught up; a round that fails clears it.
 #[derive(Clone, Default)]
-pub struct DigestCache(Arc<std::sync::Mutex<HashMap<BlockFile, (u64, Vec<u128>)>>>);
+pub struct DigestCache(Arc<std::sync::Mutex<Digests>>);
+
+/// A file's length and block digests, by file.
+type Digests = HashMap<BlockFile, (u64, Vec<u128>)>;
 
 impl DigestCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BlockFile, (u64, Vec<u128>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Digests> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 

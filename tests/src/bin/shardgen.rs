@@ -93,7 +93,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Term { dir } => {
             use ferry_tests::engines::TestEngine;
             ferry_tests::engines::SegmentLog.write(&dir);
-            println!("segment-log shard {}: term {}", dir.display(), ferry_tests::segment_log::Control::read(&dir)?.term);
+            println!(
+                "segment-log shard {}: term {}",
+                dir.display(),
+                ferry_tests::segment_log::Control::read(&dir)?.term
+            );
         }
         Cmd::Sqlite { dir, size } => {
             ferry_tests::engines::Sqlite.create(&dir, size);

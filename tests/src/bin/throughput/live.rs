@@ -124,7 +124,8 @@ pub async fn run(args: &LiveArgs) -> anyhow::Result<Vec<LiveResult>> {
             let writer = Running::start(engine, &dirs[from], &dirs[to], args.rate, work.path());
             // Let the application reach its pace before the move starts.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let body = json!({"engine": engine, "shard": "live", "source": names[from], "target": names[to], "kind": "move"});
+            let body =
+                json!({"engine": engine, "shard": "live", "source": names[from], "target": names[to], "kind": "move"});
             let api = cluster.nodes[to].api();
             let started: TransferStatus = api.call(Method::POST, "/v1/transfers", Some(&body)).await?;
             let done = cluster.nodes[to].wait_transfer(&started.id, WITHIN).await;

@@ -170,7 +170,11 @@ async fn main() -> anyhow::Result<()> {
         };
         for result in live::run(&live).await? {
             let name = result.engine.replace('-', "_");
-            figures.push(format!("live_{name}_pause_p50_ms={} live_{name}_pause_max_ms={}", result.p50(), result.max()));
+            figures.push(format!(
+                "live_{name}_pause_p50_ms={} live_{name}_pause_max_ms={}",
+                result.p50(),
+                result.max()
+            ));
         }
         if args.only.is_some() {
             println!("{}", figures.join(" "));
