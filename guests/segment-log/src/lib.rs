@@ -23,20 +23,12 @@
 //! - `fence` / `unfence` / `retire`: rewrite the control file; the fence's
 //!   lock is the writers' lock on `control.lock`.
 
-wit_bindgen::generate!({
-    world: "engine",
-    path: "../../wit/v0.2.0",
-});
-
 use std::fs;
 use std::path::Path;
 
-use exports::ferry::engine::hooks::Guest;
-use exports::ferry::engine::live::Guest as Live;
-use ferry::engine::log::{Level, log};
-use ferry::engine::types::{
-    DeltaEntry, DeltaMeta, DeltaPlan, EngineError, EngineInfo, Entry, FenceInfo, FileEntry, FileLock, InlineEntry,
-    RangeEntry, ShardPosition, SnapshotMeta, SnapshotPlan,
+use ferry_plugin_sdk::{
+    DeltaEntry, DeltaMeta, DeltaPlan, EngineError, EngineInfo, Entry, FenceInfo, FileEntry, FileLock, Hooks,
+    InlineEntry, Level, Live, RangeEntry, SHARD, ShardPosition, SnapshotMeta, SnapshotPlan, io_error, log,
 };
 use segment_log_format::{
     CONTROL_FILE, Control, FormatError, LOCK_FILE, LiveState, ShardState, WRITER_LOCK, check_range, check_shard,
@@ -45,8 +37,6 @@ use segment_log_format::{
 
 /// Most segments one delta plan covers; a longer lag takes several rounds.
 const MAX_DELTA_SEGMENTS: u64 = 1024;
-
-const SHARD: &str = "/shard";
 
 struct SegmentLog;
 
@@ -84,7 +74,7 @@ fn check_meta(control: &Control, meta: &SnapshotMeta) -> Result<(), EngineError>
     Ok(())
 }
 
-impl Guest for SegmentLog {
+impl Hooks for SegmentLog {
     fn describe() -> EngineInfo {
         EngineInfo {
             name: "segment-log".into(),
@@ -209,7 +199,7 @@ fn write_control(control: &Control) -> Result<(), EngineError> {
 }
 
 fn io(name: &str) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
-    move |e| EngineError::Io(format!("{name}: {e}"))
+    move |e| io_error(name, e)
 }
 
 impl Live for SegmentLog {
@@ -404,4 +394,4 @@ fn meta_start(meta: &SnapshotMeta) -> Result<u64, EngineError> {
         .ok_or_else(|| EngineError::Invalid("snapshot meta has no start attribute".into()))
 }
 
-export!(SegmentLog);
+ferry_plugin_sdk::export_engine!(SegmentLog);

@@ -37,26 +37,18 @@
 //!   transaction ("file is not a database") instead of writing into files
 //!   that are about to be removed.
 
-wit_bindgen::generate!({
-    world: "engine",
-    path: "../../wit/v0.2.0",
-});
-
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use exports::ferry::engine::hooks::Guest;
-use exports::ferry::engine::live::Guest as Live;
-use ferry::engine::log::{Level, log};
-use ferry::engine::types::{
+use ferry_plugin_sdk::{
     BlockDiffEntry, DeltaEntry, DeltaMeta, DeltaPlan, EngineError, EngineInfo, Entry, FenceInfo, FileEntry, FileLock,
-    ShardPosition, SnapshotMeta, SnapshotPlan,
+    Hooks, Level, Live, ShardPosition, SnapshotMeta, SnapshotPlan, attribute, invalid, io_error as io, log,
 };
 
 mod wal;
 
-const SHARD: &str = "/shard";
+use ferry_plugin_sdk::SHARD;
 const MAGIC: &[u8; 16] = b"SQLite format 3\0";
 const HEADER: usize = 100;
 const COUNTER_PREFIX: &str = "counter:";
@@ -85,14 +77,6 @@ struct DbHeader {
     /// Page count from the header, when the header vouches for it.
     page_count: Option<u32>,
     wal: bool,
-}
-
-fn io(name: &str, e: std::io::Error) -> EngineError {
-    EngineError::Io(format!("{name}: {e}"))
-}
-
-fn invalid(name: &str, what: impl std::fmt::Display) -> EngineError {
-    EngineError::Invalid(format!("{name}: {what}"))
 }
 
 fn parse_header(name: &str, buf: &[u8]) -> Result<DbHeader, EngineError> {
@@ -212,10 +196,6 @@ fn scan(dir: &Path) -> Result<Vec<Db>, EngineError> {
 
 fn position(dbs: &[Db]) -> u64 {
     dbs.iter().map(Db::position).fold(0, u64::wrapping_add)
-}
-
-fn attribute<'a>(attributes: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
 /// The counters a meta records, by file name.
@@ -356,7 +336,7 @@ fn check_all(dir: &Path, counters: Option<&[(String, u32)]>) -> Result<Vec<Db>, 
     Ok(dbs)
 }
 
-impl Guest for Sqlite {
+impl Hooks for Sqlite {
     fn describe() -> EngineInfo {
         EngineInfo { name: "sqlite".into(), plugin_version: env!("CARGO_PKG_VERSION").into(), snapshot_format: 2 }
     }
@@ -583,4 +563,4 @@ impl Live for Sqlite {
     }
 }
 
-export!(Sqlite);
+ferry_plugin_sdk::export_engine!(Sqlite);
