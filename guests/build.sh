@@ -9,38 +9,8 @@
 #                       (default ~/.local/share/ferry/tools)
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-TOOLS=${FERRY_TOOLS_DIR:-$HOME/.local/share/ferry/tools}
-LLVM_MAJOR=22
-DEB_RUSTC=/usr/bin/rustc
-DEB_CARGO=/usr/bin/cargo
-WASM_LD=/usr/lib/llvm-$LLVM_MAJOR/bin/wasm-ld
-WASI_LIBC=/usr/lib/wasm32-wasi
-LINKER=$TOOLS/bin/wasm-component-ld
-TARGET=wasm32-wasip2
-OUT=$ROOT/target/plugins
-
-missing=()
-[ -x "$DEB_RUSTC" ] && [ -x "$DEB_CARGO" ] || missing+=("Debian rustc-web/cargo-web")
-[ -d /usr/lib/rustlib/src/rust/library/std ] || missing+=("rust-web-src")
-[ -x "$WASM_LD" ] || missing+=("lld-$LLVM_MAJOR")
-[ -f "$WASI_LIBC/crt1-reactor.o" ] || missing+=("wasi-libc")
-[ -x "$LINKER" ] || missing+=("wasm-component-ld in $TOOLS")
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "guests/build.sh: missing ${missing[*]}; run tests/setup.sh first" >&2
-  exit 1
-fi
-
+source "$(dirname "${BASH_SOURCE[0]}")/toolchain.sh"
 cd "$ROOT/guests"   # cargo reads guests/.cargo/config.toml from the cwd
-guest_cargo() {
-  env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WRAPPER -u RUSTC_WORKSPACE_WRAPPER \
-      -u CARGO_BUILD_TARGET -u RUSTUP_TOOLCHAIN -u CARGO_TARGET_DIR -u RUSTDOC \
-    RUSTC="$DEB_RUSTC" RUSTC_BOOTSTRAP=1 \
-    CARGO_TARGET_DIR="$ROOT/target/guests" \
-    CARGO_TARGET_WASM32_WASIP2_LINKER="$LINKER" \
-    CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS="-L native=$WASI_LIBC -C link-arg=--wasm-ld-path=$WASM_LD" \
-    "$DEB_CARGO" "$@"
-}
 
 mkdir -p "$OUT"
 # Mutants of the segment-log plugin, each broken on purpose (a cargo feature),
@@ -54,9 +24,13 @@ for mutant in validate-accepts-anything plan-drops-a-file read-only-hook-writes;
 done
 guest_cargo build --release --locked --quiet
 
-for wasm in "$ROOT/target/guests/$TARGET/release/"*.wasm; do
-  name=$(basename "$wasm" .wasm)
-  engine=${name//_/-}
+# The workspace's plugins only (crates built elsewhere into the same target
+# directory, by build-crate.sh, are not the project's).
+for manifest in "$ROOT"/guests/*/Cargo.toml; do
+  grep -q 'crate-type = \["cdylib"\]' "$manifest" || continue
+  name=$(sed -n 's/^name = "\(.*\)"/\1/p' "$manifest" | head -1)
+  wasm="$ROOT/target/guests/$TARGET/release/${name//-/_}.wasm"
+  engine=$name
   if [ "$(head -c 8 "$wasm" | od -An -tx1 | tr -d ' \n')" != "0061736d0d000100" ]; then
     echo "guests/build.sh: $wasm is not a component" >&2
     exit 1

@@ -122,3 +122,29 @@ fn the_kit_fails_broken_plugins_at_the_check_that_names_the_fault() {
         eprintln!("{mutant}: caught by {:?}", failed.iter().map(|(c, _, d)| format!("{c}: {d}")).collect::<Vec<_>>());
     }
 }
+
+/// `ferry plugin new` writes a plugin crate that builds (with the project's
+/// guest toolchain, `guests/build-crate.sh`) and passes the kit as written,
+/// on its own sample shard, with the `--mutate` its README gives.
+#[test]
+fn a_new_plugin_builds_and_passes_the_kit() {
+    let (tmp, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dir = tmp.path().join("my-files");
+    let out = Command::new(ferry_bin()).args(["plugin", "new", "my-files", "--dir"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/build-crate.sh");
+    let built = Command::new("bash").arg(script).arg(&dir).output().unwrap();
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let wasm = String::from_utf8(built.stdout).unwrap().trim().to_owned();
+    let (passed, report) = kit(&wasm, &dir.join("sample"), Some("rm \"$FERRY_SHARD_DIR/b.log\""), cache.path());
+    let checks = outcomes(&report);
+    assert!(passed && checks.iter().all(|(_, o, _)| o == "passed"), "{checks:#?}");
+    assert_eq!(report["engine"], "my-files");
+
+    // Refusals: the directory exists, a name that is not an engine name.
+    for (args, want) in [(vec!["my-files"], "exists already"), (vec!["My_Files"], "engine name")] {
+        let out =
+            Command::new(ferry_bin()).args(["plugin", "new"]).args(&args).arg("--dir").arg(&dir).output().unwrap();
+        assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(want), "{args:?}");
+    }
+}

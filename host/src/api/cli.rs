@@ -258,6 +258,18 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a new plugin crate to start from: a complete engine for a simple
+    /// format, with the guest SDK and the contract vendored and a sample
+    /// shard for `ferry plugin test`.
+    New {
+        /// The engine's name (1-64 of a-z, 0-9, -).
+        name: String,
+        #[arg(long, default_value = "rust", value_parser = ["rust"])]
+        lang: String,
+        /// Where to write it (default: ./NAME); must not exist.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Every member's plugins, by engine: version, contract and BLAKE3 of
     /// the build each runs, and whether all members run the same.
     List {
@@ -454,6 +466,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Plugin(PluginCommand::Check { file, runtime, json }) => check(&file, &runtime, json).await,
         Command::Plugin(PluginCommand::List { node, json }) => plugin_list(&node, json).await,
+        Command::Plugin(PluginCommand::New { name, lang, dir }) => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            let written = crate::api::new_plugin::write(&name, &lang, &dir)?;
+            println!("plugin {name} written to {}: {}", dir.display(), written.join(", "));
+            println!("build: cd {} && cargo build --release --target wasm32-wasip2 (see README.md)", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plugin(PluginCommand::Test { file, shard_dir, mutate, repeat, runtime, json }) => {
             conformance_test(file, shard_dir, mutate, repeat, &runtime, json).await
         }

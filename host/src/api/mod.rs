@@ -2,5 +2,6 @@
 
 pub mod cli;
 pub mod conn;
+pub mod new_plugin;
 pub mod pki;
 pub mod server;
