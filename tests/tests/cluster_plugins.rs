@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use ferry::transfer::TransferStatus;
 use ferry_tests::node::{NodeOptions, TestCluster};
 use ferry_tests::{ferry_bin, plugins};
 use hyper::Method;
@@ -43,6 +44,18 @@ async fn the_cluster_shows_which_build_of_each_plugin_every_member_runs() {
     assert_eq!(row["members"]["p3"]["hash"], blake3_of(mutant.to_str().unwrap()), "{row}");
     assert_eq!(row["members"]["p1"]["hash"], blake3_of(plugins::SEGMENT_LOG), "{row}");
     assert_eq!(engine(&view, "sqlite")["consistent"], true);
+
+    // A transfer's status names the build its target runs it with.
+    let source = cluster.nodes[0].shard_dir("segment-log", "b");
+    ferry_tests::segment_log::Generator { segment_size: 1 << 20, term: 1, seed: 4 }.create(&source, 2 << 20).unwrap();
+    cluster.wait_replicas("segment-log", "b", serde_json::json!({"p1": "active"}), Duration::from_secs(60)).await;
+    let body =
+        serde_json::json!({"engine": "segment-log", "shard": "b", "source": "p1", "target": "p2", "kind": "replicate"});
+    let started: TransferStatus =
+        cluster.nodes[0].api().call(Method::POST, "/v1/transfers", Some(&body)).await.unwrap();
+    let done = cluster.nodes[1].wait_transfer(&started.id, Duration::from_secs(120)).await;
+    let build = done.plugin.as_ref().unwrap_or_else(|| panic!("no plugin build in {done:?}"));
+    assert_eq!((build.version.as_str(), build.hash.clone()), ("0.1.0", blake3_of(plugins::SEGMENT_LOG)), "{done:?}");
 
     // The operator's view.
     let node = &cluster.nodes[0];

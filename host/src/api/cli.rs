@@ -808,6 +808,9 @@ fn status_line(s: &TransferStatus) -> String {
         let over = if s.pause_over_budget { " OVER BUDGET" } else { "" };
         line.push_str(&format!("  pause_ms {pause}{over}"));
     }
+    if let Some(build) = &s.plugin {
+        line.push_str(&format!("  plugin {} ({})", build.version, &build.hash[..build.hash.len().min(12)]));
+    }
     if let Some(error) = &s.error {
         line.push_str(&format!("\n  error: {error}"));
     }

@@ -829,6 +829,7 @@ fn merge_status(
         pause_ms: None,
         pause_over_budget: false,
         rounds: Vec::new(),
+        plugin: None,
         created_at: record.started_at,
         updated_at: record.updated_at,
     });

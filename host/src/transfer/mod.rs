@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-pub use status::{Stage, State, TransferStatus};
+pub use status::{PluginBuild, Stage, State, TransferStatus};
 pub use task::Transfer;
 
 use crate::http::Client;
@@ -122,9 +122,10 @@ impl TransferManager {
         if let Some(id) = &id {
             check_transfer_id(id).map_err(StartError::Invalid)?;
         }
-        if self.shared.plugins.get(&request.engine).is_none() {
+        let Some(plugin) = self.shared.plugins.get(&request.engine) else {
             return Err(StartError::UnknownEngine(request.engine));
-        }
+        };
+        let build = PluginBuild { version: plugin.info().plugin_version.clone(), hash: plugin.hash().to_owned() };
         crate::http::base_url(&request.source)
             .map_err(|e| StartError::Invalid(format!("source {:?} {e}", crate::http::redacted(&request.source))))?;
         let mut transfers = self.transfers.lock().unwrap_or_else(|e| e.into_inner());
@@ -139,7 +140,7 @@ impl TransferManager {
                 state: status.state,
             });
         }
-        let transfer = Arc::new(Transfer::new(request, id, fencing));
+        let transfer = Arc::new(Transfer::new(request, id, fencing).with_plugin(build));
         transfers.insert(transfer.id.clone(), transfer.clone());
         drop(transfers);
         tokio::spawn(task::run(self.shared.clone(), transfer.clone()));

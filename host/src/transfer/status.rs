@@ -94,7 +94,17 @@ pub struct TransferStatus {
     /// A live move's catch-up rounds (the fenced ones last).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rounds: Vec<crate::consensus::state::RoundRecord>,
+    /// The build of the engine's plugin this node runs the transfer with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<PluginBuild>,
     /// Unix seconds.
     pub created_at: u64,
     pub updated_at: u64,
+}
+
+/// Which build of a plugin: its own version and the BLAKE3 of its component.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PluginBuild {
+    pub version: String,
+    pub hash: String,
 }

@@ -9,7 +9,7 @@ use std::future::Future as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::status::{Stage, State, TransferStatus};
+use super::status::{PluginBuild, Stage, State, TransferStatus};
 use super::{Fencing, Shared, TransferRequest};
 use crate::http::{TRANSFER_EPOCH_HEADER, TRANSFER_ID_HEADER};
 use crate::install::sync::syncfs;
@@ -26,6 +26,8 @@ pub struct Transfer {
     progress: Arc<Progress>,
     inner: Mutex<Inner>,
     done: watch::Sender<bool>,
+    /// The plugin build this node runs it with.
+    plugin: Option<PluginBuild>,
 }
 
 struct Inner {
@@ -73,6 +75,7 @@ impl Transfer {
             fencing,
             cancel: CancellationToken::new(),
             progress: Arc::new(Progress::default()),
+            plugin: None,
             inner: Mutex::new(Inner {
                 state: State::Queued,
                 stage: Stage::Queued,
@@ -112,6 +115,11 @@ impl Transfer {
         let _ = rx.wait_for(|done| *done).await;
     }
 
+    pub fn with_plugin(mut self, build: PluginBuild) -> Transfer {
+        self.plugin = Some(build);
+        self
+    }
+
     pub fn status(&self) -> TransferStatus {
         let inner = self.inner();
         let p = &self.progress;
@@ -148,6 +156,7 @@ impl Transfer {
             pause_ms: None,
             pause_over_budget: false,
             rounds: Vec::new(),
+            plugin: self.plugin.clone(),
             created_at: inner.created_at,
             updated_at: inner.updated_at,
         }
