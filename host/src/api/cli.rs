@@ -270,6 +270,22 @@ pub enum PluginCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Install a plugin build into the running cluster: the node checks it
+    /// and proposes it; every member fetches it by hash, verifies and
+    /// compiles it; it becomes the engine's plugin once all are ready.
+    Install {
+        /// The plugin component (`.wasm`).
+        file: PathBuf,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Wait until every member runs it (at most this many seconds; 0:
+        /// do not wait).
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Every member's plugins, by engine: version, contract and BLAKE3 of
     /// the build each runs, and whether all members run the same.
     List {
@@ -466,6 +482,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Plugin(PluginCommand::Check { file, runtime, json }) => check(&file, &runtime, json).await,
         Command::Plugin(PluginCommand::List { node, json }) => plugin_list(&node, json).await,
+        Command::Plugin(PluginCommand::Install { file, node, wait, json }) => {
+            plugin_install(&file, &node, wait, json).await
+        }
         Command::Plugin(PluginCommand::New { name, lang, dir }) => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
             let written = crate::api::new_plugin::write(&name, &lang, &dir)?;
@@ -544,6 +563,41 @@ async fn check(file: &Path, args: &RuntimeArgs, json: bool) -> anyhow::Result<Ex
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn plugin_install(file: &Path, node: &NodeArgs, wait: u64, json: bool) -> anyhow::Result<ExitCode> {
+    use hyper::Method;
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let api = node.client()?.timeout(Duration::from_secs(120));
+    let rollout: serde_json::Value = api.call_bytes(Method::POST, "/v1/plugins", bytes.into()).await?;
+    let hash = rollout["hash"].as_str().unwrap_or_default().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    let mut view = serde_json::Value::Null;
+    let mut active = false;
+    while wait > 0 {
+        view = api.call(Method::GET, "/v1/cluster/plugins", None).await?;
+        let engines = view["engines"].as_array().cloned().unwrap_or_default();
+        active = engines.iter().any(|e| {
+            e["rollout"]["hash"] == hash.as_str() && e["rollout"]["active"] == true && e["consistent"] == true
+        });
+        if active || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"rollout": rollout, "active": active, "cluster": view}))?
+        );
+    } else if wait == 0 {
+        println!("installed {} build {hash}; rolling out", file.display());
+    } else if active {
+        println!("installed {} build {hash}: active on every member", file.display());
+    } else {
+        println!("installed {} build {hash}: not active on every member within {wait} s", file.display());
+    }
+    Ok(if wait == 0 || active { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 async fn plugin_list(node: &NodeArgs, json: bool) -> anyhow::Result<ExitCode> {

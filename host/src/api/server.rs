@@ -5,6 +5,8 @@
 //! | --- | --- | --- |
 //! | GET | `/v1/health` | node id and consensus health (503 when unhealthy) |
 //! | GET | `/v1/plugins` | loaded plugins (engine, versions, contract, BLAKE3 of the component) |
+//! | POST | `/v1/plugins` | install a plugin build into the cluster (body: the component) |
+//! | GET | `/v1/plugins/blobs/{hash}` | a stored plugin build, for a member rolling it out |
 //! | GET | `/v1/cluster/plugins` | every member's plugins by engine, and whether all run the same build |
 //! | GET | `/v1/shards` | live replicas on this node |
 //! | GET, POST | `/v1/engines/{engine}/shards/{shard}/snapshot` | stream a snapshot (POST: resume) |
@@ -88,7 +90,9 @@ fn need(method: &Method, path: &[&str]) -> Need {
         | (&Method::GET, ["v1", "cluster", "proof"])
         | (_, ["v1", "engines", _, "shards", _, "snapshot" | "changes" | "fence"]) => Need::Scope(Node),
         (&Method::DELETE, ["v1", "cluster", "members", _]) => Need::AdminOrNode,
+        (&Method::GET, ["v1", "plugins", "blobs", _]) => Need::Scope(Node),
         (&Method::POST, ["v1", "cluster", "join" | "leave"])
+        | (&Method::POST, ["v1", "plugins"])
         | (&Method::POST, ["v1", "transfers"])
         | (&Method::DELETE, ["v1", "transfers", _]) => Need::Scope(Admin),
         _ => Need::Scope(Read),
@@ -139,6 +143,22 @@ async fn handle(node: &Node, req: Request<Incoming>, info: &ConnInfo) -> Respons
     match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "health"]) => health(node),
         (&Method::GET, ["v1", "plugins"]) => plugins(node),
+        (&Method::POST, ["v1", "plugins"]) => match read_body(node, req).await {
+            Err(response) => response,
+            Ok(body) if body.is_empty() => bad_request("send the plugin component (.wasm) as the body"),
+            Ok(body) => match crate::node::rollout::install(node, body.to_vec()).await {
+                Ok(rollout) => json_response(StatusCode::OK, &rollout),
+                Err(e) => error_response(StatusCode::BAD_REQUEST, "bad-plugin", e),
+            },
+        },
+        (&Method::GET, ["v1", "plugins", "blobs", hash]) => match crate::node::rollout::read_blob(node, hash) {
+            Some(bytes) => Response::builder()
+                .status(StatusCode::OK)
+                .header(hyper::header::CONTENT_TYPE, "application/wasm")
+                .body(crate::http::full(bytes))
+                .expect("valid response"),
+            None => not_found(format!("no plugin build {hash} here")),
+        },
         (&Method::GET, ["v1", "shards"]) => shards(node),
         (&Method::GET, ["v1", "cluster"]) => json_response(StatusCode::OK, &node.consensus.status()),
         (&Method::GET, ["v1", "cluster", "proof"]) => membership_proof(node, &req),
@@ -331,7 +351,12 @@ async fn cluster_plugins(node: &Node) -> Response<Body> {
                 members.values().filter_map(|m| m["hash"].as_str()).collect();
             // Every member answered, has the plugin, and the same build of it.
             let consistent = hashes.len() == 1 && members.len() == answers.len();
-            json!({"engine": engine, "consistent": consistent, "members": members})
+            let rollout = state.plugins.get(&engine).map(|r| {
+                let ready: Vec<String> =
+                    r.ready.iter().map(|id| state.members.get(id).map_or(id.to_string(), |m| m.name.clone())).collect();
+                json!({"hash": r.hash, "version": r.version, "active": r.active, "ready": ready})
+            });
+            json!({"engine": engine, "consistent": consistent, "members": members, "rollout": rollout})
         })
         .collect();
     json_response(StatusCode::OK, &json!({"engines": rows, "unreachable": unreachable}))
@@ -514,7 +539,7 @@ async fn served_shard(
     shard: &str,
     req: &Request<Incoming>,
 ) -> Result<(Arc<crate::plugin::Plugin>, std::path::PathBuf), Response<Body>> {
-    let Some(plugin) = node.plugins.get(engine).cloned() else {
+    let Some(plugin) = node.plugins.get(engine) else {
         return Err(not_found(format!("no plugin for engine {engine:?} on node {}", node.config.node_id)));
     };
     let dir = node.data.shard(engine, shard).map_err(|e| bad_request(e.to_string()))?;

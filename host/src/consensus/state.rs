@@ -13,7 +13,7 @@
 //! rules can still be aborted or forgotten. Failure reasons are clipped, and
 //! only the last [`MAX_ENDED_TRANSFERS`] ended transfers are kept.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -290,6 +290,22 @@ pub enum Command {
         shard: String,
         node: NodeId,
     },
+    /// A plugin build installed through `node`, which holds its bytes: it
+    /// becomes the engine's rollout (replacing an unfinished one).
+    InstallPlugin {
+        engine: String,
+        /// BLAKE3 (hex) of the component.
+        hash: String,
+        version: String,
+        node: NodeId,
+        now: u64,
+    },
+    /// `node` holds the rollout's build, verified and compiled.
+    PluginReady {
+        engine: String,
+        hash: String,
+        node: NodeId,
+    },
 }
 
 impl Command {
@@ -343,9 +359,40 @@ impl Command {
                 check_reference("engine", engine)?;
                 check_reference("shard", shard)?;
             }
+            Command::InstallPlugin { engine, hash, version, .. } => {
+                check_engine_name(engine)?;
+                check_plugin_hash(hash)?;
+                if version.is_empty() || version.len() > 128 {
+                    return Err(format!("plugin version of {} bytes (1 to 128)", version.len()));
+                }
+            }
+            Command::PluginReady { engine, hash, .. } => {
+                check_reference("engine", engine)?;
+                check_plugin_hash(hash)?;
+            }
         }
         Ok(())
     }
+}
+
+/// A plugin build's name: the BLAKE3 of its component, in lowercase hex.
+pub fn check_plugin_hash(hash: &str) -> Result<(), String> {
+    if hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(format!("plugin hash {:?} is not 64 lowercase hex digits", clip(hash, 80)))
+    }
+}
+
+/// An engine's plugin build rolled out through the cluster: active once
+/// every member holds it ready (and then on members that join later too).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginRollout {
+    pub hash: String,
+    pub version: String,
+    pub ready: BTreeSet<NodeId>,
+    pub active: bool,
+    pub installed_at: u64,
 }
 
 /// What applying a command answers.
@@ -367,9 +414,21 @@ pub struct ClusterState {
     #[serde(with = "shard_map")]
     pub replicas: BTreeMap<ShardKey, BTreeMap<NodeId, ReplicaState>>,
     pub transfers: BTreeMap<String, TransferRecord>,
+    /// Plugin builds installed through the cluster, by engine.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub plugins: BTreeMap<String, PluginRollout>,
 }
 
 impl ClusterState {
+    /// Marks rollouts that every member holds ready as active.
+    fn activate_ready_plugins(&mut self) {
+        for rollout in self.plugins.values_mut() {
+            if !rollout.active && self.members.keys().all(|m| rollout.ready.contains(m)) {
+                rollout.active = true;
+            }
+        }
+    }
+
     pub fn replica(&self, engine: &str, shard: &str, node: NodeId) -> Option<ReplicaState> {
         self.replicas.get(&(engine.to_owned(), shard.to_owned())).and_then(|r| r.get(&node)).copied()
     }
@@ -418,6 +477,8 @@ impl ClusterState {
                     nodes.remove(id);
                 }
                 self.replicas.retain(|_, nodes| !nodes.is_empty());
+                // A member that left no longer holds a rollout back.
+                self.activate_ready_plugins();
             }
             Command::RegisterReplica { engine, shard, node } => {
                 self.member(*node)?;
@@ -549,6 +610,31 @@ impl ClusterState {
                 Some(state) => return Err(format!("replica {engine}/{shard} on node {node} is {state}, not dead")),
                 None => {}
             },
+            Command::InstallPlugin { engine, hash, version, node, now } => {
+                self.member(*node)?;
+                if self.plugins.get(engine).is_none_or(|r| r.hash != *hash) {
+                    let ready = BTreeSet::from([*node]);
+                    let rollout = PluginRollout {
+                        hash: hash.clone(),
+                        version: version.clone(),
+                        ready,
+                        active: false,
+                        installed_at: *now,
+                    };
+                    self.plugins.insert(engine.clone(), rollout);
+                }
+                self.activate_ready_plugins();
+            }
+            Command::PluginReady { engine, hash, node } => {
+                self.member(*node)?;
+                match self.plugins.get_mut(engine) {
+                    Some(rollout) if rollout.hash == *hash => {
+                        rollout.ready.insert(*node);
+                    }
+                    _ => return Err(format!("{engine} build {hash} is not the one being rolled out")),
+                }
+                self.activate_ready_plugins();
+            }
         }
         Ok(())
     }
@@ -728,6 +814,35 @@ mod tests {
             (live.rounds.len(), live.fenced, live.pause_ms, live.pause_budget_ms),
             (2, Some(fence), Some(40), 250)
         );
+    }
+
+    #[test]
+    fn a_plugin_rollout_is_active_once_every_member_holds_it() {
+        let mut s = cluster();
+        let (h1, h2) = ("a".repeat(64), "b".repeat(64));
+        let install = |hash: &str, node| Command::InstallPlugin {
+            engine: "e".into(),
+            hash: hash.into(),
+            version: "2".into(),
+            node: n(node),
+            now: 1,
+        };
+        let ready = |hash: &str, node| Command::PluginReady { engine: "e".into(), hash: hash.into(), node: n(node) };
+        assert!(s.apply(10, &install("NOT-HEX", 1)).error.unwrap().contains("64 lowercase hex"));
+        assert_eq!(s.apply(11, &install(&h1, 1)).error, None);
+        assert_eq!(s.apply(12, &ready(&h1, 2)).error, None);
+        assert!(!s.plugins["e"].active);
+        // A newer install replaces an unfinished rollout; the old build's
+        // readiness no longer counts.
+        assert_eq!(s.apply(13, &install(&h2, 2)).error, None);
+        assert!(s.apply(14, &ready(&h1, 3)).error.unwrap().contains("not the one being rolled out"));
+        assert_eq!(s.apply(15, &ready(&h2, 1)).error, None);
+        assert!(!s.plugins["e"].active);
+        // A member that leaves no longer holds it back.
+        assert_eq!(s.apply(16, &Command::RemoveMember { id: n(3) }).error, None);
+        assert!(s.plugins["e"].active, "{:?}", s.plugins["e"]);
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<ClusterState>(&json).unwrap(), s);
     }
 
     #[test]

@@ -81,9 +81,29 @@ impl ApiClient {
         body: Option<&serde_json::Value>,
         headers: &[(&str, String)],
     ) -> Result<T, CallError> {
+        let body = body.map(|b| Bytes::from(serde_json::to_vec(b).expect("JSON serializes")));
+        self.send(method, path, body, headers).await
+    }
+
+    /// [`call`](Self::call) with a body of raw bytes (a plugin component).
+    pub async fn call_bytes<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<T, CallError> {
+        self.send(method, path, Some(body), &[]).await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        headers: &[(&str, String)],
+    ) -> Result<T, CallError> {
         let url = format!("{}{path}", self.base);
         let transport = |why: String| CallError::Transport(format!("{url}: {why}"));
-        let body = body.map(|b| Bytes::from(serde_json::to_vec(b).expect("JSON serializes")));
         let mut request = super::request(method, &url, &self.token, body).map_err(transport)?;
         for (name, value) in headers {
             let name = hyper::header::HeaderName::from_bytes(name.as_bytes()).map_err(|e| transport(e.to_string()))?;

@@ -47,6 +47,7 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
     loop {
         reconcile(&node);
         crate::node::cutover::reconcile(&node).await;
+        crate::node::rollout::reconcile(&node).await;
         tokio::select! {
             _ = applied.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}

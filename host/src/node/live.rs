@@ -121,7 +121,7 @@ impl<'a> Mover<'a> {
     fn new(node: &'a Node, t: &'a TransferRecord) -> Result<Mover<'a>, String> {
         let state = node.consensus.state();
         let source = state.members.get(&t.source).ok_or("the source is not a member")?.addr.clone();
-        let plugin = node.plugins.get(&t.engine).cloned().ok_or("the plugin is not loaded")?;
+        let plugin = node.plugins.get(&t.engine).ok_or("the plugin is not loaded")?;
         let replica = node.data.shard(&t.engine, &t.shard).map_err(|e| e.to_string())?;
         let scratch = node.data.staging(&t.id).map_err(|e| e.to_string())?.join("round");
         Ok(Mover { node, t, source, replica, scratch, plugin, digests: DigestCache::default() })

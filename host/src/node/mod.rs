@@ -23,6 +23,7 @@ pub mod cutover;
 pub mod fences;
 pub mod live;
 pub mod registrar;
+pub mod rollout;
 
 /// Request bodies being read at once, in bytes, node-wide.
 pub const REQUEST_BODY_BUDGET: usize = 256 << 20;
@@ -55,8 +56,8 @@ pub struct Node {
     pub fences: fences::Fences,
     /// Live moves whose source side this node has settled (unfence, retire).
     pub settled: cutover::Settled,
-    /// Owns the wasmtime engine and its epoch ticker.
-    _runtime: PluginRuntime,
+    /// Owns the wasmtime engine and its epoch ticker; loads installed builds.
+    pub runtime: PluginRuntime,
 }
 
 impl Node {
@@ -147,7 +148,7 @@ impl Node {
             tls,
             request_budget: Arc::new(Semaphore::new(REQUEST_BODY_BUDGET / 1024)),
             rate,
-            _runtime: runtime,
+            runtime,
         })
     }
 

@@ -1,8 +1,10 @@
-//! Engine name → plugin, for every plugin a node has loaded.
+//! Engine name → plugin, for every plugin a node has loaded. A plugin can
+//! be replaced while the node runs (a cluster-wide install): callers get an
+//! `Arc<Plugin>` and keep the build they started with until they let go.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use super::error::{LoadError, LoadErrorKind};
 use super::plugin::Plugin;
@@ -10,7 +12,7 @@ use super::runtime::PluginRuntime;
 
 #[derive(Default)]
 pub struct Registry {
-    plugins: BTreeMap<String, Arc<Plugin>>,
+    plugins: RwLock<BTreeMap<String, Arc<Plugin>>>,
 }
 
 impl Registry {
@@ -28,7 +30,7 @@ impl Registry {
             .filter(|p| p.extension().is_some_and(|ext| ext == "wasm") && p.is_file())
             .collect();
         files.sort();
-        let mut registry = Registry::new();
+        let registry = Registry::new();
         for file in files {
             registry.insert(runtime.load(&file).await?)?;
         }
@@ -36,32 +38,48 @@ impl Registry {
     }
 
     /// Adds a plugin; two plugins of one engine name are refused.
-    pub fn insert(&mut self, plugin: Plugin) -> Result<Arc<Plugin>, LoadError> {
+    pub fn insert(&self, plugin: Plugin) -> Result<Arc<Plugin>, LoadError> {
         let name = plugin.info().name.clone();
-        if let Some(other) = self.plugins.get(&name) {
+        let mut plugins = self.write();
+        if let Some(other) = plugins.get(&name) {
             return Err(LoadError {
                 path: plugin.path().to_owned(),
                 kind: LoadErrorKind::Duplicate { name, other: other.path().to_owned() },
             });
         }
         let plugin = Arc::new(plugin);
-        self.plugins.insert(name, plugin.clone());
+        plugins.insert(name, plugin.clone());
         Ok(plugin)
     }
 
-    pub fn get(&self, engine: &str) -> Option<&Arc<Plugin>> {
-        self.plugins.get(engine)
+    /// Puts `plugin` in the place of its engine's (or adds it); calls under
+    /// way finish on the build they hold.
+    pub fn replace(&self, plugin: Arc<Plugin>) -> Option<Arc<Plugin>> {
+        self.write().insert(plugin.info().name.clone(), plugin)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Plugin>> {
-        self.plugins.values()
+    pub fn get(&self, engine: &str) -> Option<Arc<Plugin>> {
+        self.read().get(engine).cloned()
+    }
+
+    /// Every plugin now, by engine name.
+    pub fn iter(&self) -> std::vec::IntoIter<Arc<Plugin>> {
+        self.read().values().cloned().collect::<Vec<_>>().into_iter()
     }
 
     pub fn len(&self) -> usize {
-        self.plugins.len()
+        self.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.plugins.is_empty()
+        self.read().is_empty()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Plugin>>> {
+        self.plugins.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Plugin>>> {
+        self.plugins.write().unwrap_or_else(|e| e.into_inner())
     }
 }
