@@ -574,7 +574,7 @@ async fn plugin_install(file: &Path, node: &NodeArgs, wait: u64, json: bool) -> 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let mut view = serde_json::Value::Null;
     let mut active = false;
-    while wait > 0 {
+    while wait > 0 && !active {
         view = api.call(Method::GET, "/v1/cluster/plugins", None).await?;
         let engines = view["engines"].as_array().cloned().unwrap_or_default();
         active = engines.iter().any(|e| {
