@@ -423,10 +423,11 @@ impl Hooks for Sqlite {
 impl Live for Sqlite {
     fn changes_since(_shard: String, since: ShardPosition) -> Result<DeltaPlan, EngineError> {
         let dir = Path::new(SHARD);
-        if let Some(Err(epoch)) = fence_marker(dir)? {
+        let marker = fence_marker(dir)?;
+        if let Some(Err(epoch)) = marker {
             return Err(EngineError::Fenced(format!("retired by transfer epoch {epoch}")));
         }
-        let fenced = matches!(fence_marker(dir)?, Some(Ok(_)));
+        let fenced = matches!(marker, Some(Ok(_)));
         let dbs = scan(dir)?;
         let mut entries = Vec::new();
         for db in &dbs {

@@ -55,16 +55,8 @@ impl FileDigests {
     /// Computes the digests of `path` (relative to `root`); a missing file
     /// has none.
     pub fn of(root: &Path, file: &BlockFile) -> io::Result<FileDigests> {
-        let full = file.path.join_to(root);
-        let digests = match File::open(&full) {
-            Ok(f) => {
-                let length = f.metadata()?.len();
-                (length, hash_blocks(&f, length, file.block_size)?)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (0, Vec::new()),
-            Err(e) => return Err(e),
-        };
-        Ok(FileDigests::new(file, digests.0, &digests.1))
+        let (length, digests) = digests_of(root, file)?;
+        Ok(FileDigests::new(file, length, &digests))
     }
 
     pub fn new(file: &BlockFile, length: u64, digests: &[u128]) -> FileDigests {
@@ -96,6 +88,19 @@ impl FileDigests {
             ));
         }
         Ok(digests)
+    }
+}
+
+/// The length of `file` (relative to `root`) and the digest of each of its
+/// blocks; a missing file has none.
+pub fn digests_of(root: &Path, file: &BlockFile) -> io::Result<(u64, Vec<u128>)> {
+    match File::open(file.path.join_to(root)) {
+        Ok(f) => {
+            let length = f.metadata()?.len();
+            Ok((length, hash_blocks(&f, length, file.block_size)?))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((0, Vec::new())),
+        Err(e) => Err(e),
     }
 }
 

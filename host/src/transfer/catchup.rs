@@ -167,10 +167,9 @@ impl DigestCache {
             let (length, digests) = match cached {
                 Some(found) => found,
                 None => {
-                    let fresh = FileDigests::of(replica, file)?;
-                    let digests = fresh.decode().map_err(io::Error::other)?;
-                    self.lock().insert(file.clone(), (fresh.length, digests.clone()));
-                    (fresh.length, digests)
+                    let fresh = blockdiff::digests_of(replica, file)?;
+                    self.lock().insert(file.clone(), fresh.clone());
+                    fresh
                 }
             };
             total += digests.len() * blockdiff::DIGEST_BYTES;
