@@ -46,7 +46,9 @@ pub async fn install(node: &Node, wasm: Vec<u8>) -> Result<PluginRollout, String
         node: me,
         now: super::conductor::unix_now(),
     };
-    node.consensus.propose(command).await.map_err(|e| format!("proposing the install: {e}"))?;
+    let applied = node.consensus.propose(command).await.map_err(|e| format!("proposing the install: {e}"))?;
+    // Committed by the leader; this node answers from its own state.
+    node.consensus.wait_applied(applied.index, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
     tracing::info!(%engine, %hash, "plugin build installed; rolling out");
     node.consensus.state().plugins.get(&engine).cloned().ok_or_else(|| "the rollout vanished".to_owned())
 }
