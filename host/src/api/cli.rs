@@ -278,11 +278,42 @@ pub enum PluginCommand {
         file: PathBuf,
         #[command(flatten)]
         node: NodeArgs,
+        /// A new build of an engine that already has a plugin (without it,
+        /// a build whose engine name is taken is refused).
+        #[arg(long)]
+        upgrade: bool,
         /// Wait until every member runs it (at most this many seconds; 0:
         /// do not wait).
         #[arg(long, default_value_t = 120)]
         wait: u64,
         /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Roll an installed build out again (a roll back to an earlier
+    /// version): new transfers use it once every member holds it; running
+    /// ones finish on the build they started with.
+    Activate {
+        engine: String,
+        /// BLAKE3 of the build (`ferry plugin list` shows the installed ones;
+        /// a unique prefix of at least 8 digits is enough).
+        hash: String,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Wait until every member runs it (seconds; 0: do not wait).
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget an installed build: refused while it is active or a live
+    /// transfer is pinned to it; every member deletes its bytes.
+    Remove {
+        engine: String,
+        /// BLAKE3 of the build (or a unique prefix of at least 8 digits).
+        hash: String,
+        #[command(flatten)]
+        node: NodeArgs,
         #[arg(long)]
         json: bool,
     },
@@ -482,8 +513,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Plugin(PluginCommand::Check { file, runtime, json }) => check(&file, &runtime, json).await,
         Command::Plugin(PluginCommand::List { node, json }) => plugin_list(&node, json).await,
-        Command::Plugin(PluginCommand::Install { file, node, wait, json }) => {
-            plugin_install(&file, &node, wait, json).await
+        Command::Plugin(PluginCommand::Install { file, node, upgrade, wait, json }) => {
+            plugin_install(&file, &node, upgrade, wait, json).await
+        }
+        Command::Plugin(PluginCommand::Activate { engine, hash, node, wait, json }) => {
+            plugin_activate(&engine, &hash, &node, wait, json).await
+        }
+        Command::Plugin(PluginCommand::Remove { engine, hash, node, json }) => {
+            plugin_remove(&engine, &hash, &node, json).await
         }
         Command::Plugin(PluginCommand::New { name, lang, dir }) => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
@@ -565,37 +602,114 @@ async fn check(file: &Path, args: &RuntimeArgs, json: bool) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-async fn plugin_install(file: &Path, node: &NodeArgs, wait: u64, json: bool) -> anyhow::Result<ExitCode> {
+async fn plugin_install(
+    file: &Path,
+    node: &NodeArgs,
+    upgrade: bool,
+    wait: u64,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     use hyper::Method;
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let api = node.client()?.timeout(Duration::from_secs(120));
-    let rollout: serde_json::Value = api.call_bytes(Method::POST, "/v1/plugins", bytes.into()).await?;
-    let hash = rollout["hash"].as_str().unwrap_or_default().to_owned();
+    let path = if upgrade { "/v1/plugins?upgrade" } else { "/v1/plugins" };
+    let installed: serde_json::Value = api.call_bytes(Method::POST, path, bytes.into()).await?;
+    let hash = installed["hash"].as_str().unwrap_or_default().to_owned();
+    let (active, view) = wait_active(&api, &hash, wait).await?;
+    let what = format!("installed {} build {hash}", file.display());
+    report_rollout(
+        &what,
+        serde_json::json!({"installed": installed, "active": active, "cluster": view}),
+        active,
+        wait,
+        json,
+    )
+}
+
+async fn plugin_activate(engine: &str, hash: &str, node: &NodeArgs, wait: u64, json: bool) -> anyhow::Result<ExitCode> {
+    let api = node.client()?.timeout(Duration::from_secs(60));
+    let hash = full_hash(&api, engine, hash).await?;
+    let path = format!("/v1/plugins/{engine}/activate");
+    let plugins: serde_json::Value =
+        api.call(hyper::Method::POST, &path, Some(&serde_json::json!({"hash": hash}))).await?;
+    let (active, view) = wait_active(&api, &hash, wait).await?;
+    let what = format!("activated {engine} build {hash}");
+    report_rollout(
+        &what,
+        serde_json::json!({"plugins": plugins, "active": active, "cluster": view}),
+        active,
+        wait,
+        json,
+    )
+}
+
+async fn plugin_remove(engine: &str, hash: &str, node: &NodeArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let api = node.client()?.timeout(Duration::from_secs(60));
+    let hash = full_hash(&api, engine, hash).await?;
+    let plugins: serde_json::Value =
+        api.call(hyper::Method::DELETE, &format!("/v1/plugins/{engine}/{hash}"), None).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plugins)?);
+    } else {
+        println!("removed {engine} build {hash}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The installed build of `engine` whose BLAKE3 starts with `prefix`.
+async fn full_hash(api: &crate::http::ApiClient, engine: &str, prefix: &str) -> anyhow::Result<String> {
+    if prefix.len() == 64 {
+        return Ok(prefix.to_owned());
+    }
+    anyhow::ensure!(prefix.len() >= 8, "give at least 8 digits of the build's BLAKE3");
+    let view: serde_json::Value = api.call(hyper::Method::GET, "/v1/cluster/plugins", None).await?;
+    let builds: Vec<String> = view["engines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["engine"] == engine)
+        .flat_map(|e| e["builds"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| b["hash"].as_str().map(str::to_owned))
+        .filter(|h| h.starts_with(prefix))
+        .collect();
+    match builds.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("{engine} has no installed build whose BLAKE3 starts with {prefix}"),
+        _ => bail!("{prefix} names {} builds of {engine}: give more digits", builds.len()),
+    }
+}
+
+/// Polls until `hash` is its engine's active build on every member (at most
+/// `wait` seconds); whether it is, and the last view.
+async fn wait_active(api: &crate::http::ApiClient, hash: &str, wait: u64) -> anyhow::Result<(bool, serde_json::Value)> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let mut view = serde_json::Value::Null;
-    let mut active = false;
-    while wait > 0 && !active {
-        view = api.call(Method::GET, "/v1/cluster/plugins", None).await?;
+    while wait > 0 {
+        view = api.call(hyper::Method::GET, "/v1/cluster/plugins", None).await?;
         let engines = view["engines"].as_array().cloned().unwrap_or_default();
-        active = engines.iter().any(|e| {
-            e["rollout"]["hash"] == hash.as_str() && e["rollout"]["active"] == true && e["consistent"] == true
-        });
-        if active || tokio::time::Instant::now() >= deadline {
+        let active = engines
+            .iter()
+            .any(|e| e["rollout"]["hash"] == hash && e["rollout"]["active"] == true && e["consistent"] == true);
+        if active {
+            return Ok((true, view));
+        }
+        if tokio::time::Instant::now() >= deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    Ok((false, view))
+}
+
+fn report_rollout(what: &str, out: serde_json::Value, active: bool, wait: u64, json: bool) -> anyhow::Result<ExitCode> {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"rollout": rollout, "active": active, "cluster": view}))?
-        );
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else if wait == 0 {
-        println!("installed {} build {hash}; rolling out", file.display());
+        println!("{what}; rolling out");
     } else if active {
-        println!("installed {} build {hash}: active on every member", file.display());
+        println!("{what}: active on every member");
     } else {
-        println!("installed {} build {hash}: not active on every member within {wait} s", file.display());
+        println!("{what}: not active on every member within {wait} s");
     }
     Ok(if wait == 0 || active { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
@@ -615,6 +729,28 @@ async fn plugin_list(node: &NodeArgs, json: bool) -> anyhow::Result<ExitCode> {
                 "  {member:<20} {:<10} {:<20} {}",
                 p["plugin_version"].as_str().unwrap_or("?"),
                 p["contract"].as_str().unwrap_or("?"),
+                &hash[..hash.len().min(16)]
+            );
+        }
+        for build in engine["builds"].as_array().into_iter().flatten() {
+            let hash = build["hash"].as_str().unwrap_or("");
+            let role = match (build["active"].as_bool(), build["rolling"].as_bool()) {
+                (Some(true), _) => "active",
+                (_, Some(true)) => "rolling out",
+                _ => "installed",
+            };
+            let ready = build["ready"].as_array().map_or(0, Vec::len);
+            println!(
+                "  build {} {:<10} {role:<12} ready on {ready}",
+                &hash[..hash.len().min(16)],
+                build["version"].as_str().unwrap_or("?")
+            );
+        }
+        for pin in engine["pinned"].as_array().into_iter().flatten() {
+            let hash = pin["hash"].as_str().unwrap_or("");
+            println!(
+                "  transfer {} pinned to {}",
+                pin["transfer"].as_str().unwrap_or("?"),
                 &hash[..hash.len().min(16)]
             );
         }

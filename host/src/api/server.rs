@@ -5,7 +5,9 @@
 //! | --- | --- | --- |
 //! | GET | `/v1/health` | node id and consensus health (503 when unhealthy) |
 //! | GET | `/v1/plugins` | loaded plugins (engine, versions, contract, BLAKE3 of the component) |
-//! | POST | `/v1/plugins` | install a plugin build into the cluster (body: the component) |
+//! | POST | `/v1/plugins[?upgrade]` | install a plugin build into the cluster (body: the component); a build of an engine that has a plugin needs `upgrade` |
+//! | POST | `/v1/plugins/{engine}/activate` | roll an installed build out again (`{"hash"}`): a roll back |
+//! | DELETE | `/v1/plugins/{engine}/{hash}` | forget an installed build that is not active and no live transfer uses |
 //! | GET | `/v1/plugins/blobs/{hash}` | a stored plugin build, for a member rolling it out |
 //! | GET | `/v1/cluster/plugins` | every member's plugins by engine, and whether all run the same build |
 //! | GET | `/v1/shards` | live replicas on this node |
@@ -37,8 +39,8 @@ use crate::consensus::state::{Applied, Command, ReplicaState, TransferKind, Tran
 use crate::consensus::{ConsensusError, JoinRequest, NotLeaderOr, TypeConfig};
 use crate::http::{Body, SNAPSHOT_ID_HEADER, TRANSFER_EPOCH_HEADER, TRANSFER_ID_HEADER, error_response, json_response};
 use crate::install::layout::check_shard_id;
-use crate::node::Node;
 use crate::node::credentials::{Grant, Scope};
+use crate::node::{Node, rollout};
 use crate::plugin::ShardPosition;
 use crate::stream::client::{ChangesAnswer, ChangesRequest};
 use crate::stream::source::{self, StreamContext};
@@ -93,6 +95,8 @@ fn need(method: &Method, path: &[&str]) -> Need {
         (&Method::GET, ["v1", "plugins", "blobs", _]) => Need::Scope(Node),
         (&Method::POST, ["v1", "cluster", "join" | "leave"])
         | (&Method::POST, ["v1", "plugins"])
+        | (&Method::POST, ["v1", "plugins", _, "activate"])
+        | (&Method::DELETE, ["v1", "plugins", _, _])
         | (&Method::POST, ["v1", "transfers"])
         | (&Method::DELETE, ["v1", "transfers", _]) => Need::Scope(Admin),
         _ => Need::Scope(Read),
@@ -143,15 +147,43 @@ async fn handle(node: &Node, req: Request<Incoming>, info: &ConnInfo) -> Respons
     match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "health"]) => health(node),
         (&Method::GET, ["v1", "plugins"]) => plugins(node),
-        (&Method::POST, ["v1", "plugins"]) => match read_body(node, req).await {
+        (&Method::POST, ["v1", "plugins"]) => match {
+            let req_query = req.uri().query().unwrap_or("").to_owned();
+            read_body(node, req).await.map(|body| (body, req_query))
+        } {
             Err(response) => response,
-            Ok(body) if body.is_empty() => bad_request("send the plugin component (.wasm) as the body"),
-            Ok(body) => match crate::node::rollout::install(node, body.to_vec()).await {
-                Ok(rollout) => json_response(StatusCode::OK, &rollout),
-                Err(e) => error_response(StatusCode::BAD_REQUEST, "bad-plugin", e),
-            },
+            Ok((body, _)) if body.is_empty() => bad_request("send the plugin component (.wasm) as the body"),
+            Ok((body, req_query)) => {
+                let upgrade = query_flag(&req_query, "upgrade");
+                let how = if upgrade { rollout::Install::Upgrade } else { rollout::Install::New };
+                match rollout::install(node, body.to_vec(), how).await {
+                    Ok(builds) => json_response(StatusCode::OK, &builds),
+                    Err(e) if e.contains("collides") => error_response(StatusCode::CONFLICT, "engine-taken", e),
+                    Err(e) => error_response(StatusCode::BAD_REQUEST, "bad-plugin", e),
+                }
+            }
         },
-        (&Method::GET, ["v1", "plugins", "blobs", hash]) => match crate::node::rollout::read_blob(node, hash) {
+        (&Method::POST, ["v1", "plugins", engine, "activate"]) => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Body {
+                hash: String,
+            }
+            let engine = engine.to_string();
+            match read_json::<Body>(node, req).await {
+                Ok(Some(body)) => {
+                    let command = Command::ActivatePlugin { engine: engine.clone(), hash: body.hash };
+                    plugin_change(node, &engine, command).await
+                }
+                Ok(None) => bad_request("expected {\"hash\": \"<BLAKE3 of an installed build>\"}"),
+                Err(response) => response,
+            }
+        }
+        (&Method::DELETE, ["v1", "plugins", engine, hash]) => {
+            let command = Command::RemovePlugin { engine: engine.to_string(), hash: hash.to_string() };
+            plugin_change(node, engine, command).await
+        }
+        (&Method::GET, ["v1", "plugins", "blobs", hash]) => match rollout::read_blob(node, hash) {
             Some(bytes) => Response::builder()
                 .status(StatusCode::OK)
                 .header(hyper::header::CONTENT_TYPE, "application/wasm")
@@ -283,6 +315,20 @@ fn plugins(node: &Node) -> Response<Body> {
     json_response(StatusCode::OK, &local_plugins(node))
 }
 
+/// Whether `?name` or `?name=true|1` is in the query.
+fn query_flag(query: &str, name: &str) -> bool {
+    query.split('&').any(|kv| kv == name || kv == format!("{name}=true") || kv == format!("{name}=1"))
+}
+
+/// An activate or remove: the engine's builds once this node applied it, or
+/// 409 with the state's reason.
+async fn plugin_change(node: &Node, engine: &str, command: Command) -> Response<Body> {
+    match rollout::change(node, engine, command).await {
+        Ok(builds) => json_response(StatusCode::OK, &builds.unwrap_or_default()),
+        Err(e) => error_response(StatusCode::CONFLICT, "refused", e),
+    }
+}
+
 /// A loaded plugin as `GET /v1/plugins` shows it.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct PluginInfo {
@@ -351,12 +397,37 @@ async fn cluster_plugins(node: &Node) -> Response<Body> {
                 members.values().filter_map(|m| m["hash"].as_str()).collect();
             // Every member answered, has the plugin, and the same build of it.
             let consistent = hashes.len() == 1 && members.len() == answers.len();
-            let rollout = state.plugins.get(&engine).map(|r| {
-                let ready: Vec<String> =
-                    r.ready.iter().map(|id| state.members.get(id).map_or(id.to_string(), |m| m.name.clone())).collect();
-                json!({"hash": r.hash, "version": r.version, "active": r.active, "ready": ready})
+            let names = |ready: &std::collections::BTreeSet<u64>| -> Vec<String> {
+                ready.iter().map(|id| state.members.get(id).map_or(id.to_string(), |m| m.name.clone())).collect()
+            };
+            let installed = state.plugins.get(&engine);
+            // The build asked for last (being rolled out, or active).
+            let rollout = installed.and_then(|p| {
+                let hash = p.wanted()?;
+                let build = p.builds.get(hash)?;
+                Some(json!({"hash": hash, "version": build.version, "active": p.active.as_ref() == Some(hash),
+                            "ready": names(&build.ready)}))
             });
-            json!({"engine": engine, "consistent": consistent, "members": members, "rollout": rollout})
+            let builds: Vec<serde_json::Value> = installed
+                .map(|p| {
+                    p.builds
+                        .iter()
+                        .map(|(hash, b)| {
+                            json!({"hash": hash, "version": b.version, "ready": names(&b.ready),
+                                   "installed_at": b.installed_at, "active": p.active.as_ref() == Some(hash),
+                                   "rolling": p.rolling.as_ref() == Some(hash)})
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let pinned: Vec<serde_json::Value> = state
+                .transfers
+                .values()
+                .filter(|t| t.engine == engine && t.stage.is_live() && t.plugin.is_some())
+                .map(|t| json!({"transfer": t.id, "hash": t.plugin}))
+                .collect();
+            json!({"engine": engine, "consistent": consistent, "members": members, "rollout": rollout,
+                   "builds": builds, "pinned": pinned})
         })
         .collect();
     json_response(StatusCode::OK, &json!({"engines": rows, "unreachable": unreachable}))
@@ -539,14 +610,18 @@ async fn served_shard(
     shard: &str,
     req: &Request<Incoming>,
 ) -> Result<(Arc<crate::plugin::Plugin>, std::path::PathBuf), Response<Body>> {
-    let Some(plugin) = node.plugins.get(engine) else {
+    if node.plugins.get(engine).is_none() {
         return Err(not_found(format!("no plugin for engine {engine:?} on node {}", node.config.node_id)));
-    };
+    }
     let dir = node.data.shard(engine, shard).map_err(|e| bad_request(e.to_string()))?;
     if !dir.is_dir() {
         return Err(not_found(format!("no shard {engine}/{shard} on node {}", node.config.node_id)));
     }
     check_fencing(node, engine, shard, req).await?;
+    // The build the shard's live transfer is pinned to, on this end too.
+    let plugin = rollout::for_shard(node, engine, shard)
+        .await
+        .map_err(|e| error_response(StatusCode::SERVICE_UNAVAILABLE, "plugin", e))?;
     Ok((plugin, dir))
 }
 

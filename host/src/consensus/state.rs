@@ -180,6 +180,11 @@ pub struct TransferRecord {
     /// engines); absent for a snapshot-only transfer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<LiveProgress>,
+    /// The plugin build (BLAKE3) the transfer runs with on both ends: the
+    /// engine's active build when it started. None: no build was installed
+    /// through the cluster, and each end uses its own plugins directory's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<String>,
 }
 
 /// Most catch-up rounds a record keeps (the conductor stops long before).
@@ -300,11 +305,23 @@ pub enum Command {
         node: NodeId,
         now: u64,
     },
-    /// `node` holds the rollout's build, verified and compiled.
+    /// `node` holds an installed build, verified and compiled.
     PluginReady {
         engine: String,
         hash: String,
         node: NodeId,
+    },
+    /// Rolls an installed build out again (a roll back to an earlier one):
+    /// active once every member holds it.
+    ActivatePlugin {
+        engine: String,
+        hash: String,
+    },
+    /// Forgets an installed build that is neither active nor pinned by a live
+    /// transfer; members delete its bytes.
+    RemovePlugin {
+        engine: String,
+        hash: String,
     },
 }
 
@@ -366,7 +383,9 @@ impl Command {
                     return Err(format!("plugin version of {} bytes (1 to 128)", version.len()));
                 }
             }
-            Command::PluginReady { engine, hash, .. } => {
+            Command::PluginReady { engine, hash, .. }
+            | Command::ActivatePlugin { engine, hash }
+            | Command::RemovePlugin { engine, hash } => {
                 check_reference("engine", engine)?;
                 check_plugin_hash(hash)?;
             }
@@ -384,15 +403,72 @@ pub fn check_plugin_hash(hash: &str) -> Result<(), String> {
     }
 }
 
-/// An engine's plugin build rolled out through the cluster: active once
-/// every member holds it ready (and then on members that join later too).
+/// An engine's plugin builds installed through the cluster. New transfers
+/// use `active`; a transfer keeps the build it started with (its record's
+/// `plugin`) to its end, so a build stays until no live transfer holds it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EnginePlugins {
+    /// Every build installed and not removed, by BLAKE3.
+    pub builds: BTreeMap<String, PluginBuild>,
+    /// The build new transfers of the engine use (none yet: each member's
+    /// own, from its plugins directory).
+    pub active: Option<String>,
+    /// The build being rolled out: active once every member holds it ready
+    /// (an install, or an `activate` of an older build: a roll back).
+    pub rolling: Option<String>,
+}
+
+/// One installed build of an engine's plugin.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PluginRollout {
-    pub hash: String,
+pub struct PluginBuild {
     pub version: String,
+    /// Members that hold it verified and compiled.
     pub ready: BTreeSet<NodeId>,
-    pub active: bool,
     pub installed_at: u64,
+}
+
+impl EnginePlugins {
+    /// The build an operator asked for last: the one being rolled out, else
+    /// the active one.
+    pub fn wanted(&self) -> Option<&String> {
+        self.rolling.as_ref().or(self.active.as_ref())
+    }
+}
+
+/// States written before builds were kept per engine held one rollout
+/// (`hash`, `version`, `ready`, `active: bool`); they still load.
+impl<'de> Deserialize<'de> for EnginePlugins {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Current {
+            builds: BTreeMap<String, PluginBuild>,
+            active: Option<String>,
+            rolling: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct OneRollout {
+            hash: String,
+            version: String,
+            ready: BTreeSet<NodeId>,
+            active: bool,
+            installed_at: u64,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Current(Current),
+            OneRollout(OneRollout),
+        }
+        Ok(match Form::deserialize(d)? {
+            Form::Current(c) => EnginePlugins { builds: c.builds, active: c.active, rolling: c.rolling },
+            Form::OneRollout(r) => {
+                let build = PluginBuild { version: r.version, ready: r.ready, installed_at: r.installed_at };
+                let (active, rolling) =
+                    if r.active { (Some(r.hash.clone()), None) } else { (None, Some(r.hash.clone())) };
+                EnginePlugins { builds: BTreeMap::from([(r.hash, build)]), active, rolling }
+            }
+        })
+    }
 }
 
 /// What applying a command answers.
@@ -416,17 +492,26 @@ pub struct ClusterState {
     pub transfers: BTreeMap<String, TransferRecord>,
     /// Plugin builds installed through the cluster, by engine.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub plugins: BTreeMap<String, PluginRollout>,
+    pub plugins: BTreeMap<String, EnginePlugins>,
 }
 
 impl ClusterState {
-    /// Marks rollouts that every member holds ready as active.
+    /// Makes each build being rolled out that every member holds ready the
+    /// engine's active build.
     fn activate_ready_plugins(&mut self) {
-        for rollout in self.plugins.values_mut() {
-            if !rollout.active && self.members.keys().all(|m| rollout.ready.contains(m)) {
-                rollout.active = true;
+        for engine in self.plugins.values_mut() {
+            let Some(hash) = engine.rolling.clone() else { continue };
+            let ready = engine.builds.get(&hash).is_some_and(|b| self.members.keys().all(|m| b.ready.contains(m)));
+            if ready {
+                engine.active = Some(hash);
+                engine.rolling = None;
             }
         }
+    }
+
+    /// The build a transfer of `engine` starting now is pinned to.
+    pub fn active_plugin(&self, engine: &str) -> Option<&String> {
+        self.plugins.get(engine).and_then(|p| p.active.as_ref())
     }
 
     pub fn replica(&self, engine: &str, shard: &str, node: NodeId) -> Option<ReplicaState> {
@@ -529,6 +614,7 @@ impl ClusterState {
                         updated_at: *now,
                         failure: None,
                         live: None,
+                        plugin: self.plugins.get(engine).and_then(|p| p.active.clone()),
                     },
                 );
             }
@@ -612,28 +698,55 @@ impl ClusterState {
             },
             Command::InstallPlugin { engine, hash, version, node, now } => {
                 self.member(*node)?;
-                if self.plugins.get(engine).is_none_or(|r| r.hash != *hash) {
-                    let ready = BTreeSet::from([*node]);
-                    let rollout = PluginRollout {
-                        hash: hash.clone(),
-                        version: version.clone(),
-                        ready,
-                        active: false,
-                        installed_at: *now,
-                    };
-                    self.plugins.insert(engine.clone(), rollout);
-                }
+                let plugins = self.plugins.entry(engine.clone()).or_default();
+                let build = plugins.builds.entry(hash.clone()).or_insert_with(|| PluginBuild {
+                    version: version.clone(),
+                    ready: BTreeSet::new(),
+                    installed_at: *now,
+                });
+                build.ready.insert(*node);
+                // A newer install replaces an unfinished rollout.
+                plugins.rolling = (plugins.active.as_ref() != Some(hash)).then(|| hash.clone());
                 self.activate_ready_plugins();
             }
             Command::PluginReady { engine, hash, node } => {
                 self.member(*node)?;
-                match self.plugins.get_mut(engine) {
-                    Some(rollout) if rollout.hash == *hash => {
-                        rollout.ready.insert(*node);
+                match self.plugins.get_mut(engine).and_then(|p| p.builds.get_mut(hash)) {
+                    Some(build) => {
+                        build.ready.insert(*node);
                     }
-                    _ => return Err(format!("{engine} build {hash} is not the one being rolled out")),
+                    None => return Err(format!("{engine} has no installed build {hash}")),
                 }
                 self.activate_ready_plugins();
+            }
+            Command::ActivatePlugin { engine, hash } => {
+                let plugins = self.plugins.get_mut(engine).ok_or_else(|| format!("no installed builds of {engine}"))?;
+                if !plugins.builds.contains_key(hash) {
+                    return Err(format!("{engine} has no installed build {hash}"));
+                }
+                plugins.rolling = (plugins.active.as_ref() != Some(hash)).then(|| hash.clone());
+                self.activate_ready_plugins();
+            }
+            Command::RemovePlugin { engine, hash } => {
+                let plugins = self.plugins.get(engine).ok_or_else(|| format!("no installed builds of {engine}"))?;
+                if !plugins.builds.contains_key(hash) {
+                    return Err(format!("{engine} has no installed build {hash}"));
+                }
+                if plugins.active.as_ref() == Some(hash) {
+                    return Err(format!("{engine} build {hash} is active: activate another build first"));
+                }
+                if let Some(t) = self.transfers.values().find(|t| t.stage.is_live() && t.plugin.as_ref() == Some(hash))
+                {
+                    return Err(format!("{engine} build {hash} is in use by live transfer {}", t.id));
+                }
+                let plugins = self.plugins.get_mut(engine).expect("looked up above");
+                plugins.builds.remove(hash);
+                if plugins.rolling.as_ref() == Some(hash) {
+                    plugins.rolling = None;
+                }
+                if plugins.builds.is_empty() {
+                    self.plugins.remove(engine);
+                }
             }
         }
         Ok(())
@@ -831,18 +944,78 @@ mod tests {
         assert!(s.apply(10, &install("NOT-HEX", 1)).error.unwrap().contains("64 lowercase hex"));
         assert_eq!(s.apply(11, &install(&h1, 1)).error, None);
         assert_eq!(s.apply(12, &ready(&h1, 2)).error, None);
-        assert!(!s.plugins["e"].active);
-        // A newer install replaces an unfinished rollout; the old build's
-        // readiness no longer counts.
+        assert_eq!(s.plugins["e"].active, None);
+        // A newer install replaces an unfinished rollout.
         assert_eq!(s.apply(13, &install(&h2, 2)).error, None);
-        assert!(s.apply(14, &ready(&h1, 3)).error.unwrap().contains("not the one being rolled out"));
+        assert_eq!(s.plugins["e"].rolling.as_ref(), Some(&h2));
+        assert!(s.apply(14, &ready(&"c".repeat(64), 3)).error.unwrap().contains("no installed build"));
         assert_eq!(s.apply(15, &ready(&h2, 1)).error, None);
-        assert!(!s.plugins["e"].active);
+        assert_eq!(s.plugins["e"].active, None);
         // A member that leaves no longer holds it back.
         assert_eq!(s.apply(16, &Command::RemoveMember { id: n(3) }).error, None);
-        assert!(s.plugins["e"].active, "{:?}", s.plugins["e"]);
+        assert_eq!(s.plugins["e"].active.as_ref(), Some(&h2), "{:?}", s.plugins["e"]);
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<ClusterState>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn transfers_are_pinned_to_the_active_build_which_stays_while_they_run() {
+        let mut s = cluster();
+        let (h1, h2) = ("a".repeat(64), "b".repeat(64));
+        for (i, hash) in [&h1, &h2].into_iter().enumerate() {
+            let install = Command::InstallPlugin {
+                engine: "e".into(),
+                hash: hash.clone(),
+                version: "v".into(),
+                node: n(1),
+                now: 1,
+            };
+            let base = 10 + i as u64 * 10;
+            assert_eq!(s.apply(base, &install).error, None);
+            for node in [2u64, 3] {
+                let ready = Command::PluginReady { engine: "e".into(), hash: hash.clone(), node: n(node as usize) };
+                assert_eq!(s.apply(base + node, &ready).error, None);
+            }
+            assert_eq!(s.plugins["e"].active.as_ref(), Some(hash));
+            if i == 0 {
+                let reg = Command::RegisterReplica { engine: "e".into(), shard: "s".into(), node: n(1) };
+                assert_eq!(s.apply(15, &reg).error, None);
+                let start = Command::StartTransfer {
+                    id: "t1".into(),
+                    engine: "e".into(),
+                    shard: "s".into(),
+                    source: n(1),
+                    target: n(2),
+                    kind: TransferKind::Replicate,
+                    now: 1,
+                };
+                assert_eq!(s.apply(16, &start).error, None);
+            }
+        }
+        // Started under h1, it keeps h1 after h2 went active.
+        assert_eq!(s.transfers["t1"].plugin.as_ref(), Some(&h1));
+        let remove = |hash: &str| Command::RemovePlugin { engine: "e".into(), hash: hash.into() };
+        refused(&mut s, remove(&h1), "in use by live transfer t1");
+        refused(&mut s, remove(&h2), "is active");
+        // Roll back: every member holds h1 already, so it is active at once.
+        assert_eq!(s.apply(40, &Command::ActivatePlugin { engine: "e".into(), hash: h1.clone() }).error, None);
+        assert_eq!(s.plugins["e"].active.as_ref(), Some(&h1));
+        refused(&mut s, Command::ActivatePlugin { engine: "e".into(), hash: "c".repeat(64) }, "no installed build");
+        let abort = Command::AbortTransfer { transfer: "t1".into(), epoch: 16, reason: "x".into(), now: 2 };
+        assert_eq!(s.apply(41, &abort).error, None);
+        assert_eq!(s.apply(42, &remove(&h2)).error, None);
+        assert_eq!(s.plugins["e"].builds.keys().collect::<Vec<_>>(), [&h1]);
+    }
+
+    #[test]
+    fn a_state_with_the_old_single_rollout_still_loads() {
+        let old = format!(
+            r#"{{"members":{{}},"replicas":[],"transfers":{{}},"plugins":{{"e":{{"hash":"{}","version":"1","ready":[1],"active":true,"installed_at":5}}}}}}"#,
+            "a".repeat(64)
+        );
+        let s: ClusterState = serde_json::from_str(&old).unwrap();
+        assert_eq!(s.plugins["e"].active, Some("a".repeat(64)));
+        assert_eq!(s.plugins["e"].builds["a".repeat(64).as_str()].installed_at, 5);
     }
 
     #[test]
@@ -982,6 +1155,7 @@ mod tests {
             updated_at: 0,
             failure: None,
             live: None,
+            plugin: None,
         }
     }
 

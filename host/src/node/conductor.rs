@@ -111,8 +111,11 @@ async fn steps(node: &Node, t: &TransferRecord) -> Result<(), String> {
                     consensus.state().transfers.get(&id).is_some_and(|r| r.epoch == epoch && r.stage.is_live())
                 })
             },
+            plugin: t.plugin.clone(),
         };
         if !node.transfers.is_running(&t.id) {
+            // The pinned build, loaded from this node's store (or a peer's).
+            super::rollout::pinned(node, &t.engine, t.plugin.as_deref()).await?;
             node.transfers
                 .start_with(request, Some(t.id.clone()), Some(fencing))
                 .map_err(|e| format!("target: {e}"))?;
@@ -144,7 +147,7 @@ async fn steps(node: &Node, t: &TransferRecord) -> Result<(), String> {
 
     // A live move catches up and fences the source; the write pause runs from
     // that fence to the commit below.
-    let fenced_at = if crate::node::live::is_live(node, &t.engine) {
+    let fenced_at = if crate::node::live::is_live(node, t) {
         let record = consensus.state().transfers.get(&t.id).cloned().unwrap_or_else(|| t.clone());
         Some(crate::node::live::catch_up(node, &record).await?)
     } else {

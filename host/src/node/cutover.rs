@@ -39,7 +39,7 @@ impl Settled {
 
 /// Fences `engine`/`shard` for `epoch` and holds its locks.
 pub async fn fence(node: &Node, engine: &str, shard: &str, epoch: u64) -> Result<FenceInfo, String> {
-    let plugin = node.plugins.get(engine).ok_or_else(|| format!("no plugin for engine {engine:?}"))?;
+    let plugin = super::rollout::for_shard(node, engine, shard).await?;
     if !plugin.contract().has(Hook::Fence) {
         return Err(format!("the {engine} plugin ({}) cannot fence", plugin.contract().package()));
     }
@@ -72,7 +72,7 @@ pub fn retire_pending(node: &Node, engine: &str, shard: &str) -> bool {
 
 /// A transfer of an engine whose plugin here speaks contract 0.2.0.
 fn is_live_move(node: &Node, t: &TransferRecord) -> bool {
-    node.plugins.get(&t.engine).is_some_and(|p| p.contract().has(Hook::Fence))
+    node.plugins.resolve(&t.engine, t.plugin.as_deref()).is_some_and(|p| p.contract().has(Hook::Fence))
 }
 
 /// Brings this node's fences in line with the replicated state.
@@ -107,7 +107,7 @@ pub async fn reconcile(node: &Node) {
 
 /// Unfences or retires the source replica of `t`, then drops its locks.
 async fn settle(node: &Node, t: &TransferRecord, hook: Hook) -> Result<(), String> {
-    let plugin = node.plugins.get(&t.engine).ok_or("plugin unloaded")?;
+    let plugin = super::rollout::pinned(node, &t.engine, t.plugin.as_deref()).await?;
     let dir = node.data.shard(&t.engine, &t.shard).map_err(|e| e.to_string())?;
     if !dir.is_dir() {
         node.fences.release(&t.engine, &t.shard, t.epoch);

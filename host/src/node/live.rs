@@ -36,9 +36,9 @@ const MAX_FENCED_ROUNDS: usize = 4;
 /// Interrupted rounds retried in a row before the transfer fails.
 const ROUND_RETRIES: u32 = 3;
 
-/// Whether the engine moves live here: its plugin speaks contract 0.2.0.
-pub fn is_live(node: &Node, engine: &str) -> bool {
-    node.plugins.get(engine).is_some_and(|p| p.contract().has(Hook::ApplyChanges))
+/// Whether the transfer moves live here: its plugin build speaks contract 0.2.0.
+pub fn is_live(node: &Node, t: &TransferRecord) -> bool {
+    node.plugins.resolve(&t.engine, t.plugin.as_deref()).is_some_and(|p| p.contract().has(Hook::ApplyChanges))
 }
 
 /// Catches the published replica up with the source and fences it; returns
@@ -121,7 +121,8 @@ impl<'a> Mover<'a> {
     fn new(node: &'a Node, t: &'a TransferRecord) -> Result<Mover<'a>, String> {
         let state = node.consensus.state();
         let source = state.members.get(&t.source).ok_or("the source is not a member")?.addr.clone();
-        let plugin = node.plugins.get(&t.engine).ok_or("the plugin is not loaded")?;
+        let plugin =
+            node.plugins.resolve(&t.engine, t.plugin.as_deref()).ok_or("the pinned plugin build is not loaded")?;
         let replica = node.data.shard(&t.engine, &t.shard).map_err(|e| e.to_string())?;
         let scratch = node.data.staging(&t.id).map_err(|e| e.to_string())?.join("round");
         Ok(Mover { node, t, source, replica, scratch, plugin, digests: DigestCache::default() })

@@ -1,6 +1,10 @@
 //! Engine name → plugin, for every plugin a node has loaded. A plugin can
 //! be replaced while the node runs (a cluster-wide install): callers get an
 //! `Arc<Plugin>` and keep the build they started with until they let go.
+//!
+//! Besides the build new work uses, the registry keeps each engine's build
+//! from the plugins directory (`local`) and every other build it loaded, by
+//! BLAKE3, so that a transfer pinned to a build finds it again.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +17,10 @@ use super::runtime::PluginRuntime;
 #[derive(Default)]
 pub struct Registry {
     plugins: RwLock<BTreeMap<String, Arc<Plugin>>>,
+    /// Each engine's build from the plugins directory.
+    local: RwLock<BTreeMap<String, Arc<Plugin>>>,
+    /// Every build loaded, by BLAKE3.
+    builds: RwLock<BTreeMap<String, Arc<Plugin>>>,
 }
 
 impl Registry {
@@ -48,14 +56,44 @@ impl Registry {
             });
         }
         let plugin = Arc::new(plugin);
-        plugins.insert(name, plugin.clone());
+        plugins.insert(name.clone(), plugin.clone());
+        write(&self.local).insert(name, plugin.clone());
+        self.keep(plugin.clone());
         Ok(plugin)
     }
 
     /// Puts `plugin` in the place of its engine's (or adds it); calls under
     /// way finish on the build they hold.
     pub fn replace(&self, plugin: Arc<Plugin>) -> Option<Arc<Plugin>> {
+        self.keep(plugin.clone());
         self.write().insert(plugin.info().name.clone(), plugin)
+    }
+
+    /// Keeps a loaded build findable by its hash, without making it the one
+    /// new work uses.
+    pub fn keep(&self, plugin: Arc<Plugin>) {
+        write(&self.builds).insert(plugin.hash().to_owned(), plugin);
+    }
+
+    /// Forgets a build kept by hash (a removed build); the engine's current
+    /// and local builds stay.
+    pub fn forget(&self, hash: &str) {
+        write(&self.builds).remove(hash);
+    }
+
+    /// The build a transfer pinned to `pin` runs with: that build when
+    /// pinned (`None` when this node has not loaded it), else this node's own
+    /// from its plugins directory, else the current one.
+    pub fn resolve(&self, engine: &str, pin: Option<&str>) -> Option<Arc<Plugin>> {
+        match pin {
+            Some(hash) => read(&self.builds).get(hash).filter(|p| p.info().name == engine).cloned(),
+            None => read(&self.local).get(engine).cloned().or_else(|| self.get(engine)),
+        }
+    }
+
+    /// The engine's build from the plugins directory.
+    pub fn local(&self, engine: &str) -> Option<Arc<Plugin>> {
+        read(&self.local).get(engine).cloned()
     }
 
     pub fn get(&self, engine: &str) -> Option<Arc<Plugin>> {
@@ -76,10 +114,20 @@ impl Registry {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Plugin>>> {
-        self.plugins.read().unwrap_or_else(|e| e.into_inner())
+        read(&self.plugins)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Plugin>>> {
-        self.plugins.write().unwrap_or_else(|e| e.into_inner())
+        write(&self.plugins)
     }
+}
+
+type Map = RwLock<BTreeMap<String, Arc<Plugin>>>;
+
+fn read(map: &Map) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Plugin>>> {
+    map.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write(map: &Map) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Plugin>>> {
+    map.write().unwrap_or_else(|e| e.into_inner())
 }

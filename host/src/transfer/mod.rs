@@ -44,6 +44,9 @@ pub struct Fencing {
     pub epoch: u64,
     /// Asked right before publishing: is this transfer still current?
     pub still_current: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// The plugin build the transfer is pinned to (see
+    /// [`Registry::resolve`]); the node loads it before starting.
+    pub plugin: Option<String>,
 }
 
 /// How hard to try before giving up.
@@ -122,10 +125,16 @@ impl TransferManager {
         if let Some(id) = &id {
             check_transfer_id(id).map_err(StartError::Invalid)?;
         }
-        let Some(plugin) = self.shared.plugins.get(&request.engine) else {
-            return Err(StartError::UnknownEngine(request.engine));
+        let plugin = match &fencing {
+            Some(f) => self.shared.plugins.resolve(&request.engine, f.plugin.as_deref()),
+            None => self.shared.plugins.get(&request.engine),
         };
-        let build = PluginBuild { version: plugin.info().plugin_version.clone(), hash: plugin.hash().to_owned() };
+        let Some(plugin) = plugin else {
+            return Err(match fencing.and_then(|f| f.plugin) {
+                Some(hash) => StartError::Invalid(format!("plugin build {hash} of {} is not loaded", request.engine)),
+                None => StartError::UnknownEngine(request.engine),
+            });
+        };
         crate::http::base_url(&request.source)
             .map_err(|e| StartError::Invalid(format!("source {:?} {e}", crate::http::redacted(&request.source))))?;
         let mut transfers = self.transfers.lock().unwrap_or_else(|e| e.into_inner());
@@ -140,7 +149,7 @@ impl TransferManager {
                 state: status.state,
             });
         }
-        let transfer = Arc::new(Transfer::new(request, id, fencing).with_plugin(build));
+        let transfer = Arc::new(Transfer::new(request, id, fencing).with_plugin(plugin));
         transfers.insert(transfer.id.clone(), transfer.clone());
         drop(transfers);
         tokio::spawn(task::run(self.shared.clone(), transfer.clone()));

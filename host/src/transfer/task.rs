@@ -26,8 +26,11 @@ pub struct Transfer {
     progress: Arc<Progress>,
     inner: Mutex<Inner>,
     done: watch::Sender<bool>,
-    /// The plugin build this node runs it with.
+    /// The plugin build this node runs it with (for its status).
     plugin: Option<PluginBuild>,
+    /// That build, held for the whole transfer: a swap of the engine's
+    /// plugin does not change it.
+    engine: Option<Arc<crate::plugin::Plugin>>,
 }
 
 struct Inner {
@@ -76,6 +79,7 @@ impl Transfer {
             cancel: CancellationToken::new(),
             progress: Arc::new(Progress::default()),
             plugin: None,
+            engine: None,
             inner: Mutex::new(Inner {
                 state: State::Queued,
                 stage: Stage::Queued,
@@ -115,8 +119,10 @@ impl Transfer {
         let _ = rx.wait_for(|done| *done).await;
     }
 
-    pub fn with_plugin(mut self, build: PluginBuild) -> Transfer {
-        self.plugin = Some(build);
+    pub fn with_plugin(mut self, plugin: Arc<crate::plugin::Plugin>) -> Transfer {
+        self.plugin =
+            Some(PluginBuild { version: plugin.info().plugin_version.clone(), hash: plugin.hash().to_owned() });
+        self.engine = Some(plugin);
         self
     }
 
@@ -222,7 +228,7 @@ pub async fn run(shared: Arc<Shared>, transfer: Arc<Transfer>) {
 /// thread before it returns, so nothing writes into staging afterwards.
 async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
     let request = &transfer.request;
-    let plugin = shared.plugins.get(&request.engine).ok_or_else(|| Ended::Failed("plugin unloaded".into()))?;
+    let plugin = transfer.engine.clone().ok_or_else(|| Ended::Failed("no plugin build chosen".into()))?;
     let staging = shared.data.staging(&transfer.id).map_err(|e| Ended::Failed(e.to_string()))?;
     let data_dir = staging.join("data");
     let cancel = &transfer.cancel;
