@@ -6,6 +6,8 @@
 #   sources, for -Zbuild-std to wasm32-wasip2), lld-22 (wasm-ld), wasi-libc;
 #   sqlite3 (test oracle).
 # - wasm-component-ld from crates.io, into $FERRY_TOOLS_DIR.
+# - componentize-py from PyPI (a venv in $FERRY_TOOLS_DIR) and lmdb-utils
+#   (the LMDB plugin's test oracle): guests/lmdb-py/build.sh.
 # The host itself builds with the machine's normal (rustup) toolchain.
 set -euo pipefail
 
@@ -14,7 +16,7 @@ TOOLS=${FERRY_TOOLS_DIR:-$HOME/.local/share/ferry/tools}
 WASM_COMPONENT_LD_VERSION=0.5.31
 LLVM_MAJOR=22
 MIN_RUSTC_WEB=1.96
-APT_PKGS="rustc-web cargo-web rust-web-src lld-$LLVM_MAJOR wasi-libc sqlite3 python3"
+APT_PKGS="rustc-web cargo-web rust-web-src lld-$LLVM_MAJOR wasi-libc sqlite3 python3 python3-venv"
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 say() { echo "setup: $*"; }
@@ -46,4 +48,8 @@ fi
 
 say "building guest plugins into target/plugins/"
 "$ROOT/guests/build.sh"
+# Plugins in other languages, each with its own toolchain route, into
+# target/plugins/lang/ (which test nodes load only when a test asks).
+say "building the Python (LMDB) plugin"
+"$ROOT/guests/lmdb-py/build.sh"
 say "ok"
