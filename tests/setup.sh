@@ -8,6 +8,8 @@
 # - wasm-component-ld from crates.io, into $FERRY_TOOLS_DIR.
 # - componentize-py from PyPI (a venv in $FERRY_TOOLS_DIR) and lmdb-utils
 #   (the LMDB plugin's test oracle): guests/lmdb-py/build.sh.
+# - componentize-js from npm (pinned by its package-lock.json) and
+#   redis-server/redis-tools (the RDB plugin's oracle): guests/redis-rdb-js/build.sh.
 # The host itself builds with the machine's normal (rustup) toolchain.
 set -euo pipefail
 
@@ -52,4 +54,6 @@ say "building guest plugins into target/plugins/"
 # target/plugins/lang/ (which test nodes load only when a test asks).
 say "building the Python (LMDB) plugin"
 "$ROOT/guests/lmdb-py/build.sh"
+say "building the JavaScript (Redis RDB) plugin"
+"$ROOT/guests/redis-rdb-js/build.sh" >/dev/null
 say "ok"
