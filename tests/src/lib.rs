@@ -110,3 +110,50 @@ pub fn tree(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Every file below `dir` with its bytes (a shard compared before and after).
+pub fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    tree(dir).into_iter().filter(|p| !p.ends_with('/')).map(|p| (p.clone(), fs::read(dir.join(&p)).unwrap())).collect()
+}
+
+/// The conformance kit, `ferry plugin test --json`, as a vendor runs it.
+pub mod kit {
+    use std::path::Path;
+    use std::process::Command;
+
+    use serde_json::Value;
+
+    /// Runs the kit; whether it passed, its JSON report, and each check as
+    /// (check, outcome, detail).
+    pub fn run(plugin: &Path, shard: &Path, mutate: Option<&str>, cache: &Path) -> (bool, Value, Vec<Check>) {
+        let mut cmd = Command::new(crate::ferry_bin());
+        cmd.args(["plugin", "test"])
+            .arg(plugin)
+            .args(["--json", "--shard-dir"])
+            .arg(shard)
+            .arg("--cache-dir")
+            .arg(cache);
+        if let Some(mutate) = mutate {
+            cmd.args(["--mutate", mutate]);
+        }
+        let out = cmd.output().expect("running ferry plugin test");
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        });
+        let checks = outcomes(&report);
+        (out.status.success(), report, checks)
+    }
+
+    pub type Check = (String, String, String);
+
+    pub fn outcomes(report: &Value) -> Vec<Check> {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (c["check"].as_str().unwrap().into(), c["outcome"].as_str().unwrap().into(), c["detail"].to_string())
+            })
+            .collect()
+    }
+}

@@ -9,39 +9,17 @@ use std::process::Command;
 
 use ferry_tests::engines::{Sqlite, TestEngine};
 use ferry_tests::segment_log::Generator;
-use ferry_tests::{ferry_bin, plugins, tree};
+use ferry_tests::{contents, ferry_bin, plugins};
 use serde_json::Value;
 
 /// Runs the kit; its exit status and JSON report.
 fn kit(plugin: &str, shard: &Path, mutate: Option<&str>, cache: &Path) -> (bool, Value) {
-    let mut cmd = Command::new(ferry_bin());
-    cmd.args(["plugin", "test", plugin, "--json", "--shard-dir"]).arg(shard).arg("--cache-dir").arg(cache);
-    if let Some(mutate) = mutate {
-        cmd.args(["--mutate", mutate]);
-    }
-    let out = cmd.output().expect("running ferry plugin test");
-    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-    });
-    (out.status.success(), report)
+    let (passed, report, _) = ferry_tests::kit::run(Path::new(plugin), shard, mutate, cache);
+    (passed, report)
 }
 
 fn outcomes(report: &Value) -> Vec<(String, String, String)> {
-    report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| (c["check"].as_str().unwrap().into(), c["outcome"].as_str().unwrap().into(), c["detail"].to_string()))
-        .collect()
-}
-
-/// Every file below `dir` with its bytes.
-fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    tree(dir)
-        .into_iter()
-        .filter(|p| !p.ends_with('/'))
-        .map(|p| (p.clone(), std::fs::read(dir.join(&p)).unwrap()))
-        .collect()
+    ferry_tests::kit::outcomes(report)
 }
 
 fn shardgen() -> PathBuf {

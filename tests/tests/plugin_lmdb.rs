@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use ferry::transfer::{State, TransferStatus};
 use ferry_tests::node::{NodeOptions, TestCluster};
-use ferry_tests::{ferry_bin, tree};
+use ferry_tests::{contents, kit, tree};
 use hyper::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const WITHIN: Duration = Duration::from_secs(300);
 
@@ -73,14 +73,6 @@ fn dump(dir: &Path) -> Vec<u8> {
     out.stdout
 }
 
-fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    tree(dir)
-        .into_iter()
-        .filter(|p| !p.ends_with('/'))
-        .map(|p| (p.clone(), std::fs::read(dir.join(&p)).unwrap()))
-        .collect()
-}
-
 #[test]
 fn the_kit_passes_on_an_lmdb_environment_and_leaves_it_unchanged() {
     let plugin = plugin();
@@ -89,25 +81,8 @@ fn the_kit_passes_on_an_lmdb_environment_and_leaves_it_unchanged() {
     lmdb_shard(&dir);
     let before = contents(&dir);
     let mutate = "printf 'kit-key\\nkit-value\\n' | mdb_load -T \"$FERRY_SHARD_DIR\"";
-    let out = Command::new(ferry_bin())
-        .args(["plugin", "test"])
-        .arg(&plugin)
-        .args(["--json", "--mutate", mutate, "--shard-dir"])
-        .arg(&dir)
-        .arg("--cache-dir")
-        .arg(cache_dir())
-        .output()
-        .expect("running ferry plugin test");
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-    });
-    let checks: Vec<(String, String, String)> = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| (c["check"].as_str().unwrap().into(), c["outcome"].as_str().unwrap().into(), c["detail"].to_string()))
-        .collect();
-    assert!(out.status.success(), "the kit failed: {checks:#?}");
+    let (passed, _, checks) = kit::run(&plugin, &dir, Some(mutate), &cache_dir());
+    assert!(passed, "the kit failed: {checks:#?}");
     assert!(checks.len() >= 7, "every check ran: {checks:#?}");
     assert!(checks.iter().all(|(_, outcome, _)| outcome == "passed"), "{checks:#?}");
     for name in ["refuses a damaged one", "term-check fails after a write", "moves between two nodes"] {

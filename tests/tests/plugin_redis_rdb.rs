@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use ferry::transfer::{State, TransferStatus};
 use ferry_tests::node::{NodeOptions, TestCluster};
-use ferry_tests::{ferry_bin, tree};
+use ferry_tests::{contents, ferry_bin, kit, tree};
 use hyper::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const ENGINE: &str = "redis-rdb";
 const WITHIN: Duration = Duration::from_secs(600);
@@ -182,15 +182,6 @@ fn redis_view(dir: &Path) -> (String, String, String) {
     view
 }
 
-/// Every file below `dir` with its bytes.
-fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    tree(dir)
-        .into_iter()
-        .filter(|p| !p.ends_with('/'))
-        .map(|p| (p.clone(), std::fs::read(dir.join(&p)).unwrap()))
-        .collect()
-}
-
 /// The kit's `--mutate`: a redis-server on the kit's copy adds a key and
 /// SAVEs (a new dump.rdb renamed into place), then shuts down.
 const MUTATE: &str = r#"S=$(mktemp -u /tmp/ferry-rdb-mutate.XXXXXX.sock)
@@ -218,26 +209,8 @@ fn the_plugin_passes_the_kit_on_a_real_dump_and_leaves_it_unchanged() {
     sample_dump(&dir);
     let before = contents(&dir);
     // The tests' shared compiled cache: the component compiles once per build.
-    let out = Command::new(ferry_bin())
-        .args(["plugin", "test"])
-        .arg(&plugin)
-        .arg("--cache-dir")
-        .arg(compiled_cache())
-        .args(["--json", "--shard-dir"])
-        .arg(&dir)
-        .args(["--mutate", MUTATE])
-        .output()
-        .expect("running ferry plugin test");
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-    });
-    let checks: Vec<(String, String, String)> = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| (c["check"].as_str().unwrap().into(), c["outcome"].as_str().unwrap().into(), c["detail"].to_string()))
-        .collect();
-    assert!(out.status.success(), "{checks:#?}");
+    let (passed, report, checks) = kit::run(&plugin, &dir, Some(MUTATE), &compiled_cache());
+    assert!(passed, "{checks:#?}");
     assert!(checks.iter().all(|(_, outcome, _)| outcome == "passed"), "{checks:#?}");
     assert!(checks.iter().any(|(c, _, _)| c.starts_with("term-check")), "the write check ran: {checks:#?}");
     assert_eq!(report["engine"], ENGINE);
