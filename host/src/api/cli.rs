@@ -682,23 +682,21 @@ async fn full_hash(api: &crate::http::ApiClient, engine: &str, prefix: &str) -> 
 /// Polls until `hash` is its engine's active build on every member (at most
 /// `wait` seconds); whether it is, and the last view.
 async fn wait_active(api: &crate::http::ApiClient, hash: &str, wait: u64) -> anyhow::Result<(bool, serde_json::Value)> {
+    if wait == 0 {
+        return Ok((false, serde_json::Value::Null));
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
-    let mut view = serde_json::Value::Null;
-    while wait > 0 {
-        view = api.call(hyper::Method::GET, "/v1/cluster/plugins", None).await?;
+    loop {
+        let view: serde_json::Value = api.call(hyper::Method::GET, "/v1/cluster/plugins", None).await?;
         let engines = view["engines"].as_array().cloned().unwrap_or_default();
         let active = engines
             .iter()
             .any(|e| e["rollout"]["hash"] == hash && e["rollout"]["active"] == true && e["consistent"] == true);
-        if active {
-            return Ok((true, view));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            break;
+        if active || tokio::time::Instant::now() >= deadline {
+            return Ok((active, view));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    Ok((false, view))
 }
 
 fn report_rollout(what: &str, out: serde_json::Value, active: bool, wait: u64, json: bool) -> anyhow::Result<ExitCode> {

@@ -147,10 +147,7 @@ async fn handle(node: &Node, req: Request<Incoming>, info: &ConnInfo) -> Respons
     match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "health"]) => health(node),
         (&Method::GET, ["v1", "plugins"]) => plugins(node),
-        (&Method::POST, ["v1", "plugins"]) => match {
-            let req_query = req.uri().query().unwrap_or("").to_owned();
-            read_body(node, req).await.map(|body| (body, req_query))
-        } {
+        (&Method::POST, ["v1", "plugins"]) => match read_body_and_query(node, req).await {
             Err(response) => response,
             Ok((body, _)) if body.is_empty() => bad_request("send the plugin component (.wasm) as the body"),
             Ok((body, req_query)) => {
@@ -313,6 +310,12 @@ fn health(node: &Node) -> Response<Body> {
 
 fn plugins(node: &Node) -> Response<Body> {
     json_response(StatusCode::OK, &local_plugins(node))
+}
+
+/// A request's body and its query string.
+async fn read_body_and_query(node: &Node, req: Request<Incoming>) -> Result<(bytes::Bytes, String), Response<Body>> {
+    let query = req.uri().query().unwrap_or("").to_owned();
+    read_body(node, req).await.map(|body| (body, query))
 }
 
 /// Whether `?name` or `?name=true|1` is in the query.
