@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ferry::transfer::{State, TransferStatus};
 use ferry_tests::appender::{self, Appender, Summary};
-use ferry_tests::node::TestCluster;
+use ferry_tests::node::{NodeOptions, TestCluster};
 use ferry_tests::segment_log::{Generator, Writer, check_shard};
 use hyper::Method;
 use serde_json::json;
@@ -46,7 +46,7 @@ async fn acks_at_least(work: &std::path::Path, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_moves_while_it_is_written_and_no_acknowledged_write_is_lost() {
-    let cluster = TestCluster::start(&["w1", "w2", "w3"]).await;
+    let cluster = TestCluster::start_with(&["w1", "w2", "w3"], NodeOptions::live_moves()).await;
     let [w1, w2, w3] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
     let (source, target) = (w1.shard_dir(ENGINE, "live"), w3.shard_dir(ENGINE, "live"));
     Generator { segment_size: 1 << 20, term: 3, seed: 9 }.create(&source, 16 << 20).unwrap();
@@ -133,7 +133,7 @@ async fn a_move_that_cannot_converge_gives_up_and_a_later_move_loses_nothing() {
     // The operator raises the budget (a restart of both ends, the source
     // killed while it is being written) and moves again.
     for node in &mut cluster.nodes[..2] {
-        node.restart(ferry_tests::node::NodeOptions::default());
+        node.restart(NodeOptions::live_moves());
     }
     cluster.wait_agreement(WITHIN).await;
     let c3 = &cluster.nodes[2];
@@ -177,7 +177,7 @@ async fn a_move_that_cannot_converge_gives_up_and_a_later_move_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_during_the_cut_over_loses_no_acknowledged_write() {
     for victim in [2usize, 0] {
-        let mut cluster = TestCluster::start(&["k1", "k2", "k3"]).await;
+        let mut cluster = TestCluster::start_with(&["k1", "k2", "k3"], NodeOptions::live_moves()).await;
         let (source, target) = (cluster.nodes[0].shard_dir(ENGINE, "k"), cluster.nodes[2].shard_dir(ENGINE, "k"));
         Generator { segment_size: 1 << 20, term: 1, seed: 5 }.create(&source, 8 << 20).unwrap();
         cluster.wait_replicas(ENGINE, "k", json!({"k1": "active"}), WITHIN).await;
@@ -201,7 +201,7 @@ async fn a_node_killed_during_the_cut_over_loses_no_acknowledged_write() {
         }
         cluster.nodes[victim].kill();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        cluster.nodes[victim].restart(ferry_tests::node::NodeOptions::default());
+        cluster.nodes[victim].restart(NodeOptions::live_moves());
         let done = cluster.nodes[1].wait_transfer(&started.id, WITHIN).await;
 
         // The application goes on wherever the shard is now.

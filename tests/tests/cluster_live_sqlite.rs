@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ferry::transfer::{State, TransferStatus};
 use ferry_tests::engines::sqlite3;
-use ferry_tests::node::TestCluster;
+use ferry_tests::node::{NodeOptions, TestCluster};
 use ferry_tests::sqlite_writer::{SqliteWriter, rows};
 use hyper::Method;
 use serde_json::json;
@@ -35,7 +35,7 @@ fn create(dir: &Path, mode: &str, mib: u64) {
 }
 
 async fn moves_while_written(mode: &str) {
-    let cluster = TestCluster::start(&["q1", "q2", "q3"]).await;
+    let cluster = TestCluster::start_with(&["q1", "q2", "q3"], NodeOptions::live_moves()).await;
     let [q1, q2, _] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
     let (source, target) = (q1.shard_dir(ENGINE, "app"), cluster.nodes[2].shard_dir(ENGINE, "app"));
     create(&source, mode, 16);
@@ -110,7 +110,7 @@ async fn a_rollback_journal_database_moves_while_it_is_written_and_no_acknowledg
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_during_a_move_loses_no_acknowledged_write() {
     for (victim, when) in [("leader", "catch-up"), ("source", "fenced"), ("target", "fenced")] {
-        let mut cluster = TestCluster::start(&["x1", "x2", "x3"]).await;
+        let mut cluster = TestCluster::start_with(&["x1", "x2", "x3"], NodeOptions::live_moves()).await;
         let status = cluster.wait_agreement(WITHIN).await;
         let leader = cluster.leader_index(&status);
         // Source and target are the two other members.
@@ -149,7 +149,7 @@ async fn a_node_killed_during_a_move_loses_no_acknowledged_write() {
         };
         cluster.nodes[index].kill();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        cluster.nodes[index].restart(ferry_tests::node::NodeOptions::default());
+        cluster.nodes[index].restart(NodeOptions::live_moves());
         let survivor = if index == observer { s } else { observer };
         let done = cluster.nodes[survivor].wait_transfer(&started.id, WITHIN).await;
         assert!(done.state.is_final(), "{done:?}");
@@ -187,7 +187,7 @@ async fn a_node_killed_during_a_move_loses_no_acknowledged_write() {
 /// lock, goes on there, and the target's replica is dropped when it wakes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_cancelled_during_the_fence_leaves_the_source_writable() {
-    let cluster = TestCluster::start(&["c1", "c2", "c3"]).await;
+    let cluster = TestCluster::start_with(&["c1", "c2", "c3"], NodeOptions::live_moves()).await;
     let status = cluster.wait_agreement(WITHIN).await;
     let leader = cluster.leader_index(&status);
     let (s, t) = ((leader + 1) % 3, (leader + 2) % 3);
