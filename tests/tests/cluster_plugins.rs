@@ -205,7 +205,7 @@ async fn transfers_keep_their_build_through_a_swap_and_builds_roll_back_and_are_
 
     // A slow transfer pinned to B (24 MiB at 4 MiB/s).
     let source = &cluster.nodes[0].shard_dir("segment-log", "p");
-    ferry_tests::segment_log::Generator { segment_size: 4 << 20, term: 1, seed: 5 }.create(&source, 24 << 20).unwrap();
+    ferry_tests::segment_log::Generator { segment_size: 4 << 20, term: 1, seed: 5 }.create(source, 24 << 20).unwrap();
     cluster.wait_replicas("segment-log", "p", serde_json::json!({"r1": "active"}), Duration::from_secs(60)).await;
     let body =
         serde_json::json!({"engine": "segment-log", "shard": "p", "source": "r1", "target": "r2", "kind": "replicate"});

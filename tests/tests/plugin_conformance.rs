@@ -101,28 +101,79 @@ fn the_kit_fails_broken_plugins_at_the_check_that_names_the_fault() {
     }
 }
 
-/// `ferry plugin new` writes a plugin crate that builds (with the project's
-/// guest toolchain, `guests/build-crate.sh`) and passes the kit as written,
-/// on its own sample shard, with the `--mutate` its README gives.
-#[test]
-fn a_new_plugin_builds_and_passes_the_kit() {
+/// Where the project's scripts install their tools (`tests/setup.sh`).
+fn tools_dir() -> PathBuf {
+    match std::env::var_os("FERRY_TOOLS_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".local/share/ferry/tools"),
+    }
+}
+
+/// `ferry plugin new my-files --lang LANG` writes a plugin that builds with
+/// `build` (given its directory; prints the `.wasm` path last) and passes
+/// the kit as written, on its own sample shard, with the `--mutate` its
+/// README gives. The three languages write the same engine.
+fn a_new_plugin_passes_the_kit(lang: &str, build: impl FnOnce(&Path) -> Command) {
     let (tmp, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let dir = tmp.path().join("my-files");
-    let out = Command::new(ferry_bin()).args(["plugin", "new", "my-files", "--dir"]).arg(&dir).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/build-crate.sh");
-    let built = Command::new("bash").arg(script).arg(&dir).output().unwrap();
-    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
-    let wasm = String::from_utf8(built.stdout).unwrap().trim().to_owned();
-    let (passed, report) = kit(&wasm, &dir.join("sample"), Some("rm \"$FERRY_SHARD_DIR/b.log\""), cache.path());
+    let new = Command::new(ferry_bin()).args(["plugin", "new", "my-files", "--lang", lang, "--dir"]).arg(&dir).output();
+    let new = new.unwrap();
+    assert!(new.status.success(), "{lang}: {}", String::from_utf8_lossy(&new.stderr));
+    let mutate = "rm \"$FERRY_SHARD_DIR/b.log\"";
+    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    assert!(readme.contains(&format!("--mutate '{mutate}'")), "{lang}: the README's kit command changed");
+
+    let built = build(&dir).output().unwrap();
+    assert!(built.status.success(), "{lang}: {}", String::from_utf8_lossy(&built.stderr));
+    let stdout = String::from_utf8(built.stdout).unwrap();
+    let wasm = stdout.lines().last().unwrap_or_default().trim();
+    let (passed, report) = kit(wasm, &dir.join("sample"), Some(mutate), cache.path());
     let checks = outcomes(&report);
-    assert!(passed && checks.iter().all(|(_, o, _)| o == "passed"), "{checks:#?}");
-    assert_eq!(report["engine"], "my-files");
+    assert!(passed && checks.iter().all(|(_, o, _)| o == "passed"), "{lang}: {checks:#?}");
+    assert_eq!(report["engine"], "my-files", "{lang}");
+    assert_eq!(report["contract"], "ferry:engine@0.2.0", "{lang}");
 
     // Refusals: the directory exists, a name that is not an engine name.
     for (args, want) in [(vec!["my-files"], "exists already"), (vec!["My_Files"], "engine name")] {
-        let out =
-            Command::new(ferry_bin()).args(["plugin", "new"]).args(&args).arg("--dir").arg(&dir).output().unwrap();
-        assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(want), "{args:?}");
+        let mut again = Command::new(ferry_bin());
+        again.args(["plugin", "new", "--lang", lang]).args(&args).arg("--dir").arg(&dir);
+        let out = again.output().unwrap();
+        assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(want), "{lang}: {args:?}");
     }
+}
+
+/// Rust: built with the project's guest toolchain (`guests/build-crate.sh`).
+#[test]
+fn a_new_rust_plugin_builds_and_passes_the_kit() {
+    a_new_plugin_passes_the_kit("rust", |dir| {
+        let mut cmd = Command::new("bash");
+        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/build-crate.sh")).arg(dir);
+        cmd
+    });
+}
+
+/// Python: its own `build.sh`, with the componentize-py the setup installed.
+#[test]
+fn a_new_python_plugin_builds_and_passes_the_kit() {
+    a_new_plugin_passes_the_kit("python", |dir| {
+        let mut cmd = Command::new(dir.join("build.sh"));
+        cmd.env("COMPONENTIZE_PY", tools_dir().join("py/bin/componentize-py"));
+        cmd
+    });
+}
+
+/// JavaScript: its own `build.sh`, with the componentize-js (the same lock)
+/// the setup installed for `guests/redis-rdb-js`.
+#[test]
+fn a_new_javascript_plugin_builds_and_passes_the_kit() {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/redis-rdb-js/node_modules");
+    let modules = [here, tools_dir().join("js/node_modules")]
+        .into_iter()
+        .find(|m| m.join(".bin/componentize-js").exists())
+        .expect("componentize-js is installed (tests/setup.sh)");
+    a_new_plugin_passes_the_kit("js", |dir| {
+        let mut cmd = Command::new(dir.join("build.sh"));
+        cmd.env("FERRY_JS_MODULES", modules);
+        cmd
+    });
 }

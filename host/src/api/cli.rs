@@ -264,7 +264,8 @@ pub enum PluginCommand {
     New {
         /// The engine's name (1-64 of a-z, 0-9, -).
         name: String,
-        #[arg(long, default_value = "rust", value_parser = ["rust"])]
+        /// The plugin's language.
+        #[arg(long, default_value = "rust", value_parser = crate::api::new_plugin::LANGS)]
         lang: String,
         /// Where to write it (default: ./NAME); must not exist.
         #[arg(long)]
@@ -526,7 +527,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
             let written = crate::api::new_plugin::write(&name, &lang, &dir)?;
             println!("plugin {name} written to {}: {}", dir.display(), written.join(", "));
-            println!("build: cd {} && cargo build --release --target wasm32-wasip2 (see README.md)", dir.display());
+            let build = match lang.as_str() {
+                "rust" => "cargo build --release --target wasm32-wasip2",
+                _ => "./build.sh",
+            };
+            println!("build: cd {} && {build} (see README.md)", dir.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugin(PluginCommand::Test { file, shard_dir, mutate, repeat, runtime, json }) => {
