@@ -15,6 +15,7 @@ pub mod conformance;
 pub mod consensus;
 pub mod http;
 pub mod install;
+pub mod metrics;
 pub mod node;
 pub mod plugin;
 pub mod relpath;

@@ -146,6 +146,7 @@ async fn handle(node: &Node, req: Request<Incoming>, info: &ConnInfo) -> Respons
     }
     match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "health"]) => health(node),
+        (&Method::GET, ["metrics"]) => metrics(node, &req),
         (&Method::GET, ["v1", "plugins"]) => plugins(node),
         (&Method::POST, ["v1", "plugins"]) => match read_body_and_query(node, req).await {
             Err(response) => response,
@@ -306,6 +307,18 @@ fn health(node: &Node) -> Response<Body> {
             json_response(StatusCode::SERVICE_UNAVAILABLE, &body)
         }
     }
+}
+
+/// Prometheus's scrape: the node's metrics (needs the `read` credential),
+/// in OpenMetrics or the classic text format, as the scraper accepts.
+fn metrics(node: &Node, req: &Request<Incoming>) -> Response<Body> {
+    let accept = req.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let (content_type, text) = crate::node::metrics::exposition(node, accept);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .body(crate::http::full(text))
+        .expect("valid response")
 }
 
 fn plugins(node: &Node) -> Response<Body> {

@@ -635,6 +635,21 @@ impl Consensus {
         }
     }
 
+    /// Time since this node last knew a leader (see [`Consensus::health`]).
+    pub fn leader_seen_age(&self) -> Duration {
+        self.leader_seen.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
+    }
+
+    /// On the leader: the last log index each member's log matches (`None`:
+    /// nothing yet); empty elsewhere.
+    pub fn replication(&self) -> Vec<(NodeId, Option<u64>)> {
+        let metrics = self.raft().metrics().borrow().clone();
+        match metrics.replication {
+            Some(members) => members.iter().map(|(id, log)| (*id, log.map(|l| l.index))).collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// Whether this node can serve writes: Raft runs and a leader has been
     /// known (leading: confirmed by a quorum) within [`LEADERLESS_BOUND`].
     pub fn health(&self) -> Health {

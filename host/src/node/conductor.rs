@@ -165,7 +165,11 @@ async fn steps(node: &Node, t: &TransferRecord) -> Result<(), String> {
     if let Some(at) = fenced_at {
         let pause_ms = unix_now_ms().saturating_sub(at);
         let over = pause_ms > node.config.pause_budget_ms;
+        let metrics = crate::metrics::global();
+        let engine = crate::metrics::Metrics::engine(&t.engine);
+        metrics.write_pause.get_or_create(&engine).observe(pause_ms as f64 / 1000.0);
         if over {
+            metrics.write_pause_over_budget.get_or_create(&engine).inc();
             tracing::warn!(transfer = %t.id, pause_ms, budget_ms = node.config.pause_budget_ms, "write pause over budget");
         } else {
             tracing::info!(transfer = %t.id, pause_ms, "cut over");

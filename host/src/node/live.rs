@@ -208,6 +208,13 @@ impl<'a> Mover<'a> {
                 Err(e) => return Err(format!("catching up: {e}")),
             }
         };
+        let labels = crate::metrics::RoundLabels {
+            engine: self.t.engine.clone(),
+            fenced: if fenced { "true" } else { "false" },
+        };
+        let metrics = crate::metrics::global();
+        metrics.catchup_rounds.get_or_create(&labels).inc();
+        metrics.catchup_round_duration.get_or_create(&labels).observe(round.elapsed.as_secs_f64());
         let record = RoundRecord {
             bytes: round.bytes,
             ms: round.elapsed.as_millis() as u64,

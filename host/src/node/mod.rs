@@ -22,6 +22,7 @@ pub mod conductor;
 pub mod cutover;
 pub mod fences;
 pub mod live;
+pub mod metrics;
 pub mod registrar;
 pub mod rollout;
 

@@ -155,6 +155,23 @@ pub enum HookErrorKind {
     Unsupported { contract: &'static str },
 }
 
+impl HookErrorKind {
+    /// A short name of the failure, for metrics' `outcome` label.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            HookErrorKind::Engine(_) => "engine_error",
+            HookErrorKind::Deadline(_) => "deadline",
+            HookErrorKind::Queued { .. } => "queued",
+            HookErrorKind::MemoryLimit { .. } => "memory_limit",
+            HookErrorKind::Panic(_) => "panic",
+            HookErrorKind::Trap(_) => "trap",
+            HookErrorKind::BadReply(_) => "bad_reply",
+            HookErrorKind::Sandbox(_) => "sandbox",
+            HookErrorKind::Unsupported { .. } => "unsupported",
+        }
+    }
+}
+
 impl HookError {
     /// The engine's own error, if the engine reported one.
     pub fn engine_error(&self) -> Option<&EngineError> {

@@ -225,6 +225,20 @@ impl Plugin {
         tracing::error_span!("plugin", plugin = %self.name(), hook = hook.name(), shard)
     }
 
+    /// Runs one hook call in its span, and counts its outcome and time.
+    async fn observed<T>(
+        &self,
+        hook: Hook,
+        shard: &str,
+        call: impl std::future::Future<Output = Result<T, HookError>>,
+    ) -> Result<T, HookError> {
+        let started = Instant::now();
+        let result = call.instrument(self.span(hook, shard)).await;
+        let outcome = result.as_ref().map_or_else(|e| e.kind.outcome(), |_| "ok");
+        crate::metrics::global().hook_call(&self.name(), hook.name(), outcome, started.elapsed());
+        result
+    }
+
     /// A fresh instance whose deadline covers queueing, instantiation and
     /// the call.
     async fn instantiate(&self, hook: Hook, dir: Option<(&Path, Access)>) -> Result<Call, HookError> {
@@ -360,11 +374,10 @@ impl Plugin {
     /// The plugin's identity.
     pub async fn describe(&self) -> Result<EngineInfo, HookError> {
         let hook = Hook::Describe;
-        async {
+        self.observed(hook, "", async {
             let call = self.instantiate(hook, None).await?;
             self.call_describe(call).await
-        }
-        .instrument(self.span(hook, ""))
+        })
         .await
     }
 
@@ -378,37 +391,35 @@ impl Plugin {
     /// The shard's current term and position; `dir` is the live shard.
     pub async fn shard_status(&self, shard: &str, dir: &Path) -> Result<ShardPosition, HookError> {
         let hook = Hook::ShardStatus;
-        async {
+        self.observed(hook, shard, async {
             let mut call = self.instantiate(hook, Some((dir, Access::ReadOnly))).await?;
             let result = each_version!(call, |b| {
                 let result = b.ferry_engine_hooks().call_shard_status(&mut call.store, shard).await;
                 result.map(|r| r.map(ShardPosition::from).map_err(EngineError::from))
             });
             self.finish(hook, call, result, Ok)
-        }
-        .instrument(self.span(hook, shard))
+        })
         .await
     }
 
     /// Plans a snapshot of the live shard in `dir`.
     pub async fn create_snapshot(&self, shard: &str, dir: &Path) -> Result<SnapshotPlan, HookError> {
         let hook = Hook::CreateSnapshot;
-        async {
+        self.observed(hook, shard, async {
             let mut call = self.instantiate(hook, Some((dir, Access::ReadOnly))).await?;
             let result = each_version!(call, |b| {
                 let result = b.ferry_engine_hooks().call_create_snapshot(&mut call.store, shard).await;
                 result.map(|r| r.map(v::plan).map_err(EngineError::from))
             });
             self.finish(hook, call, result, |plan| plan.map_err(HookErrorKind::BadReply))
-        }
-        .instrument(self.span(hook, shard))
+        })
         .await
     }
 
     /// Checks that the snapshot `meta` of the live shard in `dir` still holds.
     pub async fn term_check(&self, shard: &str, dir: &Path, meta: &SnapshotMeta) -> Result<(), HookError> {
         let hook = Hook::TermCheck;
-        async {
+        self.observed(hook, shard, async {
             let mut call = self.instantiate(hook, Some((dir, Access::ReadOnly))).await?;
             let result = each_version!(call, |b| {
                 let meta = meta.into();
@@ -416,15 +427,14 @@ impl Plugin {
                 result.map(|r| r.map_err(EngineError::from))
             });
             self.finish(hook, call, result, Ok)
-        }
-        .instrument(self.span(hook, shard))
+        })
         .await
     }
 
     /// Checks the received snapshot in the staging directory `dir`.
     pub async fn validate(&self, shard: &str, dir: &Path, meta: &SnapshotMeta) -> Result<ShardPosition, HookError> {
         let hook = Hook::Validate;
-        async {
+        self.observed(hook, shard, async {
             let mut call = self.instantiate(hook, Some((dir, Access::ReadOnly))).await?;
             let result = each_version!(call, |b| {
                 let meta = meta.into();
@@ -432,15 +442,14 @@ impl Plugin {
                 result.map(|r| r.map(ShardPosition::from).map_err(EngineError::from))
             });
             self.finish(hook, call, result, Ok)
-        }
-        .instrument(self.span(hook, shard))
+        })
         .await
     }
 
     /// Makes the validated staging directory `dir` ready to publish.
     pub async fn apply(&self, shard: &str, dir: &Path, meta: &SnapshotMeta) -> Result<(), HookError> {
         let hook = Hook::Apply;
-        async {
+        self.observed(hook, shard, async {
             let mut call = self.instantiate(hook, Some((dir, Access::ReadWrite))).await?;
             let result = each_version!(call, |b| {
                 let meta = meta.into();
@@ -448,8 +457,7 @@ impl Plugin {
                 result.map(|r| r.map_err(EngineError::from))
             });
             self.finish(hook, call, result, Ok)
-        }
-        .instrument(self.span(hook, shard))
+        })
         .await
     }
 
@@ -467,14 +475,13 @@ impl Plugin {
     /// the position the receiver holds (contract 0.2.0).
     pub async fn changes_since(&self, shard: &str, dir: &Path, since: ShardPosition) -> Result<DeltaPlan, HookError> {
         let hook = Hook::ChangesSince;
-        async {
+        self.observed(hook, shard, async {
             let mut call = self.instantiate_live(hook, dir, Access::ReadOnly).await?;
             let result =
                 live(&call.bindings).ferry_engine_live().call_changes_since(&mut call.store, shard, since.into()).await;
             let result = result.map(|r| r.map(v2::delta_plan).map_err(EngineError::from));
             self.finish(hook, call, result, |plan| plan.map_err(HookErrorKind::BadReply))
-        }
-        .instrument(self.span(hook, shard))
+        })
         .await
     }
 
@@ -482,13 +489,12 @@ impl Plugin {
     /// `meta` still describes the live shard in `dir`.
     pub async fn delta_check(&self, shard: &str, dir: &Path, meta: &DeltaMeta) -> Result<(), HookError> {
         let hook = Hook::DeltaCheck;
-        async {
+        self.observed(hook, shard, async {
             let mut call = self.instantiate_live(hook, dir, Access::ReadOnly).await?;
             let result =
                 live(&call.bindings).ferry_engine_live().call_delta_check(&mut call.store, shard, &meta.into()).await;
             self.finish(hook, call, result.map(|r| r.map_err(EngineError::from)), Ok)
-        }
-        .instrument(self.span(hook, shard))
+        })
         .await
     }
 
@@ -496,14 +502,13 @@ impl Plugin {
     /// entries durably, say `meta.until`; returns the replica's position.
     pub async fn apply_changes(&self, shard: &str, dir: &Path, meta: &DeltaMeta) -> Result<ShardPosition, HookError> {
         let hook = Hook::ApplyChanges;
-        async {
+        self.observed(hook, shard, async {
             let mut call = self.instantiate_live(hook, dir, Access::ReadWrite).await?;
             let result =
                 live(&call.bindings).ferry_engine_live().call_apply_changes(&mut call.store, shard, &meta.into()).await;
             let result = result.map(|r| r.map(ShardPosition::from).map_err(EngineError::from));
             self.finish(hook, call, result, Ok)
-        }
-        .instrument(self.span(hook, shard))
+        })
         .await
     }
 
@@ -512,25 +517,23 @@ impl Plugin {
     /// host must hold.
     pub async fn fence(&self, shard: &str, dir: &Path, epoch: u64) -> Result<FenceInfo, HookError> {
         let hook = Hook::Fence;
-        async {
+        self.observed(hook, shard, async {
             let mut call = self.instantiate_live(hook, dir, Access::ReadWrite).await?;
             let result = live(&call.bindings).ferry_engine_live().call_fence(&mut call.store, shard, epoch).await;
             let result = result.map(|r| r.map(v2::fence_info).map_err(EngineError::from));
             self.finish(hook, call, result, |info| info.map_err(HookErrorKind::BadReply))
-        }
-        .instrument(self.span(hook, shard))
+        })
         .await
     }
 
     /// Source: lifts the fence of `epoch` from the live shard in `dir`.
     pub async fn unfence(&self, shard: &str, dir: &Path, epoch: u64) -> Result<(), HookError> {
         let hook = Hook::Unfence;
-        async {
+        self.observed(hook, shard, async {
             let mut call = self.instantiate_live(hook, dir, Access::ReadWrite).await?;
             let result = live(&call.bindings).ferry_engine_live().call_unfence(&mut call.store, shard, epoch).await;
             self.finish(hook, call, result.map(|r| r.map_err(EngineError::from)), Ok)
-        }
-        .instrument(self.span(hook, shard))
+        })
         .await
     }
 
@@ -538,12 +541,11 @@ impl Plugin {
     /// for ever.
     pub async fn retire(&self, shard: &str, dir: &Path, epoch: u64) -> Result<(), HookError> {
         let hook = Hook::Retire;
-        async {
+        self.observed(hook, shard, async {
             let mut call = self.instantiate_live(hook, dir, Access::ReadWrite).await?;
             let result = live(&call.bindings).ferry_engine_live().call_retire(&mut call.store, shard, epoch).await;
             self.finish(hook, call, result.map(|r| r.map_err(EngineError::from)), Ok)
-        }
-        .instrument(self.span(hook, shard))
+        })
         .await
     }
 }

@@ -272,6 +272,8 @@ impl PluginRuntime {
         let (component, cached) = compiled.map_err(|e| fail(LoadErrorKind::Compile(error_chain(&e))))?;
         let engine = &self.shared.engine;
         let compile_time = started.elapsed();
+        let result = if cached { "hit" } else { "miss" };
+        crate::metrics::global().compile_cache.get_or_create(&crate::metrics::CacheLabels { result }).inc();
 
         let contract = find_contract(engine, &component).map_err(fail)?;
         let instance_pre =

@@ -232,7 +232,7 @@ pub fn stream_delta(prepared: PreparedDelta, mut ctx: StreamContext) -> mpsc::Re
         let PreparedDelta { preamble, data } = prepared;
         let json = serde_json::to_vec(&preamble).expect("delta preamble serializes");
         send_entry(&tx, DELTA_PATH, Bytes::from(json), None).await?;
-        let records = send_entries(&tx, data, &HashMap::new(), &ctx.rate).await?;
+        let records = send_entries(&tx, data, &HashMap::new(), &ctx).await?;
         // The last data entry is out; if the delta no longer describes the
         // shard, the receiver must not get a manifest.
         ctx.plugin

@@ -36,6 +36,7 @@ impl RateLimiter {
     pub async fn acquire(&self, bytes: u64) {
         let Some(rate) = self.rate else { return };
         let burst = (rate as f64 / 10.0).max(65536.0);
+        let mut waited: Option<Instant> = None;
         loop {
             let wait = {
                 let mut bucket = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -48,10 +49,16 @@ impl RateLimiter {
                 let need = (bytes as f64).min(burst);
                 if bucket.tokens >= need {
                     bucket.tokens -= bytes as f64;
+                    if let Some(since) = waited {
+                        let metrics = crate::metrics::global();
+                        metrics.rate_limit_waits.inc();
+                        metrics.rate_limit_wait_seconds.inc_by(since.elapsed().as_secs_f64());
+                    }
                     return;
                 }
                 Duration::from_secs_f64((need - bucket.tokens) / rate as f64)
             };
+            waited.get_or_insert_with(Instant::now);
             tokio::time::sleep(wait).await;
         }
     }

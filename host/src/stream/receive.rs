@@ -188,7 +188,7 @@ pub async fn receive(
     held: &mut Held,
     cancel: &CancellationToken,
 ) -> Result<Complete, ReceiveError> {
-    let mut writer = FileWriter::start(to.data_dir.to_owned(), to.progress.clone());
+    let mut writer = FileWriter::start(to.data_dir.to_owned(), to.progress.clone(), to.engine);
     let result = tokio::select! {
         r = unpack(reader, to, held, &mut writer) => r,
         _ = cancel.cancelled() => Err(ReceiveError::Cancelled),
@@ -587,14 +587,22 @@ pub(crate) struct FileWriter {
 }
 
 impl FileWriter {
-    pub(crate) fn start(dir: PathBuf, progress: Arc<Progress>) -> FileWriter {
+    /// Starts the writer thread for `dir`; what it writes is also counted
+    /// in `engine`'s `ferry_stream_received_*` metrics.
+    pub(crate) fn start(dir: PathBuf, progress: Arc<Progress>, engine: &str) -> FileWriter {
+        let metrics = crate::metrics::global();
+        let engine = crate::metrics::Metrics::engine(engine);
+        let counted = Counted {
+            bytes: metrics.received_bytes.get_or_create_owned(&engine),
+            files: metrics.received_files.get_or_create_owned(&engine),
+        };
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         // The queue, one chunk being written and one being filled.
         let buffers = BufferPool::new(CHUNK, WRITE_QUEUE + 2);
         let pool = buffers.clone();
         let thread = thread::Builder::new()
             .name("ferry-writer".into())
-            .spawn(move || write_files(&dir, rx, &progress, &pool))
+            .spawn(move || write_files(&dir, rx, &progress, &pool, counted))
             .expect("spawning the writer thread");
         FileWriter { tx: Some(tx), thread: Some(thread), buffers }
     }
@@ -635,8 +643,21 @@ impl FileWriter {
     }
 }
 
-fn write_files(dir: &Path, mut rx: mpsc::Receiver<WriteMsg>, progress: &Progress, pool: &BufferPool) -> WriterOutcome {
-    let mut writer = Writer { dir, progress, pool, journal: None, records: Vec::new(), current: None, made: None };
+/// The node-wide counters a writer adds to.
+struct Counted {
+    bytes: prometheus_client::metrics::counter::Counter,
+    files: prometheus_client::metrics::counter::Counter,
+}
+
+fn write_files(
+    dir: &Path,
+    mut rx: mpsc::Receiver<WriteMsg>,
+    progress: &Progress,
+    pool: &BufferPool,
+    counted: Counted,
+) -> WriterOutcome {
+    let mut writer =
+        Writer { dir, progress, counted, pool, journal: None, records: Vec::new(), current: None, made: None };
     let mut error = None;
     loop {
         let msg = match rx.try_recv() {
@@ -676,6 +697,7 @@ fn write_files(dir: &Path, mut rx: mpsc::Receiver<WriteMsg>, progress: &Progress
 struct Writer<'a> {
     dir: &'a Path,
     progress: &'a Progress,
+    counted: Counted,
     pool: &'a BufferPool,
     /// Completed files are journaled as they complete (flushed whenever the
     /// writer catches up), so a node that crashes mid-attempt resumes with
@@ -710,6 +732,7 @@ impl Writer<'_> {
             *written += bytes.len() as u64;
             self.progress.bytes_done.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             self.progress.received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            self.counted.bytes.inc_by(bytes.len() as u64);
         }
         self.pool.give_back(bytes);
         wrote
@@ -731,6 +754,7 @@ impl Writer<'_> {
         }
         self.records.push(record);
         self.progress.files_done.fetch_add(1, Ordering::Relaxed);
+        self.counted.files.inc();
         Ok(())
     }
 

@@ -348,7 +348,7 @@ async fn produce(tx: &Out, prepared: PreparedSnapshot, ctx: &StreamContext) -> R
     let PreparedSnapshot { preamble, entries, skipped } = prepared;
     let json = serde_json::to_vec(&preamble).expect("preamble serializes");
     send_entry(tx, PREAMBLE_PATH, Bytes::from(json), None).await?;
-    let records = send_entries(tx, entries, &skipped, &ctx.rate).await?;
+    let records = send_entries(tx, entries, &skipped, ctx).await?;
 
     // The last data entry is out; the archive is not finished. If the term
     // moved, the snapshot is void and the receiver must not get a manifest,
@@ -375,13 +375,19 @@ async fn produce(tx: &Out, prepared: PreparedSnapshot, ctx: &StreamContext) -> R
 }
 
 /// Sends the data entries in order (those in `skipped` only recorded), each
-/// hashed on the way; returns their records for the manifest.
+/// hashed on the way; returns their records for the manifest. What was sent
+/// is counted in the engine's `ferry_stream_sent_*` metrics.
 pub(super) async fn send_entries(
     tx: &Out,
     entries: Vec<Planned>,
     skipped: &HashMap<RelPath, FileRecord>,
-    rate: &RateLimiter,
+    ctx: &StreamContext,
 ) -> Result<Vec<FileRecord>, Produce> {
+    let rate = &*ctx.rate;
+    let metrics = crate::metrics::global();
+    let engine = crate::metrics::Metrics::engine(&ctx.plugin.name());
+    let (sent_bytes, sent_files) =
+        (metrics.sent_bytes.get_or_create_owned(&engine), metrics.sent_files.get_or_create_owned(&engine));
     // Chunks in the channel, one being read, and a few the HTTP layer holds.
     let buffers = BufferPool::new(CHUNK, IN_FLIGHT + 4);
     let mut records = Vec::with_capacity(entries.len());
@@ -407,6 +413,8 @@ pub(super) async fn send_entries(
             let (piece, batch_records) = read_batch(batch).await?;
             rate.acquire(bytes).await;
             send(tx, piece).await?;
+            sent_bytes.inc_by(bytes);
+            sent_files.inc_by(batch_records.len() as u64);
             records.extend(batch_records);
             continue;
         }
@@ -416,16 +424,20 @@ pub(super) async fn send_entries(
             Planned::Inline { contents, .. } => {
                 rate.acquire(size).await;
                 send(tx, contents.clone()).await?;
+                sent_bytes.inc_by(size);
                 Checksum(*blake3::hash(contents).as_bytes())
             }
             Planned::File { path, source, offset, .. } => {
-                send_file(tx, path, source, &[(*offset, size)], rate, &buffers).await?
+                send_file(tx, path, source, &[(*offset, size)], rate, &buffers, &sent_bytes).await?
             }
-            Planned::Ranges { path, source, ranges, .. } => send_file(tx, path, source, ranges, rate, &buffers).await?,
+            Planned::Ranges { path, source, ranges, .. } => {
+                send_file(tx, path, source, ranges, rate, &buffers, &sent_bytes).await?
+            }
         };
         if let Some(pad) = tar::padding(size) {
             send(tx, pad).await?;
         }
+        sent_files.inc();
         records.push(FileRecord { path: entry.path().clone(), size, blake3 });
     }
     Ok(records)
@@ -496,6 +508,7 @@ async fn send_file(
     ranges: &[(u64, u64)],
     rate: &RateLimiter,
     buffers: &BufferPool,
+    sent_bytes: &prometheus_client::metrics::counter::Counter,
 ) -> Result<Checksum, Produce> {
     let read_failed = |e: io::Error| Produce::Failed(failure("read", format!("{path}: {e}")));
     let source = source.to_owned();
@@ -553,8 +566,10 @@ async fn send_file(
             continue;
         }
         let chunk = buffers.lend(buf);
-        rate.acquire(chunk.len() as u64).await;
+        let n = chunk.len() as u64;
+        rate.acquire(n).await;
         send(tx, chunk).await?;
+        sent_bytes.inc_by(n);
     }
     Ok(Checksum::of(&hasher))
 }

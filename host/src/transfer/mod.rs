@@ -114,6 +114,11 @@ impl TransferManager {
         self.start_with(request, None, None)
     }
 
+    /// Incoming slots free now.
+    pub fn incoming_available(&self) -> usize {
+        self.shared.incoming.available_permits()
+    }
+
     /// Starts a transfer with a given id (a consensus transfer's) and fencing.
     pub fn start_with(
         &self,

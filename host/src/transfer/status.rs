@@ -45,6 +45,21 @@ pub enum Stage {
     Done,
 }
 
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Queued => "queued",
+            Stage::Connecting => "connecting",
+            Stage::Streaming => "streaming",
+            Stage::Verifying => "verifying",
+            Stage::Validating => "validating",
+            Stage::Applying => "applying",
+            Stage::Publishing => "publishing",
+            Stage::Done => "done",
+        }
+    }
+}
+
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();

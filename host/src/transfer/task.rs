@@ -216,8 +216,28 @@ pub async fn run(shared: Arc<Shared>, transfer: Arc<Transfer>) {
             }
             Err(Ended::Cancelled) => inner.state = State::Cancelled,
         }
+        record_metrics(&transfer.request.engine, &inner);
     }
     transfer.done.send_replace(true);
+}
+
+/// A finished transfer in the node's metrics: its outcome, its time from
+/// creation (the stages' times add up to it), and each stage's time.
+fn record_metrics(engine: &str, inner: &Inner) {
+    use crate::metrics::{OutcomeLabels, StageLabels};
+    let metrics = crate::metrics::global();
+    let outcome = match inner.state {
+        State::Succeeded => "succeeded",
+        State::Cancelled => "cancelled",
+        _ => "failed",
+    };
+    let labels = OutcomeLabels { engine: engine.to_owned(), outcome };
+    metrics.transfers_finished.get_or_create(&labels).inc();
+    let total: u64 = inner.stage_ms.iter().map(|(_, ms)| ms).sum();
+    metrics.transfer_duration.get_or_create(&labels).observe(total as f64 / 1000.0);
+    for (stage, ms) in &inner.stage_ms {
+        metrics.stage_duration.get_or_create(&StageLabels { stage: stage.name() }).observe(*ms as f64 / 1000.0);
+    }
 }
 
 /// Pulls, checks and installs one transfer's snapshot.
