@@ -23,6 +23,26 @@ pub fn all() -> Vec<Box<dyn TestEngine>> {
 
 pub struct SegmentLog;
 
+impl SegmentLog {
+    /// Asserts `copy` is a whole shard that holds every record and segment
+    /// of `original`, whatever its term (a live move's replica published
+    /// before the fenced round is a term behind a fenced source until its
+    /// last round); returns the copy's term.
+    pub fn assert_same_data(&self, original: &Path, copy: &Path) -> u64 {
+        let summary = check_shard(copy).unwrap_or_else(|e| panic!("{}: {e}", copy.display()));
+        let source = Control::read(original).unwrap();
+        // A live move's fence history is the replica's own, not the shard's.
+        let shard = |c: Control| Control { live: Default::default(), term: 0, ..c };
+        assert_eq!(shard(summary.control.clone()), shard(source.clone()), "control files differ");
+        for index in source.segments() {
+            let name = segment_name(index);
+            let (a, b) = (std::fs::read(original.join(&name)).unwrap(), std::fs::read(copy.join(&name)).unwrap());
+            assert!(a == b, "{name} differs");
+        }
+        summary.control.term
+    }
+}
+
 impl TestEngine for SegmentLog {
     fn name(&self) -> &'static str {
         "segment-log"
@@ -33,24 +53,11 @@ impl TestEngine for SegmentLog {
     }
 
     fn assert_same(&self, original: &Path, copy: &Path) {
-        let summary = check_shard(copy).unwrap_or_else(|e| panic!("{}: {e}", copy.display()));
+        let copy_term = self.assert_same_data(original, copy);
         let source = Control::read(original).unwrap();
-        // A live move's fence history is the replica's own, not the shard's,
-        // and its fence moves the term: the copy's term is at least the
-        // original's; everything else, and every record, is the same.
-        let shard = |c: Control| Control { live: Default::default(), term: 0, ..c };
-        assert_eq!(shard(summary.control), shard(source), "control files differ");
-        assert!(
-            summary.control.term >= source.term,
-            "the copy's term {} is behind the original's {}",
-            summary.control.term,
-            source.term
-        );
-        for index in source.segments() {
-            let name = segment_name(index);
-            let (a, b) = (std::fs::read(original.join(&name)).unwrap(), std::fs::read(copy.join(&name)).unwrap());
-            assert!(a == b, "{name} differs");
-        }
+        // A live move's fence moves the term: the copy's term is at least
+        // the original's.
+        assert!(copy_term >= source.term, "the copy's term {copy_term} is behind the original's {}", source.term);
     }
 
     fn write(&self, dir: &Path) {
