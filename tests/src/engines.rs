@@ -33,7 +33,7 @@ impl SegmentLog {
         let source = Control::read(original).unwrap();
         // A live move's fence history is the replica's own, not the shard's.
         let shard = |c: Control| Control { live: Default::default(), term: 0, ..c };
-        assert_eq!(shard(summary.control.clone()), shard(source.clone()), "control files differ");
+        assert_eq!(shard(summary.control), shard(source), "control files differ");
         for index in source.segments() {
             let name = segment_name(index);
             let (a, b) = (std::fs::read(original.join(&name)).unwrap(), std::fs::read(copy.join(&name)).unwrap());

@@ -105,6 +105,8 @@ pub struct NodeOptions {
     pub extra_plugins: Vec<PathBuf>,
     /// Append the node's log (its stderr) to this file instead of the test's.
     pub log_file: Option<PathBuf>,
+    /// Leave the log filter to `ferry serve`'s default (no `FERRY_LOG`).
+    pub default_log_level: bool,
 }
 
 impl NodeOptions {
@@ -186,16 +188,19 @@ impl TestNode {
             .arg(&self.data_dir)
             .arg("--plugins-dir")
             .arg(&self.plugins_dir)
-            .args(&options.args)
-            .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn,openraft=off".into()))
-            .stdout(Stdio::piped())
-            .stderr(match &options.log_file {
-                Some(path) => {
-                    let file = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
-                    Stdio::from(file)
-                }
-                None => Stdio::inherit(),
-            });
+            .args(&options.args);
+        if options.default_log_level {
+            cmd.env_remove("FERRY_LOG");
+        } else {
+            cmd.env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn,openraft=off".into()));
+        }
+        cmd.stdout(Stdio::piped()).stderr(match &options.log_file {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+                Stdio::from(file)
+            }
+            None => Stdio::inherit(),
+        });
         if options.log_file.is_some() {
             // Plain text in the file, for tests to read.
             cmd.env("NO_COLOR", "1");

@@ -19,12 +19,24 @@ use crate::plugin::{
 };
 use crate::transfer::{State, TransferStatus};
 
+/// `ferry --version`: the build and the plugin contracts it loads
+/// ([`crate::plugin::CONTRACTS`], which a unit test holds it to).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (plugin contracts ferry:engine@0.1.0,ferry:engine@0.2.0)");
+
 #[derive(Parser, Debug)]
-#[command(name = "ferry", version, about = "Moves replicas of shards between nodes, for any storage engine")]
+#[command(
+    name = "ferry",
+    version = VERSION,
+    about = "Moves replicas of shards between nodes, for any storage engine"
+)]
 pub struct Cli {
-    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `ferry=debug`.
-    #[arg(long, global = true, env = "FERRY_LOG", default_value = "warn")]
-    pub log: String,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `ferry=debug`
+    /// [default: `info` for `serve`, `warn` for the other commands].
+    #[arg(long, global = true, env = "FERRY_LOG")]
+    pub log: Option<String>,
+    /// Log lines as text, or as one JSON object per line (for log shippers).
+    #[arg(long, global = true, env = "FERRY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -460,14 +472,29 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// Logs to stderr: `serve` at `info` unless told otherwise (a line per
+/// transfer state change), the other commands at `warn` (their output is
+/// the answer); text or JSON lines.
+fn init_logging(cli: &Cli) {
+    let default = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
+    let wanted = cli.log.as_deref().unwrap_or(default);
+    let filter = tracing_subscriber::EnvFilter::try_new(wanted).unwrap_or_else(|e| {
+        eprintln!("warning: bad --log filter {wanted:?} ({e}); using {default:?}");
+        tracing_subscriber::EnvFilter::new(default)
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        // Spans' fields (a plugin line's plugin, hook and shard) go in each line.
+        builder.json().with_current_span(true).with_span_list(false).init();
+    } else {
+        builder.init();
+    }
+}
+
 /// The `ferry` binary: parses the command line, sets up logging, runs.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
-        eprintln!("warning: bad --log filter {:?} ({e}); using \"warn\"", cli.log);
-        tracing_subscriber::EnvFilter::new("warn")
-    });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -1173,6 +1200,13 @@ async fn call_hook(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_version_names_every_contract_the_host_loads() {
+        let all: Vec<&str> = crate::plugin::ContractVersion::ALL.iter().map(|c| c.package()).collect();
+        assert_eq!(crate::plugin::CONTRACTS, all.join(","));
+        assert_eq!(VERSION, format!("{} (plugin contracts {})", env!("CARGO_PKG_VERSION"), crate::plugin::CONTRACTS));
+    }
 
     #[test]
     fn sizes() {

@@ -102,7 +102,7 @@ fn render(node: &Node) -> String {
     // An info metric the classic way (a gauge at 1), which every parser of
     // the text format reads.
     let build = Family::<BuildLabels, Gauge>::default();
-    let labels = BuildLabels { version: env!("CARGO_PKG_VERSION"), contracts: "ferry:engine@0.1.0,ferry:engine@0.2.0" };
+    let labels = BuildLabels { version: env!("CARGO_PKG_VERSION"), contracts: crate::plugin::CONTRACTS };
     build.get_or_create(&labels).set(1);
     registry.register("ferry_build_info", "The ferry build and the plugin contracts it loads (1)", build);
     let mut text = String::new();

@@ -40,7 +40,13 @@ pub enum ContractVersion {
     V0_2_0,
 }
 
+/// Every contract version this host loads, as `ferry --version` and the
+/// `ferry_build_info` metric show them.
+pub const CONTRACTS: &str = "ferry:engine@0.1.0,ferry:engine@0.2.0";
+
 impl ContractVersion {
+    pub const ALL: [ContractVersion; 2] = [ContractVersion::V0_1_0, ContractVersion::V0_2_0];
+
     pub fn package(self) -> &'static str {
         match self {
             ContractVersion::V0_1_0 => "ferry:engine@0.1.0",

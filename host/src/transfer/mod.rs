@@ -157,6 +157,11 @@ impl TransferManager {
         let transfer = Arc::new(Transfer::new(request, id, fencing).with_plugin(plugin));
         transfers.insert(transfer.id.clone(), transfer.clone());
         drop(transfers);
+        let r = &transfer.request;
+        tracing::info!(
+            transfer = %transfer.id, engine = %r.engine, shard = %r.shard, source = %crate::http::redacted(&r.source),
+            "transfer queued"
+        );
         tokio::spawn(task::run(self.shared.clone(), transfer.clone()));
         Ok(transfer.status())
     }

@@ -104,13 +104,17 @@ impl Transfer {
     fn set_stage(&self, stage: Stage) {
         let mut inner = self.inner();
         inner.close_stage();
+        if inner.state != State::Running {
+            let r = &self.request;
+            tracing::info!(transfer = %self.id, engine = %r.engine, shard = %r.shard, "transfer running");
+        }
         inner.state = State::Running;
         inner.stage = stage;
         if stage == Stage::Streaming && inner.streaming_since.is_none() {
             inner.streaming_since = Some(Instant::now());
         }
         inner.updated_at = unix_now();
-        tracing::info!(transfer = %self.id, shard = %self.request.shard, %stage, "stage");
+        tracing::info!(transfer = %self.id, engine = %self.request.engine, shard = %self.request.shard, %stage, "stage");
     }
 
     /// Resolves once the transfer has ended and cleaned up.
@@ -210,15 +214,32 @@ pub async fn run(shared: Arc<Shared>, transfer: Arc<Transfer>) {
                 inner.stage = Stage::Done;
             }
             Err(Ended::Failed(error)) => {
-                tracing::warn!(transfer = %transfer.id, shard = %transfer.request.shard, "failed: {error}");
                 inner.state = State::Failed;
                 inner.error = Some(error);
             }
             Err(Ended::Cancelled) => inner.state = State::Cancelled,
         }
+        log_end(&transfer, &inner);
         record_metrics(&transfer.request.engine, &inner);
     }
     transfer.done.send_replace(true);
+}
+
+/// One line for a transfer's end: its state, bytes received and time.
+fn log_end(transfer: &Transfer, inner: &Inner) {
+    let (id, r) = (&transfer.id, &transfer.request);
+    let bytes = transfer.progress.received.load(std::sync::atomic::Ordering::Relaxed);
+    let duration_ms: u64 = inner.stage_ms.iter().map(|(_, ms)| ms).sum();
+    let (engine, shard, attempts) = (&r.engine, &r.shard, inner.attempts);
+    match (inner.state, &inner.error) {
+        (State::Failed, Some(error)) => tracing::warn!(
+            transfer = %id, %engine, %shard, bytes, duration_ms, attempts, %error, "transfer failed"
+        ),
+        (State::Cancelled, _) => {
+            tracing::info!(transfer = %id, %engine, %shard, bytes, duration_ms, "transfer cancelled")
+        }
+        _ => tracing::info!(transfer = %id, %engine, %shard, bytes, duration_ms, attempts, "transfer succeeded"),
+    }
 }
 
 /// A finished transfer in the node's metrics: its outcome, its time from
