@@ -5,7 +5,7 @@
 # - Debian packages: rustc-web, cargo-web, rust-web-src (Rust 1.96 with std
 #   sources, for -Zbuild-std to wasm32-wasip2), lld-22 (wasm-ld), wasi-libc;
 #   sqlite3 (test oracle); prometheus (promtool and a real server for the
-#   metrics tests).
+#   metrics tests); systemd (systemd-analyze verify of the unit).
 # - wasm-component-ld from crates.io, into $FERRY_TOOLS_DIR.
 # - componentize-py from PyPI (a venv in $FERRY_TOOLS_DIR) and lmdb-utils
 #   (the LMDB plugin's test oracle): guests/lmdb-py/build.sh.
@@ -19,7 +19,7 @@ TOOLS=${FERRY_TOOLS_DIR:-$HOME/.local/share/ferry/tools}
 WASM_COMPONENT_LD_VERSION=0.5.31
 LLVM_MAJOR=22
 MIN_RUSTC_WEB=1.96
-APT_PKGS="rustc-web cargo-web rust-web-src lld-$LLVM_MAJOR wasi-libc sqlite3 python3 python3-venv prometheus"
+APT_PKGS="rustc-web cargo-web rust-web-src lld-$LLVM_MAJOR wasi-libc sqlite3 python3 python3-venv prometheus systemd"
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 say() { echo "setup: $*"; }

@@ -54,6 +54,15 @@ pub enum Command {
     /// Cluster membership and status.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Node configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script (e.g. `ferry completions bash >
+    /// /etc/bash_completion.d/ferry`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// The replica table (from any node).
     Shards {
         #[command(flatten)]
@@ -117,7 +126,8 @@ pub enum ClusterCommand {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// TOML configuration file; flags override it.
+    /// TOML configuration file; flags override it [default: FERRY_CONFIG,
+    /// $XDG_CONFIG_HOME/ferry/ferry.toml or /etc/ferry/ferry.toml, if one exists].
     #[arg(long)]
     pub config: Option<PathBuf>,
     #[arg(long)]
@@ -181,28 +191,70 @@ pub struct ServeArgs {
     pub stall_timeout: Option<u64>,
 }
 
-/// Where a node's API is, and its token.
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Check a node's TOML config as `ferry serve` would read it (unknown
+    /// keys, ranges, conflicting settings); exit 0 when it is sound.
+    Check {
+        /// The file [default: the one `ferry serve` would find].
+        file: Option<PathBuf>,
+    },
+}
+
+/// Where a node's API is, and its token. What is not given comes from the
+/// local node's config (`FERRY_CONFIG`, `$XDG_CONFIG_HOME/ferry/ferry.toml`
+/// or `/etc/ferry/ferry.toml`): its listen address, and a token file it
+/// names or keeps in its data dir, when readable.
 #[derive(Args, Debug, Clone)]
 pub struct NodeArgs {
-    /// Base URL of the node, e.g. http://127.0.0.1:7070.
-    #[arg(long, env = "FERRY_NODE", default_value = "http://127.0.0.1:7070")]
-    pub node: String,
-    /// File holding the API token.
+    /// Base URL of the node [default: the local config's listen address,
+    /// else http://127.0.0.1:7070].
+    #[arg(long, env = "FERRY_NODE")]
+    pub node: Option<String>,
+    /// File holding the API token [default: the local node's, when readable].
     #[arg(long, env = "FERRY_TOKEN_FILE")]
-    pub token_file: PathBuf,
-    /// The cluster CA certificate, to verify an https:// node.
+    pub token_file: Option<PathBuf>,
+    /// The cluster CA certificate, to verify an https:// node [default: the
+    /// local config's].
     #[arg(long, env = "FERRY_CA_FILE")]
     pub ca_file: Option<PathBuf>,
 }
 
 impl NodeArgs {
     fn client(&self) -> anyhow::Result<ApiClient> {
-        let token = read_token(&self.token_file, false)?;
-        let client = match &self.ca_file {
-            Some(ca) => crate::http::tls_client(crate::http::tls::client_config(ca, None)?),
-            None => crate::http::client(),
+        let local = match (&self.node, &self.token_file) {
+            (Some(_), Some(_)) => None,
+            _ => crate::node::config::conventional_path()?.map(|p| Config::load(&p).map(|c| (p, c))).transpose()?,
         };
-        Ok(ApiClient::with_client(client, &self.node, token))
+        let node = match (&self.node, &local) {
+            (Some(node), _) => node.clone(),
+            (None, Some((_, config))) => config.api_url()?,
+            (None, None) => "http://127.0.0.1:7070".to_owned(),
+        };
+        let token = match (&self.token_file, &local) {
+            (Some(file), _) => read_token(file, false)?,
+            (None, Some((path, config))) => {
+                let files = config.client_token_files();
+                let readable = files.iter().find_map(|f| read_token(f, false).ok());
+                readable.ok_or_else(|| {
+                    let tried: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                    anyhow::anyhow!(
+                        "no readable token among the local node's ({}, from {}): give --token-file",
+                        tried.join(", "),
+                        path.display()
+                    )
+                })?
+            }
+            (None, None) => bail!("give --token-file (or FERRY_TOKEN_FILE): no local node config was found"),
+        };
+        let ca = self.ca_file.clone().or_else(|| local.as_ref()?.1.tls.as_ref().map(|t| t.ca_file.clone()));
+        let client = match &ca {
+            Some(ca) if node.starts_with("https://") => {
+                crate::http::tls_client(crate::http::tls::client_config(ca, None)?)
+            }
+            _ => crate::http::client(),
+        };
+        Ok(ApiClient::with_client(client, &node, token))
     }
 }
 
@@ -517,6 +569,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(*args).await,
         Command::Transfer(command) => transfer(command).await,
         Command::Cluster(command) => cluster(command).await,
+        Command::Config(ConfigCommand::Check { file }) => config_check(file),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Shards { node, json } => {
             let rows: Vec<serde_json::Value> = node.client()?.call(hyper::Method::GET, "/v1/shards", None).await?;
             if json {
@@ -818,8 +876,35 @@ async fn conformance_test(
     Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// `ferry config check`: loads and checks a config; prints what it sets.
+fn config_check(file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let Some(path) = file.map_or_else(crate::node::config::conventional_path, |f| Ok(Some(f)))? else {
+        bail!("no config file given, and none at $XDG_CONFIG_HOME/ferry/ferry.toml or /etc/ferry/ferry.toml");
+    };
+    let config = Config::load(&path)?;
+    config.check().with_context(|| format!("config {}", path.display()))?;
+    let auth = match (&config.auth, &config.token_file) {
+        (Some(_), _) => "scoped tokens ([auth])".to_owned(),
+        (None, Some(file)) => format!("one token, {}", file.display()),
+        (None, None) => format!("one token, {}", config.data_dir.join("state/token").display()),
+    };
+    println!(
+        "{}: ok: node {} on {} ({}), data in {}, {auth}",
+        path.display(),
+        config.node_id,
+        config.listen,
+        if config.tls.is_some() { "TLS" } else { "plain HTTP" },
+        config.data_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let mut config = match &args.config {
+    let path = match args.config.clone() {
+        Some(path) => Some(path),
+        None => crate::node::config::conventional_path()?,
+    };
+    let mut config = match &path {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
@@ -888,6 +973,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     println!("ferry node {} listening on {} (engines: {})", node.config.node_id, node.addr(), engines.join(", "));
     use std::io::Write as _;
     std::io::stdout().flush()?;
+    let ready = format!("READY=1\nSTATUS=listening on {} (engines: {})", node.addr(), engines.join(", "));
+    crate::api::sd_notify::notify(&ready);
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let signals = shutdown.clone();
@@ -902,6 +989,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     tokio::spawn(crate::node::registrar::run(node.clone(), shutdown.clone()));
     tokio::spawn(crate::node::conductor::run(node.clone(), shutdown.clone()));
     crate::api::server::serve(node.clone(), listener, shutdown).await?;
+    crate::api::sd_notify::notify("STOPPING=1");
     node.consensus.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }

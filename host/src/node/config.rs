@@ -107,7 +107,49 @@ impl Default for Config {
     }
 }
 
+/// Where a node's configuration is looked for when none is named: the
+/// environment's `FERRY_CONFIG` (which must exist), else the first of
+/// `$XDG_CONFIG_HOME/ferry/ferry.toml` (`~/.config/ferry/ferry.toml`) and
+/// `/etc/ferry/ferry.toml` that exists.
+pub fn conventional_path() -> anyhow::Result<Option<PathBuf>> {
+    if let Some(path) = std::env::var_os("FERRY_CONFIG") {
+        let path = PathBuf::from(path);
+        anyhow::ensure!(path.is_file(), "FERRY_CONFIG names {}, which is not a file", path.display());
+        return Ok(Some(path));
+    }
+    let xdg = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")));
+    let candidates =
+        xdg.map(|dir| dir.join("ferry/ferry.toml")).into_iter().chain([PathBuf::from("/etc/ferry/ferry.toml")]);
+    Ok(candidates.into_iter().find(|p| p.is_file()))
+}
+
 impl Config {
+    /// The base URL a client on this machine reaches the node's API at: its
+    /// listen address (a wildcard address as loopback), `https` with TLS.
+    pub fn api_url(&self) -> anyhow::Result<String> {
+        let mut addr = self.listen;
+        anyhow::ensure!(addr.port() != 0, "the config listens on port 0: give the node's URL (--node)");
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+        }
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        Ok(format!("{scheme}://{addr}"))
+    }
+
+    /// The token files a client on this machine may use, most capable first:
+    /// the one-for-every-scope token (configured, or the node's own in its
+    /// data dir), then the admin and the read token.
+    pub fn client_token_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        match &self.auth {
+            None => files.push(self.token_file.clone().unwrap_or_else(|| self.data_dir.join("state/token"))),
+            Some(auth) => files.extend(auth.admin_token_file.iter().chain(&auth.read_token_file).cloned()),
+        }
+        files
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("config {}", path.display()))
