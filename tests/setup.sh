@@ -5,7 +5,8 @@
 # - Debian packages: rustc-web, cargo-web, rust-web-src (Rust 1.96 with std
 #   sources, for -Zbuild-std to wasm32-wasip2), lld-22 (wasm-ld), wasi-libc;
 #   sqlite3 (test oracle); prometheus (promtool and a real server for the
-#   metrics tests); systemd (systemd-analyze verify of the unit).
+#   metrics tests); systemd (systemd-analyze verify of the unit); chromium
+#   (the operator page's browser test, with playwright-core from npm).
 # - wasm-component-ld from crates.io, into $FERRY_TOOLS_DIR.
 # - componentize-py from PyPI (a venv in $FERRY_TOOLS_DIR) and lmdb-utils
 #   (the LMDB plugin's test oracle): guests/lmdb-py/build.sh.
@@ -19,7 +20,7 @@ TOOLS=${FERRY_TOOLS_DIR:-$HOME/.local/share/ferry/tools}
 WASM_COMPONENT_LD_VERSION=0.5.31
 LLVM_MAJOR=22
 MIN_RUSTC_WEB=1.96
-APT_PKGS="rustc-web cargo-web rust-web-src lld-$LLVM_MAJOR wasi-libc sqlite3 python3 python3-venv prometheus systemd"
+APT_PKGS="rustc-web cargo-web rust-web-src lld-$LLVM_MAJOR wasi-libc sqlite3 python3 python3-venv prometheus systemd chromium"
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 say() { echo "setup: $*"; }
@@ -57,4 +58,11 @@ say "building the Python (LMDB) plugin"
 "$ROOT/guests/lmdb-py/build.sh"
 say "building the JavaScript (Redis RDB) plugin"
 "$ROOT/guests/redis-rdb-js/build.sh" >/dev/null
+# The operator page's browser test: playwright-core (pinned by its lock)
+# drives Debian's Chromium.
+pin=$(sed -n 's/.*"playwright-core": "\(.*\)".*/\1/p' "$ROOT/tests/ui/package.json")
+if ! grep -qs "\"version\": \"$pin\"" "$ROOT/tests/ui/node_modules/playwright-core/package.json"; then
+  say "npm ci in tests/ui (playwright-core)"
+  (cd "$ROOT/tests/ui" && npm ci --no-audit --no-fund >/dev/null)
+fi
 say "ok"

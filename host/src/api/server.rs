@@ -77,6 +77,9 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: Cancellatio
 /// What an endpoint needs from the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Need {
+    /// The operator page's own HTML: holds no data (its script asks for a
+    /// token, and calls the API with it).
+    Nothing,
     Scope(Scope),
     /// Membership: an operator's, or a member leaving through its leader.
     AdminOrNode,
@@ -99,6 +102,7 @@ fn need(method: &Method, path: &[&str]) -> Need {
         | (&Method::DELETE, ["v1", "plugins", _, _])
         | (&Method::POST, ["v1", "transfers"])
         | (&Method::DELETE, ["v1", "transfers", _]) => Need::Scope(Admin),
+        (&Method::GET, ["ui"]) => Need::Nothing,
         _ => Need::Scope(Read),
     }
 }
@@ -107,6 +111,9 @@ fn need(method: &Method, path: &[&str]) -> Need {
 /// node credential also needs the connection's client certificate from the
 /// cluster CA.
 fn authorize(node: &Node, req: &Request<Incoming>, info: &ConnInfo, need: Need) -> Result<(), Response<Body>> {
+    if let Need::Nothing = need {
+        return Ok(());
+    }
     let token = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
     let Some(grant) = token.and_then(|t| node.credentials.check(t)) else {
         let mut response = error_response(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token");
@@ -125,6 +132,7 @@ fn authorize(node: &Node, req: &Request<Incoming>, info: &ConnInfo, need: Need) 
         }
     };
     match need {
+        Need::Nothing => Ok(()),
         Need::Scope(Scope::Node) => as_node(grant),
         Need::AdminOrNode if grant.admin => Ok(()),
         Need::AdminOrNode => as_node(grant),
@@ -147,6 +155,7 @@ async fn handle(node: &Node, req: Request<Incoming>, info: &ConnInfo) -> Respons
     match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "health"]) => health(node),
         (&Method::GET, ["metrics"]) => metrics(node, &req),
+        (&Method::GET, ["ui"]) => ui(),
         (&Method::GET, ["v1", "plugins"]) => plugins(node),
         (&Method::POST, ["v1", "plugins"]) => match read_body_and_query(node, req).await {
             Err(response) => response,
@@ -307,6 +316,24 @@ fn health(node: &Node) -> Response<Body> {
             json_response(StatusCode::SERVICE_UNAVAILABLE, &body)
         }
     }
+}
+
+/// The operator page: one embedded HTML file (no build step, nothing fetched
+/// from elsewhere), which polls `/v1/cluster`, `/v1/transfers` and
+/// `/v1/shards` every second with the token the operator gives it.
+fn ui() -> Response<Body> {
+    const PAGE: &str = include_str!("ui/index.html");
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(hyper::header::CONTENT_TYPE, "text/html; charset=utf-8")
+        // Its script and style are inline; nothing else may load or frame it.
+        .header(
+            "content-security-policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
+        )
+        .header("x-content-type-options", "nosniff")
+        .body(crate::http::full(PAGE))
+        .expect("valid response")
 }
 
 /// Prometheus's scrape: the node's metrics (needs the `read` credential),
