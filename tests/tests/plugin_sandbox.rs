@@ -280,3 +280,20 @@ async fn a_budget_below_the_memory_limit_is_refused() {
 fn meta() -> ferry::plugin::SnapshotMeta {
     ferry::plugin::SnapshotMeta { term: 1, position: 1, attributes: vec![] }
 }
+
+/// The hook-call benchmark's warm instance (`cargo bench --bench plugin`)
+/// gives each call a deadline of its own: before, the deadline set at
+/// instantiation expired while criterion kept calling, and the benchmark
+/// died with `wasm trap: interrupt` (issue 13).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_benchmark_instance_gets_a_deadline_per_call() {
+    let deadlines = HookDeadlines { describe: Duration::from_millis(100), ..HookDeadlines::default() };
+    let runtime = PluginRuntime::new(RuntimeConfig { deadlines, ..RuntimeConfig::default() }).unwrap();
+    let plugin = runtime.load(Path::new(plugins::SEGMENT_LOG)).await.unwrap();
+    let mut warm = ferry::plugin::BenchInstance::new(&plugin).await.unwrap();
+    // Well past the deadline the instance was made with.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..3 {
+        assert_eq!(warm.describe().await.unwrap(), "segment-log");
+    }
+}

@@ -559,17 +559,25 @@ impl Plugin {
 /// A live instance kept across calls, for measuring call overhead apart from
 /// instantiation. Production code never reuses instances.
 #[doc(hidden)]
-pub struct BenchInstance(Call);
+pub struct BenchInstance(Call, std::time::Duration);
 
 impl BenchInstance {
     /// Instantiates the plugin once (what every hook call pays first).
     pub async fn new(plugin: &Plugin) -> Result<BenchInstance, HookError> {
-        Ok(BenchInstance(plugin.instantiate(Hook::Describe, None).await?))
+        let deadline = plugin.shared.config.deadlines.get(Hook::Describe);
+        Ok(BenchInstance(plugin.instantiate(Hook::Describe, None).await?, deadline))
     }
 
-    /// One typed call of `describe` on this warm instance.
+    /// One typed call of `describe` on this warm instance, with a deadline
+    /// of its own: a production call's deadline starts at its instantiation,
+    /// and a warm instance outlives it (a benchmark calls it for seconds).
     pub async fn describe(&mut self) -> wasmtime::Result<String> {
+        let deadline = Instant::now() + self.1;
         let Call { store, bindings, .. } = &mut self.0;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+        });
         Ok(match bindings {
             Bindings::V1(b) => b.ferry_engine_hooks().call_describe(store).await?.name,
             Bindings::V2(b) => b.ferry_engine_hooks().call_describe(store).await?.name,
