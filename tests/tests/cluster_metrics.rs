@@ -131,7 +131,7 @@ fn encode(s: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_a_cluster_and_sees_a_transfer_move_bytes() {
-    let options = NodeOptions { args: vec!["--rate-limit".into(), "8M".into()], ..Default::default() };
+    let options = NodeOptions { args: vec!["--rate-limit".into(), "4M".into()], ..Default::default() };
     let cluster = TestCluster::start_with(&["m1", "m2", "m3"], options).await;
     cluster.wait_agreement(WITHIN).await;
     let [m1, m2, _] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
@@ -161,7 +161,7 @@ async fn prometheus_scrapes_a_cluster_and_sees_a_transfer_move_bytes() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    // 40 MiB at 8 MiB/s: about five seconds, several scrapes.
+    // 40 MiB at 4 MiB/s: about ten seconds, several scrapes.
     let body = json!({"engine": "segment-log", "shard": "big", "source": "m1", "target": "m2"});
     let started: TransferStatus = m1.api().call(Method::POST, "/v1/transfers", Some(&body)).await.unwrap();
     let received = "sum(ferry_stream_received_bytes_total{job=\"ferry\",engine=\"segment-log\"})";
