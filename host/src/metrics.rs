@@ -223,6 +223,8 @@ impl Metrics {
             family.get_or_create(&labels).inc_by(0);
         }
         self.write_pause_over_budget.get_or_create(&labels).inc_by(0);
+        // The outcomes of `OutcomeLabels` (`transfer::State`'s final names;
+        // this module sits below `transfer`).
         for outcome in ["succeeded", "failed", "cancelled"] {
             self.transfers_finished.get_or_create(&OutcomeLabels { engine: engine.to_owned(), outcome }).inc_by(0);
         }

@@ -144,6 +144,15 @@ pub mod kit {
         (out.status.success(), report, checks)
     }
 
+    /// A compiled-plugin cache under the workspace's `target/`, shared by
+    /// the kit and the nodes of one plugin's tests, so that a large
+    /// component compiles once per build, not once per node.
+    pub fn shared_cache(name: &str) -> std::path::PathBuf {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     pub type Check = (String, String, String);
 
     pub fn outcomes(report: &Value) -> Vec<Check> {

@@ -35,9 +35,7 @@ fn plugin() -> PathBuf {
 /// Compiled plugins shared by the kit and the nodes of these tests, so the
 /// (slow) compile of the 18 MB component happens once, not once per node.
 fn cache_dir() -> PathBuf {
-    let dir = root().join("target/lmdb-py-compiled");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    kit::shared_cache("lmdb-py-compiled")
 }
 
 /// An LMDB environment in `dir` made by `mdb_load`: 3000 keys, values from

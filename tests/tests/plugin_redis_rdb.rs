@@ -196,9 +196,7 @@ test -f "$FERRY_SHARD_DIR/dump.rdb""#;
 
 /// Compiled plugins shared by this file's tests, under the workspace target.
 fn compiled_cache() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/redis-rdb-js-compiled");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    kit::shared_cache("redis-rdb-js-compiled")
 }
 
 #[test]

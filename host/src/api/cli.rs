@@ -249,10 +249,8 @@ impl NodeArgs {
         };
         let ca = self.ca_file.clone().or_else(|| local.as_ref()?.1.tls.as_ref().map(|t| t.ca_file.clone()));
         let client = match &ca {
-            Some(ca) if node.starts_with("https://") => {
-                crate::http::tls_client(crate::http::tls::client_config(ca, None)?)
-            }
-            _ => crate::http::client(),
+            Some(ca) => crate::http::tls_client(crate::http::tls::client_config(ca, None)?),
+            None => crate::http::client(),
         };
         Ok(ApiClient::with_client(client, &node, token))
     }

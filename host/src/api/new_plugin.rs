@@ -22,7 +22,6 @@ const README_JS: &str = include_str!("../../templates/js/README.md");
 /// JavaScript plugin builds with (its package name replaced).
 const PACKAGE_LOCK_JS: &str = include_str!("../../../guests/redis-rdb-js/package-lock.json");
 const PACKAGE_JSON_JS: &str = include_str!("../../../guests/redis-rdb-js/package.json");
-const LOCK_PACKAGE_NAME: &str = "ferry-redis-rdb-js";
 const SDK_LIB_RS: &str = include_str!("../../../guests/sdk/src/lib.rs");
 const CONTRACT: &str = include_str!("../../../wit/v0.2.0/engine.wit");
 /// The wit-bindgen the project's own guests build with.
@@ -52,7 +51,7 @@ pub fn write(engine: &str, lang: &str, dir: &Path) -> anyhow::Result<Vec<String>
             ("build.sh", fill(BUILD_JS), true),
             ("README.md", fill(README_JS), false),
             ("package.json", package_json(engine), false),
-            ("package-lock.json", PACKAGE_LOCK_JS.replace(LOCK_PACKAGE_NAME, &package_name(engine)), false),
+            ("package-lock.json", package_lock(engine), false),
             (".gitignore", format!("/node_modules/\n/build/\n/{engine}.wasm\n"), false),
         ],
         other => bail!("--lang {other}: the templates are {}", LANGS.join(", ")),
@@ -115,9 +114,19 @@ fn package_name(engine: &str) -> String {
 /// The package.json the lock goes with: the project's own JavaScript
 /// plugin's pins, under the new plugin's name.
 fn package_json(engine: &str) -> String {
-    let mut package: serde_json::Value =
-        serde_json::from_str(PACKAGE_JSON_JS).expect("the embedded package.json is JSON");
+    let mut package = embedded_package();
     package["name"] = package_name(engine).into();
     package["description"] = format!("Ferry engine plugin for {engine}, in JavaScript (componentize-js)").into();
     serde_json::to_string_pretty(&package).expect("JSON serializes") + "\n"
+}
+
+fn embedded_package() -> serde_json::Value {
+    serde_json::from_str(PACKAGE_JSON_JS).expect("the embedded package.json is JSON")
+}
+
+/// The embedded lock under the new plugin's package name (the lock names
+/// its package as package.json does; every other byte stays).
+fn package_lock(engine: &str) -> String {
+    let original = embedded_package()["name"].as_str().expect("the embedded package.json has a name").to_owned();
+    PACKAGE_LOCK_JS.replace(&format!("\"name\": \"{original}\""), &format!("\"name\": \"{}\"", package_name(engine)))
 }

@@ -654,7 +654,7 @@ impl Consensus {
     /// known (leading: confirmed by a quorum) within [`LEADERLESS_BOUND`].
     pub fn health(&self) -> Health {
         let metrics = self.raft().metrics().borrow().clone();
-        let since = self.leader_seen.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+        let since = self.leader_seen_age();
         let status = self.status();
         Health {
             state: status.state,

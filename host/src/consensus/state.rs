@@ -119,14 +119,21 @@ pub enum ReplicaState {
     Partial,
 }
 
-impl fmt::Display for ReplicaState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl ReplicaState {
+    /// The name the API and the metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
             ReplicaState::Active => "active",
             ReplicaState::Dead => "dead",
             ReplicaState::PartialSnapshot => "partial-snapshot",
             ReplicaState::Partial => "partial",
-        })
+        }
+    }
+}
+
+impl fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -156,6 +163,16 @@ pub enum TransferStage {
 impl TransferStage {
     pub fn is_live(self) -> bool {
         matches!(self, TransferStage::Snapshot | TransferStage::Partial)
+    }
+
+    /// The name the API and the metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransferStage::Snapshot => "snapshot",
+            TransferStage::Partial => "partial",
+            TransferStage::Finished => "finished",
+            TransferStage::Aborted => "aborted",
+        }
     }
 }
 

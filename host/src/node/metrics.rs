@@ -54,7 +54,7 @@ pub fn classic(openmetrics: &str) -> String {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EngineState {
     engine: String,
-    state: String,
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -122,17 +122,15 @@ fn transfers(node: &Node, registry: &mut Registry) {
     let family = Family::<EngineState, Gauge>::default();
     let mut queued = 0;
     for t in node.transfers.list() {
-        let state = serde_json::to_value(t.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-        queued += i64::from(state == "queued");
-        family.get_or_create(&EngineState { engine: t.engine.clone(), state }).inc();
+        queued += i64::from(t.state == crate::transfer::State::Queued);
+        family.get_or_create(&EngineState { engine: t.engine.clone(), state: t.state.name() }).inc();
     }
     registry.register("ferry_transfers", "Transfers this node receives or received, by engine and state", family);
     gauge(registry, "ferry_transfer_queue_depth", "Transfers waiting for an incoming slot on this node", queued);
 
     let stages = Family::<EngineState, Gauge>::default();
     for t in node.consensus.state().transfers.values().filter(|t| t.stage.is_live()) {
-        let stage = format!("{:?}", t.stage).to_lowercase();
-        stages.get_or_create(&EngineState { engine: t.engine.clone(), state: stage }).inc();
+        stages.get_or_create(&EngineState { engine: t.engine.clone(), state: t.stage.name() }).inc();
     }
     registry.register("ferry_cluster_transfers_live", "Cluster transfers not yet ended, by engine and stage", stages);
 }
@@ -200,9 +198,7 @@ fn replicas(node: &Node, registry: &mut Registry) {
     let family = Family::<EngineState, Gauge>::default();
     for (key, replicas) in &node.consensus.state().replicas {
         for state in replicas.values() {
-            let state =
-                serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-            family.get_or_create(&EngineState { engine: key.0.clone(), state }).inc();
+            family.get_or_create(&EngineState { engine: key.0.clone(), state: state.name() }).inc();
         }
     }
     registry.register("ferry_replicas", "Replicas in the cluster's replica table, by engine and state", family);

@@ -293,13 +293,7 @@ impl Plugin {
             .map_err(|e| self.error(hook, HookErrorKind::Sandbox(e.to_string())))?;
         let mut store = Store::new(&self.shared.engine, state);
         store.limiter(|state| &mut state.limiter);
-        // Every epoch tick the guest yields to the async runtime (so a long
-        // validate never holds a worker thread), until the deadline passes;
-        // then it traps.
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
-        });
+        set_deadline(&mut store, deadline);
         match self.pre.instance_pre().instantiate_async(&mut store).await {
             Ok(instance) => Ok((slot, store, instance)),
             Err(e) => {
@@ -556,6 +550,16 @@ impl Plugin {
     }
 }
 
+/// Every epoch tick the guest yields to the async runtime (so a long
+/// validate never holds a worker thread), until `deadline` passes; then it
+/// traps.
+fn set_deadline(store: &mut Store<CallState>, deadline: Instant) {
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+    });
+}
+
 /// A live instance kept across calls, for measuring call overhead apart from
 /// instantiation. Production code never reuses instances.
 #[doc(hidden)]
@@ -572,12 +576,8 @@ impl BenchInstance {
     /// of its own: a production call's deadline starts at its instantiation,
     /// and a warm instance outlives it (a benchmark calls it for seconds).
     pub async fn describe(&mut self) -> wasmtime::Result<String> {
-        let deadline = Instant::now() + self.1;
         let Call { store, bindings, .. } = &mut self.0;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
-        });
+        set_deadline(store, Instant::now() + self.1);
         Ok(match bindings {
             Bindings::V1(b) => b.ferry_engine_hooks().call_describe(store).await?.name,
             Bindings::V2(b) => b.ferry_engine_hooks().call_describe(store).await?.name,

@@ -18,17 +18,22 @@ impl State {
     pub fn is_final(self) -> bool {
         matches!(self, State::Succeeded | State::Failed | State::Cancelled)
     }
-}
 
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+    /// The name the API and the metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
             State::Queued => "queued",
             State::Running => "running",
             State::Succeeded => "succeeded",
             State::Failed => "failed",
             State::Cancelled => "cancelled",
-        })
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -46,6 +51,7 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The name the API and the metrics use.
     pub fn name(self) -> &'static str {
         match self {
             Stage::Queued => "queued",
@@ -62,8 +68,7 @@ impl Stage {
 
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-        f.write_str(&name)
+        f.write_str(self.name())
     }
 }
 

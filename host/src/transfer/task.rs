@@ -247,10 +247,10 @@ fn log_end(transfer: &Transfer, inner: &Inner) {
 fn record_metrics(engine: &str, inner: &Inner) {
     use crate::metrics::{OutcomeLabels, StageLabels};
     let metrics = crate::metrics::global();
+    // A transfer that ends in neither is a failure.
     let outcome = match inner.state {
-        State::Succeeded => "succeeded",
-        State::Cancelled => "cancelled",
-        _ => "failed",
+        State::Succeeded | State::Cancelled => inner.state.name(),
+        _ => State::Failed.name(),
     };
     let labels = OutcomeLabels { engine: engine.to_owned(), outcome };
     metrics.transfers_finished.get_or_create(&labels).inc();
