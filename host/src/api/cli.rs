@@ -63,10 +63,16 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// The replica table (from any node).
+    /// The replica table (from any node), or one engine's or shard's rows.
     Shards {
         #[command(flatten)]
         node: NodeArgs,
+        /// Only this engine's shards.
+        #[arg(long)]
+        engine: Option<String>,
+        /// Only this shard (needs --engine).
+        #[arg(long, requires = "engine")]
+        shard: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -573,8 +579,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Shards { node, json } => {
-            let rows: Vec<serde_json::Value> = node.client()?.call(hyper::Method::GET, "/v1/shards", None).await?;
+        Command::Shards { node, engine, shard, json } => {
+            let mut path = String::from("/v1/shards");
+            if let Some(engine) = &engine {
+                crate::plugin::types::check_engine_name(engine).map_err(anyhow::Error::msg)?;
+                path.push_str(&format!("?engine={engine}"));
+            }
+            if let Some(shard) = &shard {
+                crate::install::layout::check_shard_id(shard).map_err(anyhow::Error::msg)?;
+                path.push_str(&format!("&shard={shard}"));
+            }
+            let rows: Vec<serde_json::Value> = node.client()?.call(hyper::Method::GET, &path, None).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -1337,3 +1352,4 @@ mod tests {
         assert!(parse_delta_meta(r#"{"term":1}"#).is_err());
     }
 }
+

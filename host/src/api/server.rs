@@ -10,7 +10,7 @@
 //! | DELETE | `/v1/plugins/{engine}/{hash}` | forget an installed build that is not active and no live transfer uses |
 //! | GET | `/v1/plugins/blobs/{hash}` | a stored plugin build, for a member rolling it out |
 //! | GET | `/v1/cluster/plugins` | every member's plugins by engine, and whether all run the same build |
-//! | GET | `/v1/shards` | live replicas on this node |
+//! | GET | `/v1/shards[?engine=E[&shard=S]]` | the replica table (of one engine, or one shard) |
 //! | GET, POST | `/v1/engines/{engine}/shards/{shard}/snapshot` | stream a snapshot (POST: resume) |
 //! | POST | `/v1/engines/{engine}/shards/{shard}/changes` | stream a catch-up round `{since}` |
 //! | POST | `/v1/transfers` | start pulling `{engine, shard, source}` |
@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::{self, ConnInfo};
 use crate::consensus::network::FullSnapshot;
-use crate::consensus::state::{Applied, Command, ReplicaState, TransferKind, TransferStage};
+use crate::consensus::state::{Applied, Command, ReplicaState, TransferKind, TransferStage, clip};
 use crate::consensus::{ConsensusError, JoinRequest, NotLeaderOr, TypeConfig};
 use crate::http::{Body, SNAPSHOT_ID_HEADER, TRANSFER_EPOCH_HEADER, TRANSFER_ID_HEADER, error_response, json_response};
 use crate::install::layout::check_shard_id;
@@ -198,13 +198,13 @@ async fn handle(node: &Node, req: Request<Incoming>, info: &ConnInfo) -> Respons
                 .expect("valid response"),
             None => not_found(format!("no plugin build {hash} here")),
         },
-        (&Method::GET, ["v1", "shards"]) => shards(node),
+        (&Method::GET, ["v1", "shards"]) => shards(node, req.uri().query()),
         (&Method::GET, ["v1", "cluster"]) => json_response(StatusCode::OK, &node.consensus.status()),
         (&Method::GET, ["v1", "cluster", "proof"]) => membership_proof(node, &req),
         (&Method::POST, ["v1", "cluster", "join"]) => join(node, req).await,
         (&Method::POST, ["v1", "cluster", "leave"]) => match node.consensus.leave().await {
             Ok(()) => {
-                node.registrar.notify_one();
+                node.rescan_shards();
                 json_response(StatusCode::OK, &node.consensus.status())
             }
             Err(e) => consensus_error(e),
@@ -476,13 +476,35 @@ async fn cluster_plugins(node: &Node) -> Response<Body> {
     json_response(StatusCode::OK, &json!({"engines": rows, "unreachable": unreachable}))
 }
 
-/// The replica table, from this node's applied state, with node names.
-fn shards(node: &Node) -> Response<Body> {
+/// The replica table, from this node's applied state, with node names: all
+/// of it, one engine's rows (`?engine=E`) or one row (`?engine=E&shard=S`),
+/// found in O(log n) of the table's size.
+fn shards(node: &Node, query: Option<&str>) -> Response<Body> {
+    let (mut engine, mut shard) = (None, None);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("engine", value)) => engine = Some(value.to_owned()),
+            Some(("shard", value)) => shard = Some(value.to_owned()),
+            _ => return bad_request(format!("unknown query {:?}: engine=E and shard=S filter", clip(pair, 80))),
+        }
+    }
+    if shard.is_some() && engine.is_none() {
+        return bad_request("shard=S needs engine=E");
+    }
     let state = node.consensus.state();
     let name = |id: &u64| state.members.get(id).map(|m| m.name.clone()).unwrap_or_else(|| id.to_string());
-    let rows: Vec<serde_json::Value> = state
-        .replicas
-        .iter()
+    let rows: Box<dyn Iterator<Item = (&(String, String), &std::collections::BTreeMap<u64, ReplicaState>)>> =
+        match (&engine, &shard) {
+            (Some(e), Some(s)) => {
+                let key = (e.clone(), s.clone());
+                Box::new(state.replicas.get_key_value(&key).into_iter())
+            }
+            (Some(e), None) => Box::new(
+                state.replicas.range((e.clone(), String::new())..).take_while(move |((engine, _), _)| engine == e),
+            ),
+            _ => Box::new(state.replicas.iter()),
+        };
+    let rows: Vec<serde_json::Value> = rows
         .map(|((engine, shard), replicas)| {
             let replicas: serde_json::Map<String, serde_json::Value> =
                 replicas.iter().map(|(id, state)| (name(id), json!(state))).collect();
@@ -533,7 +555,7 @@ async fn join(node: &Node, req: Request<Incoming>) -> Response<Body> {
     };
     match node.consensus.join(&body.to).await {
         Ok(()) => {
-            node.registrar.notify_one();
+            node.rescan_shards();
             json_response(StatusCode::OK, &node.consensus.status())
         }
         Err(e) => consensus_error(e),

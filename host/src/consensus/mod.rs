@@ -114,6 +114,9 @@ pub struct ClusterStatus {
     pub last_applied: u64,
     pub last_log_index: u64,
     pub members: Vec<MemberStatus>,
+    /// Size of this node's stored state-machine snapshot, in bytes.
+    #[serde(default)]
+    pub snapshot_bytes: u64,
 }
 
 /// A node's request to join, sent to any member.
@@ -632,6 +635,7 @@ impl Consensus {
             // The stored log is ahead of the metrics for a moment.
             last_log_index: metrics.last_log_index.unwrap_or(0).max(self.db.logged_index()),
             members,
+            snapshot_bytes: self.db.snapshot_bytes(),
         }
     }
 

@@ -25,6 +25,10 @@ use crate::plugin::types::check_engine_name;
 /// dropped, oldest epoch first. Live transfers are never dropped.
 pub const MAX_ENDED_TRANSFERS: usize = 1000;
 
+/// Most shards one `RegisterReplicas` names (a node that finds 10,000
+/// shards on its disk registers them in a few entries, not 10,000).
+pub const MAX_REGISTER_BATCH: usize = 512;
+
 /// Longest failure reason kept in a transfer record, in bytes.
 pub const MAX_REASON: usize = 1024;
 
@@ -259,6 +263,12 @@ pub enum Command {
         shard: String,
         node: NodeId,
     },
+    /// Replicas found on a node's disk, at most [`MAX_REGISTER_BATCH`]: all
+    /// registered, or none if any is refused (as `RegisterReplica` each).
+    RegisterReplicas {
+        shards: Vec<ShardKey>,
+        node: NodeId,
+    },
     StartTransfer {
         id: String,
         engine: String,
@@ -370,6 +380,15 @@ impl Command {
             Command::RegisterReplica { engine, shard, .. } => {
                 check_engine_name(engine)?;
                 check_shard_id(shard)?;
+            }
+            Command::RegisterReplicas { shards, .. } => {
+                if shards.is_empty() || shards.len() > MAX_REGISTER_BATCH {
+                    return Err(format!("{} shards in one registration (1 to {MAX_REGISTER_BATCH})", shards.len()));
+                }
+                for (engine, shard) in shards {
+                    check_engine_name(engine)?;
+                    check_shard_id(shard)?;
+                }
             }
             Command::StartTransfer { id, engine, shard, .. } => {
                 check_transfer_id(id)?;
@@ -500,13 +519,21 @@ pub struct Applied {
 /// Key of the replica table.
 pub type ShardKey = (String, String);
 
+/// (engine, shard) → node → state. A persistent map: copies share their
+/// structure, so a copy costs O(1) and `diff` of two copies visits only
+/// what changed between them.
+pub type ReplicaTable = imbl::OrdMap<ShardKey, BTreeMap<NodeId, ReplicaState>>;
+
+/// Transfer records by id (a persistent map, like the replica table).
+pub type TransferTable = imbl::OrdMap<String, TransferRecord>;
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub members: BTreeMap<NodeId, Member>,
     /// (engine, shard) → node → state.
     #[serde(with = "shard_map")]
-    pub replicas: BTreeMap<ShardKey, BTreeMap<NodeId, ReplicaState>>,
-    pub transfers: BTreeMap<String, TransferRecord>,
+    pub replicas: ReplicaTable,
+    pub transfers: TransferTable,
     /// Plugin builds installed through the cluster, by engine.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub plugins: BTreeMap<String, EnginePlugins>,
@@ -575,24 +602,30 @@ impl ClusterState {
                     return Err(format!("node {id} takes part in live transfer {}", t.id));
                 }
                 self.members.remove(id);
-                for nodes in self.replicas.values_mut() {
-                    nodes.remove(id);
+                let held: Vec<ShardKey> =
+                    self.replicas.iter().filter(|(_, nodes)| nodes.contains_key(id)).map(|(k, _)| k.clone()).collect();
+                for (engine, shard) in held {
+                    self.set_replica(&engine, &shard, *id, None);
                 }
-                self.replicas.retain(|_, nodes| !nodes.is_empty());
                 // A member that left no longer holds a rollout back.
                 self.activate_ready_plugins();
             }
             Command::RegisterReplica { engine, shard, node } => {
                 self.member(*node)?;
-                if self.live_transfer(engine, shard).is_some_and(|t| t.target == *node) {
-                    return Err(format!("{engine}/{shard} is being transferred to node {node}"));
+                if self.may_register(engine, shard, *node)? {
+                    self.set_replica(engine, shard, *node, Some(ReplicaState::Active));
                 }
-                match self.replica(engine, shard, *node) {
-                    None | Some(ReplicaState::Dead) => {
-                        self.set_replica(engine, shard, *node, Some(ReplicaState::Active))
+            }
+            Command::RegisterReplicas { shards, node } => {
+                self.member(*node)?;
+                let mut new = Vec::with_capacity(shards.len());
+                for (engine, shard) in shards {
+                    if self.may_register(engine, shard, *node)? {
+                        new.push((engine, shard));
                     }
-                    Some(ReplicaState::Active) => {}
-                    Some(state) => return Err(format!("replica {engine}/{shard} on node {node} is {state}")),
+                }
+                for (engine, shard) in new {
+                    self.set_replica(engine, shard, *node, Some(ReplicaState::Active));
                 }
             }
             Command::StartTransfer { id, engine, shard, source, target, kind, now } => {
@@ -782,6 +815,19 @@ impl ClusterState {
         }
     }
 
+    /// Whether registering `engine`/`shard` on `node` changes the table
+    /// (false: it is Active there already); an error if it may not be.
+    fn may_register(&self, engine: &str, shard: &str, node: NodeId) -> Result<bool, String> {
+        if self.live_transfer(engine, shard).is_some_and(|t| t.target == node) {
+            return Err(format!("{engine}/{shard} is being transferred to node {node}"));
+        }
+        match self.replica(engine, shard, node) {
+            None | Some(ReplicaState::Dead) => Ok(true),
+            Some(ReplicaState::Active) => Ok(false),
+            Some(state) => Err(format!("replica {engine}/{shard} on node {node} is {state}")),
+        }
+    }
+
     fn member(&self, id: NodeId) -> Result<&Member, String> {
         self.members.get(&id).ok_or_else(|| format!("node {id} is not a member"))
     }
@@ -805,7 +851,7 @@ mod shard_map {
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use super::{NodeId, ReplicaState, ShardKey};
+    use super::{NodeId, ReplicaState, ReplicaTable};
 
     #[derive(Serialize, Deserialize)]
     struct Row {
@@ -814,10 +860,7 @@ mod shard_map {
         replicas: BTreeMap<NodeId, ReplicaState>,
     }
 
-    pub fn serialize<S: Serializer>(
-        map: &BTreeMap<ShardKey, BTreeMap<NodeId, ReplicaState>>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(map: &ReplicaTable, s: S) -> Result<S::Ok, S::Error> {
         let rows: Vec<Row> = map
             .iter()
             .map(|((engine, shard), replicas)| Row {
@@ -829,9 +872,7 @@ mod shard_map {
         rows.serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<BTreeMap<ShardKey, BTreeMap<NodeId, ReplicaState>>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ReplicaTable, D::Error> {
         let rows = Vec::<Row>::deserialize(d)?;
         Ok(rows.into_iter().map(|r| ((r.engine, r.shard), r.replicas)).collect())
     }

@@ -8,6 +8,14 @@
 //! The state machine's snapshot is stored as its meta (JSON) and its data as
 //! raw bytes, under two keys written together; a database from before that
 //! (one JSON value whose data was an array of numbers) is still read.
+//!
+//! The state machine itself is written with each snapshot (every
+//! `snapshot_policy` entries) and each installed one, not on every apply:
+//! writing all of it per entry made an entry's cost grow with the replica
+//! table (a 10,000-shard table is megabytes). The committed id is written
+//! before entries are applied, so at start openraft re-applies the committed
+//! entries after the stored state machine (`get_initial_state`), and the
+//! log keeps them until a snapshot covers them.
 
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -53,6 +61,8 @@ pub struct Db {
     /// The index of the last entry in the stored log (0: none), kept with
     /// every write: openraft's metrics lag behind it.
     logged: Arc<AtomicU64>,
+    /// Size of the stored snapshot's data, in bytes (0: none).
+    snapshot_bytes: Arc<AtomicU64>,
 }
 
 impl Db {
@@ -60,9 +70,18 @@ impl Db {
         let db = Database::create(path)?;
         let tx = db.begin_write()?;
         let last = tx.open_table(LOG)?.last()?.map(|(k, _)| k.value()).unwrap_or(0);
-        tx.open_table(META)?;
+        let snapshot = {
+            let meta = tx.open_table(META)?;
+            let data = meta.get(SNAPSHOT_DATA)?.or(meta.get(LEGACY_SNAPSHOT)?);
+            data.map_or(0, |v| v.value().len() as u64)
+        };
         tx.commit()?;
-        Ok(Db { db: Arc::new(db), logged: Arc::new(AtomicU64::new(last)) })
+        Ok(Db { db: Arc::new(db), logged: Arc::new(AtomicU64::new(last)), snapshot_bytes: Arc::new(snapshot.into()) })
+    }
+
+    /// Size of the stored state-machine snapshot, in bytes.
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.snapshot_bytes.load(Ordering::Relaxed)
     }
 
     /// The index of the last entry in the stored log, 0 if there is none.
@@ -130,6 +149,7 @@ impl Db {
     /// Stores a snapshot: meta as JSON, data as it is, in one transaction.
     async fn put_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, data: Vec<u8>) -> Result<(), redb::Error> {
         let meta = serde_json::to_vec(meta).map_err(|e| redb::Error::Io(e.into()))?;
+        let (size, bytes) = (data.len() as u64, self.snapshot_bytes.clone());
         self.blocking(move |db| {
             let tx = db.begin_write()?;
             {
@@ -139,6 +159,7 @@ impl Db {
                 table.remove(LEGACY_SNAPSHOT)?;
             }
             tx.commit()?;
+            bytes.store(size, Ordering::Relaxed);
             Ok(())
         })
         .await
@@ -402,6 +423,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let sm = self.read().clone();
         let data = serde_json::to_vec(&sm).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        // The state machine as of the snapshot: what a restart starts from.
+        self.db.put_meta("sm", &sm).await.map_err(|e| StorageIOError::write_state_machine(&io_err(e)))?;
         let snapshot_id = match sm.last_applied {
             Some(l) => format!("{}-{}", l.leader_id, l.index),
             None => "empty".into(),
@@ -445,7 +468,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             sm.last_applied.map(|l| l.index).unwrap_or(0)
         };
-        self.persist().await?;
         self.applied.send_replace(last);
         Ok(out)
     }

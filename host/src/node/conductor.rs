@@ -147,11 +147,18 @@ async fn steps(node: &Node, t: &TransferRecord) -> Result<(), String> {
 
     // A live move catches up and fences the source; the write pause runs from
     // that fence to the commit below.
-    let fenced_at = if crate::node::live::is_live(node, t) {
+    // It holds an incoming slot meanwhile: 100 moves started at once catch
+    // up `max_incoming` at a time, not all together (then every round's
+    // commit is slow, and none fits its pause budget).
+    let (fenced_at, _slot) = if crate::node::live::is_live(node, t) {
         let record = consensus.state().transfers.get(&t.id).cloned().unwrap_or_else(|| t.clone());
-        Some(crate::node::live::catch_up(node, &record).await?)
+        // A move resumed with its source fenced already does not queue: the
+        // source's writers wait for it.
+        let fenced = record.live.as_ref().is_some_and(|l| l.fenced.is_some());
+        let slot = if fenced { None } else { Some(node.transfers.incoming_slot().await) };
+        (Some(crate::node::live::catch_up(node, &record).await?), slot)
     } else {
-        None
+        (None, None)
     };
     let finish = Command::FinishTransfer { transfer: t.id.clone(), epoch: t.epoch, now: unix_now() };
     match consensus.propose(finish).await {

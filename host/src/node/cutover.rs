@@ -99,7 +99,11 @@ pub async fn reconcile(node: &Node) {
             TransferStage::Finished | TransferStage::Aborted => settle(node, t, Hook::Unfence).await,
         };
         match outcome {
-            Ok(()) => node.settled.insert(&t.id),
+            Ok(()) => {
+                node.settled.insert(&t.id);
+                // A retired replica's files are the registrar's to remove now.
+                node.registrar.notify_one();
+            }
             Err(e) => tracing::warn!(transfer = %t.id, "cut-over not settled: {e}"),
         }
     }

@@ -25,6 +25,7 @@ pub mod live;
 pub mod metrics;
 pub mod registrar;
 pub mod rollout;
+pub mod shard_watch;
 
 /// Request bodies being read at once, in bytes, node-wide.
 pub const REQUEST_BODY_BUDGET: usize = 256 << 20;
@@ -49,8 +50,10 @@ pub struct Node {
     /// Outgoing snapshot streams this node serves at once.
     pub outgoing: Arc<Semaphore>,
     pub consensus: Arc<Consensus>,
-    /// Wakes the registrar (after a join, a leave, a publish).
+    /// Wakes the registrar (after a publish, a retirement).
     pub registrar: Arc<tokio::sync::Notify>,
+    /// Asks the registrar for a full pass (after a join or a leave).
+    rescan: std::sync::atomic::AtomicBool,
     /// Consensus transfers this node is conducting as their target.
     pub conducting: conductor::Conducting,
     /// Locks held for fenced source replicas.
@@ -136,6 +139,7 @@ impl Node {
             outgoing: Arc::new(Semaphore::new(config.max_outgoing)),
             consensus,
             registrar,
+            rescan: Default::default(),
             conducting: conductor::Conducting::default(),
             fences: fences::Fences::with_keepers(data.root().join("fences")),
             settled: Default::default(),
@@ -151,6 +155,18 @@ impl Node {
             rate,
             runtime,
         })
+    }
+
+    /// Has the registrar look at every shard and every row (this node's
+    /// membership changed: the table it registers into is another).
+    pub fn rescan_shards(&self) {
+        self.rescan.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.registrar.notify_one();
+    }
+
+    /// Whether a full pass was asked for since the last call.
+    pub fn rescan_requested(&self) -> bool {
+        self.rescan.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The base URL other nodes reach this node at.

@@ -119,6 +119,17 @@ impl TransferManager {
         self.shared.incoming.available_permits()
     }
 
+    /// Waits for an incoming slot (FIFO, as the pipeline's queue): a live
+    /// move's catch-up and cut-over hold one, like its snapshot did, so that
+    /// `max_incoming` bounds everything a node pulls at once.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future gives up its place in the queue.
+    pub async fn incoming_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.shared.incoming.clone().acquire_owned().await.expect("the incoming semaphore is never closed")
+    }
+
     /// Starts a transfer with a given id (a consensus transfer's) and fencing.
     pub fn start_with(
         &self,

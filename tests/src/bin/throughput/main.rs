@@ -45,8 +45,14 @@ struct Args {
     runs: usize,
     /// Measure one workload only (for quick iterations; the final line then
     /// has only its figures).
-    #[arg(long, value_parser = ["large", "small", "live"])]
+    #[arg(long, value_parser = ["large", "small", "live", "control"])]
     only: Option<String>,
+    /// Shards the control-plane workload grows the cluster to.
+    #[arg(long, default_value_t = 10_000)]
+    control_shards: usize,
+    /// Transfers the control-plane workload starts at once.
+    #[arg(long, default_value_t = 100)]
+    control_transfers: usize,
     #[arg(long, value_parser = parse_size, default_value = "1G")]
     live_segment_log_size: u64,
     #[arg(long, value_parser = parse_size, default_value = "256M")]
@@ -58,6 +64,7 @@ struct Args {
     live_moves: usize,
 }
 
+mod control;
 mod live;
 
 fn median(mut times: Vec<Duration>) -> Duration {
@@ -131,7 +138,7 @@ fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// User plus system CPU time of a process so far.
-fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat.rsplit_once(')').context("stat format")?.1.split_whitespace().collect();
@@ -161,6 +168,33 @@ async fn main() -> anyhow::Result<()> {
     println!("page cache dropped before each run: {}", drop_caches());
 
     let mut figures = Vec::new();
+    if args.only.as_deref().is_none_or(|only| only == "control") {
+        let control = control::ControlArgs {
+            shards: args.control_shards.max(20),
+            samples: 20,
+            transfers: args.control_transfers,
+        };
+        let r = control::run(&control).await?;
+        let (small, large) = (&r.small, &r.large);
+        figures.push(format!(
+            "shards_10k_entry_cost_ratio={:.2} shards_10k_start_latency_ratio={:.2} shards_10k_visible_p50_ms={:.0} \
+             shards_10k_registration_s={:.1} shards_10k_cli_ms={:.0} shards_10k_raft_store_kib={} \
+             shards_10k_snapshot_kib={} hundred_transfers_s={:.1} hundred_transfers_max_running={}",
+            large.entry_cpu_ms / small.entry_cpu_ms,
+            control::p50(&large.start_ms) / control::p50(&small.start_ms),
+            control::p50(&large.visible_ms),
+            r.registration_s,
+            large.shards_cli_ms,
+            r.raft_log_bytes >> 10,
+            r.snapshot_bytes >> 10,
+            r.concurrent_s,
+            r.concurrent_max_running,
+        ));
+        if args.only.is_some() {
+            println!("{}", figures.join(" "));
+            return Ok(());
+        }
+    }
     if args.only.as_deref().is_none_or(|only| only == "live") {
         let live = live::LiveArgs {
             segment_log_size: args.live_segment_log_size,
