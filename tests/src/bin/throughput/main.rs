@@ -6,13 +6,18 @@
 //! - small: 20,000 segment files of 4 KiB;
 //! - live: a 1 GiB segment-log shard and a 256 MiB SQLite database (WAL
 //!   mode) moved back and forth between two cluster members, 5 times each,
-//!   while an application writes 500 times a second (see `live.rs`).
+//!   while an application writes 500 times a second (see `live.rs`);
+//! - control: a 3-node cluster at 10 and at 10,000 registered shards, the
+//!   same control-plane figures at both, and 100 transfers at once (see
+//!   `control.rs`).
 //!
 //! Every measurement starts with the page cache dropped when the machine
 //! allows it (else everything runs warm alike) and ends durable: the
 //! baselines include a `sync`, Ferry its own fsync/syncfs. Prints one final
-//! line: `large_ratio=<ferry/cp> small_ratio=<ferry/tar> peak_rss_mib=<max
-//! of both nodes> live_segment_log_pause_p50_ms=… live_sqlite_pause_p50_ms=…`.
+//! line of figures: `large_ratio=<ferry/cp> small_ratio=<ferry/tar>
+//! peak_rss_mib=<max of both nodes> live_segment_log_pause_p50_ms=…
+//! shards_10k_entry_cost_ratio=<at 10,000 / at 10> …` (the README's
+//! benchmark section lists them all).
 //!
 //! Run: `tests/bench.sh` (builds release binaries, then runs this).
 
@@ -45,11 +50,16 @@ struct Args {
     runs: usize,
     /// Measure one workload only (for quick iterations; the final line then
     /// has only its figures).
-    #[arg(long, value_parser = ["large", "small", "live", "control"])]
+    #[arg(long, value_parser = ["large", "small", "live", "control", "concurrent"])]
     only: Option<String>,
     /// Shards the control-plane workload grows the cluster to.
     #[arg(long, default_value_t = 10_000)]
     control_shards: usize,
+    /// Shards the concurrency workload moves at once, and their size.
+    #[arg(long, default_value_t = 16)]
+    concurrent_shards: usize,
+    #[arg(long, value_parser = parse_size, default_value = "128M")]
+    concurrent_size: u64,
     /// Transfers the control-plane workload starts at once.
     #[arg(long, default_value_t = 100)]
     control_transfers: usize,
@@ -131,6 +141,69 @@ async fn ferry_run(source: &TestNode, target: &TestNode, shard: &str) -> anyhow:
     Ok(took)
 }
 
+/// Moves `count` shards of `size` from `source` into `target` at once; the
+/// aggregate rate (MiB/s) and the target's resident memory per transfer
+/// (its peak during the run less before it, over `count`, in MiB).
+async fn concurrent(source: &TestNode, target: &TestNode, count: usize, size: u64) -> anyhow::Result<(f64, f64)> {
+    let shards: Vec<String> = (0..count).map(|i| format!("concurrent-{i}")).collect();
+    for (i, shard) in shards.iter().enumerate() {
+        let dir = source.shard_dir("segment-log", shard);
+        if !dir.exists() {
+            Generator { segment_size: 16 << 20, term: 1, seed: 100 + i as u64 }.create(&dir, size)?;
+        }
+        let _ = std::fs::remove_dir_all(target.shard_dir("segment-log", shard));
+    }
+    println!("concurrent: {count} shards of {} MiB at once", size >> 20);
+    drop_caches();
+    let before = rss_kib(target.pid())?;
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (pid, sampling) = (target.pid(), sampling.clone());
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid).unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let start = Instant::now();
+    let mut ids = Vec::new();
+    for shard in &shards {
+        ids.push(target.start_transfer("segment-log", shard, &source.url).await?.id);
+    }
+    let mut bytes = 0;
+    for id in &ids {
+        let done = target.wait_transfer(id, Duration::from_secs(3600)).await;
+        if done.state != State::Succeeded {
+            bail!("transfer {id} failed: {:?}", done.error);
+        }
+        bytes += done.bytes_total;
+    }
+    let took = start.elapsed();
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().map_err(|_| anyhow::anyhow!("the RSS sampler panicked"))?;
+    println!(
+        "  {:<28} {:>8.2} s  ({} transfers, {} MiB; target RSS {} MiB before, {} MiB at most)",
+        "ferry",
+        took.as_secs_f64(),
+        ids.len(),
+        bytes >> 20,
+        before >> 10,
+        peak >> 10
+    );
+    let aggregate = bytes as f64 / (1 << 20) as f64 / took.as_secs_f64();
+    Ok((aggregate, peak.saturating_sub(before) as f64 / 1024.0 / count as f64))
+}
+
+/// Resident memory of a process now (VmRSS), in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+}
+
 fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
@@ -163,8 +236,13 @@ async fn main() -> anyhow::Result<()> {
         None => tempfile::tempdir()?,
     };
     let base = scratch.path();
-    let source = TestNode::start("bench-source", NodeOptions { data_dir: Some(base.join("a")), ..Default::default() });
-    let target = TestNode::start("bench-target", NodeOptions { data_dir: Some(base.join("b")), ..Default::default() });
+    // Limits of 16 each way, for the concurrency workload (a single transfer
+    // uses one slot whatever the limit).
+    let limits: Vec<String> = ["--max-incoming", "16", "--max-outgoing", "16"].map(String::from).to_vec();
+    let node = |name: &str, dir: &str| {
+        TestNode::start(name, NodeOptions { data_dir: Some(base.join(dir)), args: limits.clone(), ..Default::default() })
+    };
+    let (source, target) = (node("bench-source", "a"), node("bench-target", "b"));
     println!("page cache dropped before each run: {}", drop_caches());
 
     let mut figures = Vec::new();
@@ -231,6 +309,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let mut ratios = Vec::new();
+    let mut single_mib_s = None;
     for (shard, dir, baseline) in [("large", &large, "cp"), ("small", &small, "tar")] {
         if args.only.as_deref().is_some_and(|only| only != shard) {
             continue;
@@ -259,6 +338,29 @@ async fn main() -> anyhow::Result<()> {
         );
         let reference = if baseline == "cp" { cp } else { tar };
         ratios.push(format!("{shard}_ratio={:.2}", ferry.as_secs_f64() / reference.as_secs_f64()));
+        if shard == "large" {
+            single_mib_s = Some(size_of(&large) as f64 / (1 << 20) as f64 / ferry.as_secs_f64());
+        }
+    }
+    if args.only.as_deref().is_none_or(|only| only == "concurrent") {
+        let single = match single_mib_s {
+            Some(rate) => rate,
+            None => {
+                // Alone: the single transfer's rate from one run of large.
+                let took = ferry_run(&source, &target, "large").await?;
+                size_of(&large) as f64 / (1 << 20) as f64 / took.as_secs_f64()
+            }
+        };
+        let (aggregate, per_transfer_mib) =
+            concurrent(&source, &target, args.concurrent_shards, args.concurrent_size).await?;
+        println!(
+            "  aggregate {aggregate:.0} MiB/s against {single:.0} MiB/s for one transfer; {per_transfer_mib:.1} MiB of \
+             target RSS per transfer"
+        );
+        ratios.push(format!(
+            "concurrent_ratio={:.2} rss_per_transfer_mib={per_transfer_mib:.1}",
+            aggregate / single
+        ));
     }
 
     let (source_rss, target_rss) = (peak_rss_kib(source.pid())?, peak_rss_kib(target.pid())?);
