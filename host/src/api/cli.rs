@@ -1352,4 +1352,3 @@ mod tests {
         assert!(parse_delta_meta(r#"{"term":1}"#).is_err());
     }
 }
-

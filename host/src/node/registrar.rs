@@ -262,7 +262,8 @@ impl Pass {
                 // each on its own, so the others still go in.
                 Err(ConsensusError::Refused(_)) => {
                     for (engine, shard) in batch {
-                        let command = Command::RegisterReplica { engine: engine.clone(), shard: shard.clone(), node: me };
+                        let command =
+                            Command::RegisterReplica { engine: engine.clone(), shard: shard.clone(), node: me };
                         if let Err(e) = consensus.propose(command).await {
                             tracing::warn!(engine, shard, "cannot register replica: {e}");
                         }

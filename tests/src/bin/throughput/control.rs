@@ -105,8 +105,7 @@ impl Shards {
 }
 
 async fn row(node: &TestNode, engine: &str, shard: &str) -> anyhow::Result<Value> {
-    let rows: Value =
-        node.api().call(Method::GET, &format!("/v1/shards?engine={engine}&shard={shard}"), None).await?;
+    let rows: Value = node.api().call(Method::GET, &format!("/v1/shards?engine={engine}&shard={shard}"), None).await?;
     Ok(rows.get(0).map(|r| r["replicas"].clone()).unwrap_or(Value::Null))
 }
 
@@ -207,14 +206,8 @@ async fn figures(cluster: &TestCluster, shards: &mut Shards, samples: usize) -> 
         let _: Value = a.api().call(Method::GET, "/v1/cluster", None).await?;
         status.push(start.elapsed().as_secs_f64() * 1000.0);
     }
-    let figures = Figures {
-        entry_cpu_ms,
-        visible_ms,
-        start_ms,
-        transfer_ms,
-        shards_cli_ms: p50(&cli),
-        cluster_ms: p50(&status),
-    };
+    let figures =
+        Figures { entry_cpu_ms, visible_ms, start_ms, transfer_ms, shards_cli_ms: p50(&cli), cluster_ms: p50(&status) };
     println!(
         "  at {count} shards: {:.2} ms CPU per entry ({entries} entries); new shard visible p50 {:.0} ms, max {:.0} ms; \
          transfer start p50 {:.0} ms, whole transfer p50 {:.0} ms; `ferry shards` {:.0} ms, GET /v1/cluster {:.1} ms",

@@ -240,7 +240,10 @@ async fn main() -> anyhow::Result<()> {
     // uses one slot whatever the limit).
     let limits: Vec<String> = ["--max-incoming", "16", "--max-outgoing", "16"].map(String::from).to_vec();
     let node = |name: &str, dir: &str| {
-        TestNode::start(name, NodeOptions { data_dir: Some(base.join(dir)), args: limits.clone(), ..Default::default() })
+        TestNode::start(
+            name,
+            NodeOptions { data_dir: Some(base.join(dir)), args: limits.clone(), ..Default::default() },
+        )
     };
     let (source, target) = (node("bench-source", "a"), node("bench-target", "b"));
     println!("page cache dropped before each run: {}", drop_caches());
@@ -359,10 +362,7 @@ async fn main() -> anyhow::Result<()> {
             "  aggregate {aggregate:.0} MiB/s against {single:.0} MiB/s for one transfer; {per_transfer_mib:.1} MiB of \
              target RSS per transfer"
         );
-        ratios.push(format!(
-            "concurrent_ratio={:.2} rss_per_transfer_mib={per_transfer_mib:.1}",
-            aggregate / single
-        ));
+        ratios.push(format!("concurrent_ratio={:.2} rss_per_transfer_mib={per_transfer_mib:.1}", aggregate / single));
     }
 
     println!("peak RSS, one transfer at a time: source {} MiB, target {} MiB", source_rss / 1024, target_rss / 1024);
