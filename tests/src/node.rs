@@ -273,9 +273,7 @@ impl TestNode {
 
     /// The node's peak resident memory (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+        proc_status_kib(self.pid(), "VmHWM").unwrap() * 1024
     }
 
     /// The node's process id.
@@ -394,6 +392,16 @@ fn write_private(path: &Path, contents: &str) {
 }
 
 /// A port that was free a moment ago.
+/// A size field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, …), in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> std::io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no {field} in /proc/{pid}/status")))
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

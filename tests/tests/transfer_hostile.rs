@@ -114,13 +114,7 @@ const GIB8: u64 = 8 << 30;
 
 /// The node's peak resident memory since the last [`reset_peak`], in MiB.
 fn peak_rss_mib(node: &TestNode) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/PID/status");
-    kib >> 10
+    node.peak_rss() >> 20
 }
 
 /// Resets the node's peak to its current resident memory (Linux ≥ 4.0).

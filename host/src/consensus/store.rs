@@ -10,7 +10,9 @@
 //! (one JSON value whose data was an array of numbers) is still read.
 //!
 //! The state machine itself is written with each snapshot (every
-//! `snapshot_policy` entries) and each installed one, not on every apply:
+//! `snapshot_policy` entries) and each installed one, in the same
+//! transaction and from the same bytes as the snapshot's data, not on every
+//! apply:
 //! writing all of it per entry made an entry's cost grow with the replica
 //! table (a 10,000-shard table is megabytes). The committed id is written
 //! before entries are applied, so at start openraft re-applies the committed
@@ -43,6 +45,8 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Keys of the stored snapshot: meta as JSON, data as raw bytes.
 const SNAPSHOT_META: &str = "snapshot_meta";
 const SNAPSHOT_DATA: &str = "snapshot_data";
+/// The state machine as of the last snapshot (the same bytes as its data).
+const STATE_MACHINE: &str = "sm";
 /// The snapshot as one JSON value, data as an array of numbers (older
 /// databases); replaced by the two keys above on the next write.
 const LEGACY_SNAPSHOT: &str = "snapshot";
@@ -146,7 +150,8 @@ impl Db {
         self.put_meta(key, value).await.unwrap();
     }
 
-    /// Stores a snapshot: meta as JSON, data as it is, in one transaction.
+    /// Stores a snapshot (meta as JSON, data as it is) and, from the same
+    /// bytes, the state machine, in one transaction.
     async fn put_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, data: Vec<u8>) -> Result<(), redb::Error> {
         let meta = serde_json::to_vec(meta).map_err(|e| redb::Error::Io(e.into()))?;
         let (size, bytes) = (data.len() as u64, self.snapshot_bytes.clone());
@@ -156,6 +161,9 @@ impl Db {
                 let mut table = tx.open_table(META)?;
                 table.insert(SNAPSHOT_META, meta.as_slice())?;
                 table.insert(SNAPSHOT_DATA, data.as_slice())?;
+                // The snapshot's data is the state machine as of it: what a
+                // restart starts from.
+                table.insert(STATE_MACHINE, data.as_slice())?;
                 table.remove(LEGACY_SNAPSHOT)?;
             }
             tx.commit()?;
@@ -336,7 +344,8 @@ impl LogStore {
     async fn repair_vote(&mut self, poisoned: Vote<NodeId>) -> StorageResult<Vote<NodeId>> {
         let log = self.get_log_state().await?;
         let committed = self.read_committed().await?;
-        let sm: Option<SmData> = self.db.get_meta("sm").await.map_err(|e| StorageIOError::read_vote(&io_err(e)))?;
+        let sm: Option<SmData> =
+            self.db.get_meta(STATE_MACHINE).await.map_err(|e| StorageIOError::read_vote(&io_err(e)))?;
         let applied = sm.and_then(|sm| sm.last_applied);
         let terms = [log.last_log_id, log.last_purged_log_id, committed, applied];
         let highest = terms.iter().flatten().map(|id| id.leader_id.term).max().unwrap_or(0);
@@ -404,7 +413,7 @@ pub struct StateMachine {
 
 impl StateMachine {
     pub async fn load(db: Db) -> Result<StateMachine, redb::Error> {
-        let data: SmData = db.get_meta("sm").await?.unwrap_or_default();
+        let data: SmData = db.get_meta(STATE_MACHINE).await?.unwrap_or_default();
         let applied = watch::channel(data.last_applied.map(|l| l.index).unwrap_or(0)).0;
         Ok(StateMachine { db, data: Arc::new(RwLock::new(data)), applied })
     }
@@ -412,19 +421,12 @@ impl StateMachine {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, SmData> {
         self.data.read().unwrap_or_else(|e| e.into_inner())
     }
-
-    async fn persist(&self) -> StorageResult<()> {
-        let snapshot = self.read().clone();
-        self.db.put_meta("sm", &snapshot).await.map_err(|e| StorageIOError::write_state_machine(&io_err(e)).into())
-    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let sm = self.read().clone();
         let data = serde_json::to_vec(&sm).map_err(|e| StorageIOError::read_state_machine(&e))?;
-        // The state machine as of the snapshot: what a restart starts from.
-        self.db.put_meta("sm", &sm).await.map_err(|e| StorageIOError::write_state_machine(&io_err(e)))?;
         let snapshot_id = match sm.last_applied {
             Some(l) => format!("{}-{}", l.leader_id, l.index),
             None => "empty".into(),
@@ -496,7 +498,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 state: installed.state,
             };
         }
-        self.persist().await?;
         self.db.put_snapshot(meta, data).await.map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?;
         self.applied.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
         Ok(())
@@ -548,7 +549,9 @@ mod tests {
     #[tokio::test]
     async fn snapshots_are_stored_as_raw_bytes() {
         let (_dir, db) = open();
-        let data = br#"{"state":{"members":{}}}"#.to_vec();
+        // A state machine's bytes, as `build_snapshot` makes them (they are
+        // also stored as the state machine a restart loads).
+        let data = serde_json::to_vec(&SmData::default()).unwrap();
         db.put_snapshot(&meta(), data.clone()).await.unwrap();
         let raw = db
             .blocking(|db| {

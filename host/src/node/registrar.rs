@@ -144,7 +144,7 @@ impl Pass {
     }
 
     /// Notes what changed since the last pass: replicas here that became
-    /// Dead, replicas here that left the table, and transfers of this node
+    /// Dead, replicas here that left the table, and transfers to this node
     /// that ended (their shard's directory is looked at again).
     fn diff(&mut self, me: NodeId, replicas: &ReplicaTable, transfers: &TransferTable) {
         let mine = |nodes: &BTreeMap<NodeId, ReplicaState>| nodes.get(&me).copied();
@@ -166,16 +166,14 @@ impl Pass {
         }
         for item in self.transfers.diff(transfers) {
             let ended = match item {
-                DiffItem::Update { old: (_, old), new: (_, new) } => old.stage.is_live() && !new.stage.is_live(),
-                DiffItem::Remove(_, old) => old.stage.is_live(),
-                DiffItem::Add(..) => false,
+                DiffItem::Update { old: (_, old), new: (_, new) } if old.stage.is_live() && !new.stage.is_live() => {
+                    Some(old)
+                }
+                DiffItem::Remove(_, old) if old.stage.is_live() => Some(old),
+                _ => None,
             };
-            if let DiffItem::Update { old: (_, t), .. } | DiffItem::Remove(_, t) = item
-                && ended
-                && (t.source == me || t.target == me)
-            {
+            if let Some(t) = ended.filter(|t| t.target == me) {
                 self.dirty.insert((t.engine.clone(), t.shard.clone()));
-                self.dead.insert((t.engine.clone(), t.shard.clone()));
             }
         }
         self.replicas = replicas.clone();
@@ -230,17 +228,8 @@ impl Pass {
         }
         let consensus = &node.consensus;
         let me = consensus.id;
-        let candidates = std::mem::take(&mut self.dirty);
-        let data = node.data.clone();
-        let on_disk = tokio::task::spawn_blocking(move || {
-            candidates
-                .into_iter()
-                .filter(|(engine, shard)| {
-                    data.shard(engine, shard).is_ok_and(|dir| dir.symlink_metadata().is_ok_and(|m| m.is_dir()))
-                })
-                .collect::<Vec<ShardKey>>()
-        })
-        .await?;
+        // Rows the table has, or shards arriving by transfer, are not looked
+        // for on disk (after a full pass, that is nearly all of them).
         let state = consensus.state();
         let arriving: HashSet<(&str, &str)> = state
             .transfers
@@ -248,12 +237,22 @@ impl Pass {
             .filter(|t| t.target == me && t.stage.is_live())
             .map(|t| (t.engine.as_str(), t.shard.as_str()))
             .collect();
-        let new: Vec<ShardKey> = on_disk
+        let unknown: Vec<ShardKey> = std::mem::take(&mut self.dirty)
             .into_iter()
             .filter(|(engine, shard)| {
                 state.replica(engine, shard, me).is_none() && !arriving.contains(&(engine.as_str(), shard.as_str()))
             })
             .collect();
+        let data = node.data.clone();
+        let new = tokio::task::spawn_blocking(move || {
+            unknown
+                .into_iter()
+                .filter(|(engine, shard)| {
+                    data.shard(engine, shard).is_ok_and(|dir| dir.symlink_metadata().is_ok_and(|m| m.is_dir()))
+                })
+                .collect::<Vec<ShardKey>>()
+        })
+        .await?;
         for (i, batch) in new.chunks(MAX_REGISTER_BATCH).enumerate() {
             let command = Command::RegisterReplicas { shards: batch.to_vec(), node: me };
             match consensus.propose(command).await {

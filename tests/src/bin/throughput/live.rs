@@ -128,9 +128,16 @@ pub async fn run(args: &LiveArgs) -> anyhow::Result<Vec<LiveResult>> {
                 json!({"engine": engine, "shard": "live", "source": names[from], "target": names[to], "kind": "move"});
             let api = cluster.nodes[to].api();
             let started: TransferStatus = api.call(Method::POST, "/v1/transfers", Some(&body)).await?;
-            let done = cluster.nodes[to].wait_transfer(&started.id, WITHIN).await;
+            let mut done = cluster.nodes[to].wait_transfer(&started.id, WITHIN).await;
             if done.state != State::Succeeded {
                 bail!("live {engine} move {n}: {:?}", done.error);
+            }
+            // The pause is recorded by its own entry, right after the commit
+            // that finished the move.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while done.pause_ms.is_none() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                done = cluster.nodes[to].transfer(&started.id).await;
             }
             let mut want = serde_json::Map::new();
             want.insert(names[to].into(), json!("active"));

@@ -29,7 +29,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use ferry::api::cli::parse_size;
 use ferry::transfer::State;
-use ferry_tests::node::{NodeOptions, TestNode};
+use ferry_tests::node::{NodeOptions, TestNode, proc_status_kib};
 use ferry_tests::segment_log::Generator;
 
 #[derive(Parser)]
@@ -155,14 +155,14 @@ async fn concurrent(source: &TestNode, target: &TestNode, count: usize, size: u6
     }
     println!("concurrent: {count} shards of {} MiB at once", size >> 20);
     drop_caches();
-    let before = rss_kib(target.pid())?;
+    let before = proc_status_kib(target.pid(), "VmRSS")?;
     let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
         let (pid, sampling) = (target.pid(), sampling.clone());
         std::thread::spawn(move || {
             let mut peak = 0;
             while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(rss_kib(pid).unwrap_or(0));
+                peak = peak.max(proc_status_kib(pid, "VmRSS").unwrap_or(0));
                 std::thread::sleep(Duration::from_millis(20));
             }
             peak
@@ -195,19 +195,6 @@ async fn concurrent(source: &TestNode, target: &TestNode, count: usize, size: u6
     );
     let aggregate = bytes as f64 / (1 << 20) as f64 / took.as_secs_f64();
     Ok((aggregate, peak.saturating_sub(before) as f64 / 1024.0 / count as f64))
-}
-
-/// Resident memory of a process now (VmRSS), in KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
-}
-
-fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
-    Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
 }
 
 /// User plus system CPU time of a process so far.
@@ -346,7 +333,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     // One transfer at a time so far: the figure the ≤ 64 MiB goal is about.
-    let (source_rss, target_rss) = (peak_rss_kib(source.pid())?, peak_rss_kib(target.pid())?);
+    let (source_rss, target_rss) = (source.peak_rss() >> 10, target.peak_rss() >> 10);
     if args.only.as_deref().is_none_or(|only| only == "concurrent") {
         let single = match single_mib_s {
             Some(rate) => rate,
