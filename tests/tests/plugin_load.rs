@@ -130,18 +130,26 @@ async fn contract_0_2_0_loads_with_its_live_hooks() {
     let live = runtime.load(Path::new(plugins::SEGMENT_LOG)).await.unwrap();
     assert_eq!(live.contract(), ContractVersion::V0_2_0);
     assert_eq!(live.contract().package(), "ferry:engine@0.2.0");
-    assert_eq!(live.contract().hooks(), &Hook::ALL);
+    assert_eq!(live.contract().hooks(), &Hook::V0_2_0);
     assert!(live.contract().has(Hook::Fence) && live.contract().has(Hook::ChangesSince));
+    // It implements world `engine-with-file-checks`: the optional
+    // interface is found and typed at load.
+    assert!(live.checks_files());
+    assert_eq!(live.hooks(), Hook::ALL.to_vec());
 
     // A 0.1.0 plugin loads as before and says, typed, that it has no live
     // hooks; nothing runs.
     let old = runtime.load(Path::new(plugins::MISBEHAVE)).await.unwrap();
     assert_eq!(old.contract(), ContractVersion::V0_1_0);
     assert_eq!(old.contract().hooks(), &Hook::HOOKS);
+    assert!(!old.checks_files());
     let dir = tempfile::tempdir().unwrap();
     let err = old.fence("s1", dir.path(), 1).await.unwrap_err();
     assert!(matches!(err.kind, HookErrorKind::Unsupported { contract: "ferry:engine@0.1.0" }), "{err}");
     assert!(err.to_string().contains("fence: unsupported by contract ferry:engine@0.1.0"), "{err}");
+    let meta = ferry::plugin::SnapshotMeta { term: 1, position: 0, attributes: Vec::new() };
+    let err = old.check_files("s1", dir.path(), &meta, &["a".to_owned()]).await.unwrap_err();
+    assert!(matches!(err.kind, HookErrorKind::Unsupported { .. }), "{err}");
     let err = old.changes_since("s1", dir.path(), ShardPosition { term: 1, position: 0 }).await.unwrap_err();
     assert!(matches!(err.kind, HookErrorKind::Unsupported { .. }), "{err}");
     assert!(ferry_tests::tree(dir.path()).is_empty());

@@ -105,7 +105,7 @@ async fn snapshot_validates_applies_and_becomes_a_live_shard() {
     let plan = plugin.create_snapshot("s1", src.path()).await.unwrap();
     materialize(&plan, src.path(), dst.path()).unwrap();
 
-    let pos = plugin.validate("s1", dst.path(), &plan.meta).await.unwrap();
+    let pos = plugin.check_and_validate("s1", dst.path(), &plan.meta, &paths(&plan)).await.unwrap();
     assert_eq!(pos, ShardPosition { term: 3, position: control.flush });
     plugin.apply("s1", dst.path(), &plan.meta).await.unwrap();
 
@@ -122,8 +122,13 @@ async fn snapshot_validates_applies_and_becomes_a_live_shard() {
     assert_eq!(again.meta, plan.meta);
 }
 
+/// Every path of a plan, as a transfer hands them to `check-files`.
+fn paths(plan: &ferry::plugin::SnapshotPlan) -> Vec<String> {
+    plan.entries.iter().map(|e| e.path().as_str().to_owned()).collect()
+}
+
 #[tokio::test]
-async fn validate_finds_a_flipped_byte() {
+async fn check_files_finds_a_flipped_byte() {
     let (_rt, plugin) = plugin().await;
     let src = tempfile::tempdir().unwrap();
     let dst = tempfile::tempdir().unwrap();
@@ -134,11 +139,47 @@ async fn validate_finds_a_flipped_byte() {
     let mut bytes = fs::read(&victim).unwrap();
     bytes[1000] ^= 0x01;
     fs::write(&victim, bytes).unwrap();
-    let err = plugin.validate("s1", dst.path(), &plan.meta).await.unwrap_err();
+    let err = plugin.check_files("s1", dst.path(), &plan.meta, &[segment_name(1)]).await.unwrap_err();
     match err.kind {
         HookErrorKind::Engine(EngineError::Invalid(msg)) => assert!(msg.contains("CRC"), "{msg}"),
         other => panic!("expected invalid, got {other}"),
     }
+    let err = plugin.check_and_validate("s1", dst.path(), &plan.meta, &paths(&plan)).await.unwrap_err();
+    assert!(err.to_string().contains("CRC"), "{err}");
+    // The other files pass: the check is per file.
+    let others: Vec<String> = paths(&plan).into_iter().filter(|p| *p != segment_name(1)).collect();
+    plugin.check_files("s1", dst.path(), &plan.meta, &others).await.unwrap();
+    // `validate` reads no records: it relies on `check-files` for them, and
+    // checks what spans files.
+    plugin.validate("s1", dst.path(), &plan.meta).await.unwrap();
+}
+
+#[tokio::test]
+async fn check_files_checks_a_segment_before_the_control_file_arrives() {
+    let (_rt, plugin) = plugin().await;
+    let src = tempfile::tempdir().unwrap();
+    let whole = tempfile::tempdir().unwrap();
+    shard(src.path(), 200_000);
+    let plan = plugin.create_snapshot("s1", src.path()).await.unwrap();
+    materialize(&plan, src.path(), whole.path()).unwrap();
+    // The last segment alone: the layout comes from the meta.
+    let last = segment_name(plan.entries.len() as u64 - 2);
+    let alone = tempfile::tempdir().unwrap();
+    fs::copy(whole.path().join(&last), alone.path().join(&last)).unwrap();
+    plugin.check_files("s1", alone.path(), &plan.meta, std::slice::from_ref(&last)).await.unwrap();
+    // Cut short, it is refused; so is a file no snapshot of this layout has.
+    let file = fs::OpenOptions::new().write(true).open(alone.path().join(&last)).unwrap();
+    file.set_len(100).unwrap();
+    let err = plugin.check_files("s1", alone.path(), &plan.meta, &[last]).await.unwrap_err();
+    assert!(err.to_string().contains("is 100 bytes"), "{err}");
+    fs::write(alone.path().join("junk"), b"x").unwrap();
+    let err = plugin.check_files("s1", alone.path(), &plan.meta, &["junk".to_owned()]).await.unwrap_err();
+    assert!(err.to_string().contains("unexpected file"), "{err}");
+    // A meta whose layout is impossible is refused before any file is read.
+    let mut meta = plan.meta.clone();
+    meta.attributes.retain(|(k, _)| k != "segment-size");
+    let err = plugin.check_files("s1", alone.path(), &meta, &["junk".to_owned()]).await.unwrap_err();
+    assert!(err.to_string().contains("no segment-size attribute"), "{err}");
 }
 
 #[tokio::test]
@@ -195,7 +236,7 @@ fn expected_ranges(control: &Control, since: u64, until: u64) -> Vec<DeltaEntry>
 async fn replica(plugin: &Plugin, src: &Path, dst: &Path) -> ShardPosition {
     let plan = plugin.create_snapshot("s1", src).await.unwrap();
     materialize(&plan, src, dst).unwrap();
-    let pos = plugin.validate("s1", dst, &plan.meta).await.unwrap();
+    let pos = plugin.check_and_validate("s1", dst, &plan.meta, &paths(&plan)).await.unwrap();
     plugin.apply("s1", dst, &plan.meta).await.unwrap();
     pos
 }

@@ -8,8 +8,14 @@
 //! struct MyEngine;
 //! impl Hooks for MyEngine { /* describe, shard-status, create-snapshot, ... */ }
 //! impl Live for MyEngine { /* changes-since, ..., fence, unfence, retire */ }
+//! impl FileChecks for MyEngine { /* check-files */ }
 //! ferry_plugin_sdk::export_engine!(MyEngine);
 //! ```
+//!
+//! The SDK builds world `engine-with-file-checks`: `check-files` checks
+//! single files of a received snapshot while the rest still streams, and
+//! `validate` then checks only what spans files. An engine whose checks all
+//! need the whole shard accepts every path there and checks in `validate`.
 //!
 //! Every hook call runs in a fresh instance with the shard directory at
 //! [`SHARD`]; what must last goes to the engine's own files.
@@ -18,13 +24,14 @@ use std::fmt::Display;
 use std::path::Path;
 
 wit_bindgen::generate!({
-    world: "engine",
+    world: "engine-with-file-checks",
     path: "../../wit/v0.2.0",
     pub_export_macro: true,
     export_macro_name: "export_engine",
     default_bindings_module: "ferry_plugin_sdk",
 });
 
+pub use exports::ferry::engine::file_checks::Guest as FileChecks;
 pub use exports::ferry::engine::hooks::Guest as Hooks;
 pub use exports::ferry::engine::live::Guest as Live;
 pub use ferry::engine::log::Level;

@@ -674,19 +674,58 @@ pub struct ShardSummary {
     pub records: u64,
 }
 
-/// Checks a whole shard directory. A received snapshot's last segment may be
-/// cut at the flush position; a live shard's segments are all full size.
+/// Checks a whole shard directory: its [layout](check_layout) and every
+/// segment's records.
 pub fn check_shard(dir: &Path) -> Result<ShardSummary, FormatError> {
+    let control = check_layout(dir)?;
+    let mut records = 0;
+    for index in control.segments() {
+        records += check_segment(dir, &control, index, expected_len(&control, index))?;
+    }
+    let segments = control.segments();
+    Ok(ShardSummary { control, segments: segments.end - segments.start, records })
+}
+
+/// How long segment `index` of a shard laid out as `control` is: a received
+/// snapshot's last segment is cut at the flush position; a live shard's
+/// segments are all full size.
+pub fn expected_len(control: &Control, index: u64) -> u64 {
+    match control.state {
+        ShardState::Snapshot if index + 1 == control.segments().end => control.used_bytes(index),
+        _ => control.segment_size,
+    }
+}
+
+/// Checks the one file `name` of a received snapshot laid out as `control`
+/// says (read from the snapshot's meta: the control file may not have
+/// arrived yet): a segment's length and records. Other names are left to
+/// [`check_layout`]. Returns the number of records.
+pub fn check_snapshot_file(dir: &Path, control: &Control, name: &str) -> Result<u64, FormatError> {
+    if name == CONTROL_FILE {
+        return Ok(0);
+    }
+    match segment_index(name) {
+        Some(index) if control.segments().contains(&index) => {
+            check_segment(dir, control, index, expected_len(control, index))
+        }
+        _ => Err(invalid(format!("unexpected file {name:?} in the snapshot"))),
+    }
+}
+
+/// Checks a shard directory without reading its records: the control file,
+/// every segment it needs present at its expected length, and no other
+/// file. With [`check_segment`] on every segment, that is [`check_shard`].
+pub fn check_layout(dir: &Path) -> Result<Control, FormatError> {
     let control = Control::read(dir)?;
     let range = control.segments();
-    let mut records = 0;
     for index in range.clone() {
-        let full = control.segment_size;
-        let expected = match control.state {
-            ShardState::Snapshot if index + 1 == range.end => control.used_bytes(index),
-            _ => full,
-        };
-        records += check_segment(dir, &control, index, expected)?;
+        let name = segment_name(index);
+        let path = dir.join(&name);
+        let len = fs::metadata(&path).map_err(io_err(&path))?.len();
+        let expected = expected_len(&control, index);
+        if len != expected {
+            return Err(invalid(format!("{name} is {len} bytes, expected {expected}")));
+        }
     }
     // Stray segment files inside the retained range are impossible by
     // construction; files before `start` or after the flush segment are
@@ -710,7 +749,7 @@ pub fn check_shard(dir: &Path) -> Result<ShardSummary, FormatError> {
             _ => return Err(invalid(format!("unexpected file {name:?} in the shard directory"))),
         }
     }
-    Ok(ShardSummary { control, segments: range.end - range.start, records })
+    Ok(control)
 }
 
 /// Writes valid shards, for tests, demos and benchmarks.

@@ -6,7 +6,10 @@
 //!   one cut at the flush position, as a byte range the host streams).
 //! - `term-check`: re-reads the control file; the term must not have moved and
 //!   the log must not have been cut below the snapshot.
-//! - `validate`: contiguity, sizes, every record's CRC, control consistency.
+//! - `check-files` (while the snapshot streams): each segment's length and
+//!   every record's CRC, against the layout the snapshot's meta gives.
+//! - `validate` (after the last byte): the control file against the meta,
+//!   every segment present at its length, no other file.
 //! - `apply`: extends the last segment to full size and rewrites the control
 //!   file as `active` for its new home.
 //!
@@ -27,12 +30,12 @@ use std::fs;
 use std::path::Path;
 
 use ferry_plugin_sdk::{
-    DeltaEntry, DeltaMeta, DeltaPlan, EngineError, EngineInfo, Entry, FenceInfo, FileEntry, FileLock, Hooks,
-    InlineEntry, Level, Live, RangeEntry, SHARD, ShardPosition, SnapshotMeta, SnapshotPlan, io_error, log,
+    DeltaEntry, DeltaMeta, DeltaPlan, EngineError, EngineInfo, Entry, FenceInfo, FileChecks, FileEntry, FileLock,
+    Hooks, InlineEntry, Level, Live, RangeEntry, SHARD, ShardPosition, SnapshotMeta, SnapshotPlan, io_error, log,
 };
 use segment_log_format::{
-    CONTROL_FILE, Control, FormatError, LOCK_FILE, LiveState, ShardState, WRITER_LOCK, check_range, check_shard,
-    segment_index, segment_name, written_end,
+    CONTROL_FILE, Control, FormatError, LOCK_FILE, LiveState, ShardState, WRITER_LOCK, check_layout, check_range,
+    check_snapshot_file, segment_index, segment_name, written_end,
 };
 
 /// Most segments one delta plan covers; a longer lag takes several rounds.
@@ -153,14 +156,16 @@ impl Hooks for SegmentLog {
     fn validate(_shard: String, meta: SnapshotMeta) -> Result<ShardPosition, EngineError> {
         #[cfg(feature = "mutant-validate-accepts-anything")]
         return Ok(ShardPosition { term: meta.term, position: meta.position });
+        // `check-files` passed every segment's records against the meta's
+        // layout; what is left is that the control file is that layout.
         #[allow(unreachable_code)]
-        let summary = check_shard(Path::new(SHARD)).map_err(to_engine_error)?;
-        let control = summary.control;
+        let control = check_layout(Path::new(SHARD)).map_err(to_engine_error)?;
         if control.state != ShardState::Snapshot {
             return Err(EngineError::Invalid("control file is not in snapshot state".into()));
         }
         check_meta(&control, &meta)?;
-        log(Level::Info, &format!("validated {} segments, {} records", summary.segments, summary.records));
+        let segments = control.segments();
+        log(Level::Info, &format!("validated {} segments", segments.end - segments.start));
         Ok(ShardPosition { term: control.term, position: control.flush })
     }
 
@@ -382,6 +387,45 @@ impl Live for SegmentLog {
         if retired != control {
             write_control(&retired)?;
         }
+        Ok(())
+    }
+}
+
+/// The layout a snapshot's meta describes: the control file the snapshot
+/// must hold (`validate` checks that it does).
+fn meta_layout(meta: &SnapshotMeta) -> Result<Control, EngineError> {
+    let number = |key: &str| {
+        ferry_plugin_sdk::attribute(&meta.attributes, key)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| EngineError::Invalid(format!("snapshot meta has no {key} attribute")))
+    };
+    let control = Control {
+        state: ShardState::Snapshot,
+        term: meta.term,
+        flush: meta.position,
+        commit: number("commit")?,
+        segment_size: number("segment-size")?,
+        start: number("start")?,
+        live: LiveState::default(),
+    };
+    control.check().map_err(to_engine_error)?;
+    Ok(control)
+}
+
+impl FileChecks for SegmentLog {
+    fn check_files(_shard: String, meta: SnapshotMeta, paths: Vec<String>) -> Result<(), EngineError> {
+        #[cfg(feature = "mutant-validate-accepts-anything")]
+        {
+            let _ = (meta, paths);
+            return Ok(());
+        }
+        #[allow(unreachable_code)]
+        let control = meta_layout(&meta)?;
+        let mut records = 0;
+        for path in &paths {
+            records += check_snapshot_file(Path::new(SHARD), &control, path).map_err(to_engine_error)?;
+        }
+        log(Level::Debug, &format!("checked {} files, {records} records", paths.len()));
         Ok(())
     }
 }

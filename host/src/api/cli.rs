@@ -673,7 +673,7 @@ async fn check(file: &Path, args: &RuntimeArgs, json: bool) -> anyhow::Result<Ex
     let runtime = PluginRuntime::new(args.config()?)?;
     let plugin = runtime.load(file).await?;
     let info = plugin.info();
-    let hooks: Vec<&str> = plugin.contract().hooks().iter().map(|h| h.name()).collect();
+    let hooks: Vec<&str> = plugin.hooks().iter().map(|h| h.name()).collect();
     if json {
         let out = json!({
             "path": file,
@@ -1213,7 +1213,7 @@ async fn run_hook(
     };
     let shard =
         shard.or_else(|| dir.and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned())).unwrap_or_default();
-    let needs_meta = matches!(hook, Hook::TermCheck | Hook::Validate | Hook::Apply);
+    let needs_meta = matches!(hook, Hook::TermCheck | Hook::Validate | Hook::Apply | Hook::CheckFiles);
     let meta = match meta {
         Some(meta) => meta,
         None if needs_meta => bail!("{hook} needs --meta or --meta-file"),
@@ -1256,6 +1256,27 @@ async fn run_hook(
     }
 }
 
+/// The regular files under `dir`, as relative `/`-separated paths, sorted.
+fn files_under(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(at) = dirs.pop() {
+        for entry in std::fs::read_dir(&at)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                dirs.push(entry.path());
+            } else if kind.is_file()
+                && let Ok(rel) = entry.path().strip_prefix(dir)
+            {
+                files.push(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
 /// The argument of a live hook.
 enum LiveCall {
     None,
@@ -1294,6 +1315,18 @@ async fn call_hook(
         Hook::Fence => serde_json::to_value(plugin.fence(shard, dir, epoch).await?),
         Hook::Unfence => serde_json::to_value(plugin.unfence(shard, dir, epoch).await?),
         Hook::Retire => serde_json::to_value(plugin.retire(shard, dir, epoch).await?),
+        Hook::CheckFiles => {
+            // Every file in the directory, as a transfer checks them all.
+            let paths = files_under(dir).map_err(|e| HookError {
+                plugin: plugin.name(),
+                hook,
+                kind: crate::plugin::HookErrorKind::Sandbox(format!("listing {}: {e}", dir.display())),
+            })?;
+            for batch in paths.chunks(crate::plugin::MAX_CHECK_PATHS) {
+                plugin.check_files(shard, dir, meta, batch).await?;
+            }
+            serde_json::to_value(json!({ "files": paths.len() }))
+        }
     };
     Ok(value.expect("hook results serialize to JSON"))
 }

@@ -80,6 +80,9 @@ impl Report {
 }
 
 /// Runs every check; the report says which passed.
+/// How many files `check-files` is tried on alone.
+const ALONE_FILES: usize = 64;
+
 pub async fn run(options: &KitOptions) -> anyhow::Result<Report> {
     let work = tempfile::Builder::new().prefix("ferry-kit-").tempdir()?;
     let mut kit = Kit {
@@ -287,7 +290,9 @@ impl Kit<'_> {
         let status = status.map_err(|e| format!("shard-status: {e}"))?;
         let whole = self.work.join("validate-whole");
         shard::materialize(&plan, &source, &whole).map_err(|e| format!("materializing the plan: {e}"))?;
-        let got = self.call(Hook::Validate, || plugin.validate(SHARD, &whole, &plan.meta)).await;
+        let paths: Vec<String> = plan.entries.iter().map(|e| e.path().as_str().to_owned()).collect();
+        let alone = if plugin.checks_files() { self.files_checked_alone(plugin, &plan, &whole).await? } else { 0 };
+        let got = self.check_and_validate(plugin, &whole, &plan.meta, &paths).await;
         let got = got.map_err(|e| format!("validate of an intact snapshot: {e}"))?;
         if got != status {
             return Err(format!("validate says {got:?}, the source's shard-status {status:?}"));
@@ -307,12 +312,60 @@ impl Kit<'_> {
                 }
             };
             done.map_err(|e| format!("damaging {largest}: {e}"))?;
-            match self.call(Hook::Validate, || plugin.validate(SHARD, &dir, &plan.meta)).await {
+            match self.check_and_validate(plugin, &dir, &plan.meta, &paths).await {
                 Ok(p) => return Err(format!("validate accepted the snapshot with {damage} ({largest}): {p:?}")),
                 Err(e) => refused.push(format!("{damage}: {}", short(&e.to_string()))),
             }
         }
-        Ok(format!("refused {}", refused.join("; ")))
+        let alone = match alone {
+            0 => String::new(),
+            n => format!("; check-files passed {n} files each alone in a directory"),
+        };
+        Ok(format!("refused {}{alone}", refused.join("; ")))
+    }
+
+    /// As a transfer checks a received snapshot: `check-files` on every
+    /// path (if the plugin has it), then `validate`.
+    async fn check_and_validate(
+        &mut self,
+        plugin: &Plugin,
+        dir: &Path,
+        meta: &crate::plugin::SnapshotMeta,
+        paths: &[String],
+    ) -> Result<ShardPosition, HookError> {
+        if plugin.checks_files() {
+            for batch in paths.chunks(crate::plugin::MAX_CHECK_PATHS) {
+                self.call(Hook::CheckFiles, || plugin.check_files(SHARD, dir, meta, batch)).await?;
+            }
+        }
+        self.call(Hook::Validate, || plugin.validate(SHARD, dir, meta)).await
+    }
+
+    /// `check-files` runs while other files are still absent: each of the
+    /// intact snapshot's files (the first [`ALONE_FILES`]) must pass alone
+    /// in a directory. Returns how many were checked.
+    async fn files_checked_alone(
+        &mut self,
+        plugin: &Plugin,
+        plan: &SnapshotPlan,
+        whole: &Path,
+    ) -> Result<usize, String> {
+        let mut checked = 0;
+        for (i, entry) in plan.entries.iter().take(ALONE_FILES).enumerate() {
+            let path = entry.path();
+            let dir = self.work.join(format!("alone-{i}"));
+            let (from, to) = (path.join_to(whole), path.join_to(&dir));
+            let copied = to.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::copy(&from, &to));
+            copied.map_err(|e| format!("copying {path}: {e}"))?;
+            let paths = [path.as_str().to_owned()];
+            let got = self.call(Hook::CheckFiles, || plugin.check_files(SHARD, &dir, &plan.meta, &paths)).await;
+            got.map_err(|e| {
+                format!("check-files of {path}, alone in a directory (other files may not have arrived yet): {e}")
+            })?;
+            let _ = std::fs::remove_dir_all(&dir);
+            checked += 1;
+        }
+        Ok(checked)
     }
 
     async fn term_check_after_mutation(&mut self, plugin: &Plugin, cmd: &str) -> Checked {

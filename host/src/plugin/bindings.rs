@@ -158,6 +158,48 @@ pub mod v0_2_0 {
     pub const HOOKS_INTERFACE: &str = "ferry:engine/hooks@0.2.0";
     /// The live-move interface every 0.2.0 component exports.
     pub const LIVE_INTERFACE: &str = "ferry:engine/live@0.2.0";
+    /// The optional interface of world `engine-with-file-checks`.
+    pub const FILE_CHECKS_INTERFACE: &str = "ferry:engine/file-checks@0.2.0";
+
+    /// `check-files` of interface `file-checks`, typed. It is not in world
+    /// `engine`'s bindings: a component exports it or not, and the same
+    /// bindings serve both worlds.
+    fn check_files_func<'a, T: 'static>(
+        store: &mut wasmtime::Store<T>,
+        instance: &wasmtime::component::Instance,
+    ) -> Result<
+        wasmtime::component::TypedFunc<(&'a str, &'a wit::SnapshotMeta, &'a [String]), (Result<(), wit::EngineError>,)>,
+        String,
+    > {
+        let checks = instance
+            .get_export_index(&mut *store, None, FILE_CHECKS_INTERFACE)
+            .ok_or_else(|| format!("{FILE_CHECKS_INTERFACE} is not exported"))?;
+        let func = instance
+            .get_export_index(&mut *store, Some(&checks), "check-files")
+            .ok_or_else(|| "check-files is not exported".to_owned())?;
+        instance.get_typed_func(&mut *store, &func).map_err(why("check-files"))
+    }
+
+    /// Checks `check-files`' type on a live instance (see `typecheck_hooks`).
+    pub fn typecheck_file_checks<T: 'static>(
+        store: &mut wasmtime::Store<T>,
+        instance: &wasmtime::component::Instance,
+    ) -> Result<(), String> {
+        check_files_func(store, instance).map(drop)
+    }
+
+    /// Calls `check-files` on a fresh instance.
+    pub async fn call_check_files<T: Send + 'static>(
+        store: &mut wasmtime::Store<T>,
+        instance: &wasmtime::component::Instance,
+        shard: &str,
+        meta: &wit::SnapshotMeta,
+        paths: &[String],
+    ) -> wasmtime::Result<Result<(), wit::EngineError>> {
+        let func = check_files_func(store, instance).map_err(wasmtime::Error::msg)?;
+        let (result,) = func.call_async(&mut *store, (shard, meta, paths)).await?;
+        Ok(result)
+    }
 
     shared_conversions!();
 

@@ -23,6 +23,7 @@ pub enum Hook {
     Fence,
     Unfence,
     Retire,
+    CheckFiles,
 }
 
 impl Hook {
@@ -32,8 +33,8 @@ impl Hook {
     /// The hooks of interface `live` (contract 0.2.0).
     pub const LIVE: [Hook; 6] =
         [Hook::ChangesSince, Hook::DeltaCheck, Hook::ApplyChanges, Hook::Fence, Hook::Unfence, Hook::Retire];
-    /// Every hook of every contract version.
-    pub const ALL: [Hook; 12] = [
+    /// The hooks every 0.2.0 plugin exports: `hooks` and `live`.
+    pub const V0_2_0: [Hook; 12] = [
         Hook::Describe,
         Hook::ShardStatus,
         Hook::CreateSnapshot,
@@ -46,6 +47,24 @@ impl Hook {
         Hook::Fence,
         Hook::Unfence,
         Hook::Retire,
+    ];
+    /// The hooks of the optional interface `file-checks` (contract 0.2.0).
+    pub const FILE_CHECKS: [Hook; 1] = [Hook::CheckFiles];
+    /// Every hook of every contract version.
+    pub const ALL: [Hook; 13] = [
+        Hook::Describe,
+        Hook::ShardStatus,
+        Hook::CreateSnapshot,
+        Hook::TermCheck,
+        Hook::Validate,
+        Hook::Apply,
+        Hook::ChangesSince,
+        Hook::DeltaCheck,
+        Hook::ApplyChanges,
+        Hook::Fence,
+        Hook::Unfence,
+        Hook::Retire,
+        Hook::CheckFiles,
     ];
 
     /// The hook's name in WIT.
@@ -63,6 +82,7 @@ impl Hook {
             Hook::Fence => "fence",
             Hook::Unfence => "unfence",
             Hook::Retire => "retire",
+            Hook::CheckFiles => "check-files",
         }
     }
 

@@ -26,7 +26,7 @@ pub mod types;
 
 pub use error::{Hook, HookError, HookErrorKind, LoadError, LoadErrorKind};
 pub use limits::{MemoryUsage, Queue};
-pub use plugin::{BenchInstance, CONTRACTS, ContractVersion, Plugin};
+pub use plugin::{BenchInstance, CONTRACTS, ContractVersion, MAX_CHECK_PATHS, Plugin};
 pub use registry::Registry;
 pub use runtime::{
     DEFAULT_MAX_CALLS_PER_ENGINE, DEFAULT_MEMORY_BUDGET, DEFAULT_MEMORY_LIMIT, EPOCH_TICK, HookDeadlines,

@@ -32,6 +32,9 @@ use super::types::{
     escape_guest_text,
 };
 
+/// Most paths one `check-files` call gets (the contract's bound).
+pub const MAX_CHECK_PATHS: usize = 4096;
+
 /// The contract versions this host implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ContractVersion {
@@ -58,7 +61,7 @@ impl ContractVersion {
     pub fn hooks(self) -> &'static [Hook] {
         match self {
             ContractVersion::V0_1_0 => &Hook::HOOKS,
-            ContractVersion::V0_2_0 => &Hook::ALL,
+            ContractVersion::V0_2_0 => &Hook::V0_2_0,
         }
     }
 
@@ -152,11 +155,14 @@ pub struct Plugin {
     hash: String,
     /// This plugin's call slots.
     calls: Gate,
+    /// Whether it exports the optional interface `file-checks` (0.2.0).
+    file_checks: bool,
 }
 
 /// A live instance for one call.
 struct Call {
     store: Store<CallState>,
+    instance: Instance,
     bindings: Bindings,
     /// Declared last, so dropped after the store: its slots are free by then.
     _slot: Slot,
@@ -174,7 +180,28 @@ impl Plugin {
     ) -> Plugin {
         let slots = shared.config.max_calls_per_engine;
         let calls = Gate::new(slots, Queue::EngineCalls(slots));
-        Plugin { shared, path, contract, pre, info: None, compile_time, cached, hash, calls }
+        Plugin { shared, path, contract, pre, info: None, compile_time, cached, hash, calls, file_checks: false }
+    }
+
+    pub(super) fn with_file_checks(mut self, file_checks: bool) -> Plugin {
+        self.file_checks = file_checks;
+        self
+    }
+
+    /// Whether the plugin checks single files while a snapshot streams
+    /// (it exports `file-checks`); its `validate` then relies on them.
+    pub fn checks_files(&self) -> bool {
+        self.file_checks
+    }
+
+    /// The hooks this plugin exports: its contract's, and `check-files` if
+    /// it has it.
+    pub fn hooks(&self) -> Vec<Hook> {
+        let mut hooks = self.contract.hooks().to_vec();
+        if self.file_checks {
+            hooks.extend(Hook::FILE_CHECKS);
+        }
+        hooks
     }
 
     /// BLAKE3 (hex) of the component's bytes: two nodes run the same build
@@ -251,7 +278,7 @@ impl Plugin {
         // Locals drop in reverse order: the store before the slot.
         let (slot, mut store, instance) = self.instantiate_raw(hook, dir).await?;
         match self.bindings(&mut store, &instance) {
-            Ok(bindings) => Ok(Call { store, bindings, _slot: slot }),
+            Ok(bindings) => Ok(Call { store, instance, bindings, _slot: slot }),
             Err(e) => Err(self.trap(hook, &store, e)),
         }
     }
@@ -317,9 +344,12 @@ impl Plugin {
                 ContractVersion::V0_2_0 => v2::typecheck(&mut store, &instance),
             }
             .map_err(LoadErrorKind::Mismatch)?;
+            if self.file_checks {
+                v2::typecheck_file_checks(&mut store, &instance).map_err(LoadErrorKind::Mismatch)?;
+            }
             let bindings =
                 self.bindings(&mut store, &instance).map_err(|e| LoadErrorKind::Mismatch(error_chain(&e)))?;
-            let call = Call { store, bindings, _slot: slot };
+            let call = Call { store, instance, bindings, _slot: slot };
             self.call_describe(call).await.map_err(describe_failed)
         }
         .instrument(self.span(hook, ""))
@@ -444,6 +474,49 @@ impl Plugin {
             self.finish(hook, call, result, Ok)
         })
         .await
+    }
+
+    /// Checks the files `paths` of the staging directory `dir`, each complete
+    /// while others may still be arriving (optional interface `file-checks`;
+    /// a typed `Unsupported` error, before anything runs, without it). At
+    /// most [`MAX_CHECK_PATHS`] paths per call.
+    pub async fn check_files(
+        &self,
+        shard: &str,
+        dir: &Path,
+        meta: &SnapshotMeta,
+        paths: &[String],
+    ) -> Result<(), HookError> {
+        let hook = Hook::CheckFiles;
+        if !self.file_checks {
+            return Err(self.error(hook, HookErrorKind::Unsupported { contract: self.contract.package() }));
+        }
+        assert!(paths.len() <= MAX_CHECK_PATHS, "at most {MAX_CHECK_PATHS} paths per check-files call");
+        self.observed(hook, shard, async {
+            let mut call = self.instantiate(hook, Some((dir, Access::ReadOnly))).await?;
+            let result = v2::call_check_files(&mut call.store, &call.instance, shard, &meta.into(), paths).await;
+            self.finish(hook, call, result.map(|r| r.map_err(EngineError::from)), Ok)
+        })
+        .await
+    }
+
+    /// Checks a whole received snapshot in `dir` as a transfer would: every
+    /// path through `check-files` (if the plugin has it), then `validate`.
+    /// For callers that hold every file at once (the conformance kit, the
+    /// CLI, tests).
+    pub async fn check_and_validate(
+        &self,
+        shard: &str,
+        dir: &Path,
+        meta: &SnapshotMeta,
+        paths: &[String],
+    ) -> Result<ShardPosition, HookError> {
+        if self.file_checks {
+            for batch in paths.chunks(MAX_CHECK_PATHS) {
+                self.check_files(shard, dir, meta, batch).await?;
+            }
+        }
+        self.validate(shard, dir, meta).await
     }
 
     /// Makes the validated staging directory `dir` ready to publish.

@@ -58,6 +58,9 @@ pub struct HookDeadlines {
     pub unfence: Duration,
     #[serde(with = "millis")]
     pub retire: Duration,
+    /// One batch of files, read while the snapshot streams.
+    #[serde(with = "millis")]
+    pub check_files: Duration,
 }
 
 impl Default for HookDeadlines {
@@ -75,6 +78,7 @@ impl Default for HookDeadlines {
             fence: Duration::from_secs(5),
             unfence: Duration::from_secs(5),
             retire: Duration::from_secs(5),
+            check_files: Duration::from_secs(600),
         }
     }
 }
@@ -94,6 +98,7 @@ impl HookDeadlines {
             Hook::Fence => self.fence,
             Hook::Unfence => self.unfence,
             Hook::Retire => self.retire,
+            Hook::CheckFiles => self.check_files,
         }
     }
 
@@ -111,6 +116,7 @@ impl HookDeadlines {
             Hook::Fence => &mut self.fence,
             Hook::Unfence => &mut self.unfence,
             Hook::Retire => &mut self.retire,
+            Hook::CheckFiles => &mut self.check_files,
         };
         *slot = deadline;
     }
@@ -275,7 +281,7 @@ impl PluginRuntime {
         let result = if cached { "hit" } else { "miss" };
         crate::metrics::global().compile_cache.get_or_create(&crate::metrics::CacheLabels { result }).inc();
 
-        let contract = find_contract(engine, &component).map_err(fail)?;
+        let (contract, file_checks) = find_contract(engine, &component).map_err(fail)?;
         let instance_pre =
             self.linker.instantiate_pre(&component).map_err(|e| fail(LoadErrorKind::Imports(error_chain(&e))))?;
         let mismatch = |e: wasmtime::Error| fail(LoadErrorKind::Mismatch(error_chain(&e)));
@@ -284,7 +290,8 @@ impl PluginRuntime {
             ContractVersion::V0_2_0 => Pre::V2(v2::EnginePre::new(instance_pre).map_err(mismatch)?),
         };
 
-        let plugin = Plugin::new(self.shared.clone(), path.to_owned(), contract, pre, compile_time, cached, hash);
+        let plugin = Plugin::new(self.shared.clone(), path.to_owned(), contract, pre, compile_time, cached, hash)
+            .with_file_checks(file_checks);
         let info = plugin.probe().await.map_err(fail)?;
         Ok(plugin.with_info(info))
     }
@@ -340,8 +347,9 @@ fn check_header(wasm: &[u8]) -> Result<(), LoadErrorKind> {
 const SUPPORTED: &str = "ferry:engine/hooks@0.2.0, ferry:engine/hooks@0.1.0";
 
 /// Finds which contract version the component implements, and checks that
-/// every hook of that version is exported.
-fn find_contract(engine: &Engine, component: &Component) -> Result<ContractVersion, LoadErrorKind> {
+/// every hook of that version is exported; also says whether it exports the
+/// optional interface `file-checks` (whole, if at all).
+fn find_contract(engine: &Engine, component: &Component) -> Result<(ContractVersion, bool), LoadErrorKind> {
     let ty = component.component_type();
     let exports: Vec<(String, ComponentItem)> = ty.exports(engine).map(|(n, e)| (n.to_owned(), e.ty)).collect();
     let Some((name, item)) = exports.iter().find(|(n, _)| n.starts_with("ferry:engine/hooks@")) else {
@@ -368,7 +376,20 @@ fn find_contract(engine: &Engine, component: &Component) -> Result<ContractVersi
         };
         check_interface(engine, live, item, &Hook::LIVE)?;
     }
-    Ok(contract)
+    let file_checks = match exports.iter().find(|(n, _)| n.starts_with("ferry:engine/file-checks@")) {
+        Some((name, item)) if contract == ContractVersion::V0_2_0 && name == v2::FILE_CHECKS_INTERFACE => {
+            check_interface(engine, name, item, &Hook::FILE_CHECKS)?;
+            true
+        }
+        Some((name, _)) => {
+            return Err(LoadErrorKind::Mismatch(format!(
+                "exports {name}, which goes with no contract this host supports beside {}",
+                contract.package()
+            )));
+        }
+        None => false,
+    };
+    Ok((contract, file_checks))
 }
 
 /// Checks that the exported instance `name` holds every one of `hooks`.

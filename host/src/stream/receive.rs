@@ -158,6 +158,20 @@ impl Held {
     }
 }
 
+/// What a receiver is told as an archive arrives, so that work on single
+/// files (an engine's `check-files`) runs while later files stream: first
+/// which snapshot it is, then each file once all its bytes are written.
+/// Those bytes are verified against the manifest only at the archive's end.
+#[derive(Debug)]
+pub enum Arrived {
+    Snapshot { id: String, meta: crate::plugin::SnapshotMeta },
+    File(RelPath),
+}
+
+/// Where [`Arrived`] news goes (unbounded: one message per entry, and a
+/// snapshot has at most [`MAX_PLAN_ENTRIES`]).
+pub type Arrivals = mpsc::UnboundedSender<Arrived>;
+
 /// Where and for what an archive is unpacked.
 pub struct Destination<'a> {
     pub engine: &'a str,
@@ -169,6 +183,8 @@ pub struct Destination<'a> {
     pub data_dir: &'a Path,
     pub rate: &'a RateLimiter,
     pub progress: &'a Arc<Progress>,
+    /// Told of the snapshot and of each file as it completes, if given.
+    pub arrivals: Option<&'a Arrivals>,
 }
 
 /// Unpacks one attempt's archive from `reader` into `data_dir`.
@@ -188,7 +204,7 @@ pub async fn receive(
     held: &mut Held,
     cancel: &CancellationToken,
 ) -> Result<Complete, ReceiveError> {
-    let mut writer = FileWriter::start(to.data_dir.to_owned(), to.progress.clone(), to.engine);
+    let mut writer = FileWriter::start(to.data_dir.to_owned(), to.progress.clone(), to.engine, to.arrivals.cloned());
     let result = tokio::select! {
         r = unpack(reader, to, held, &mut writer) => r,
         _ = cancel.cancelled() => Err(ReceiveError::Cancelled),
@@ -221,7 +237,7 @@ async fn unpack(
     held: &mut Held,
     writer: &mut FileWriter,
 ) -> Result<(Preamble, Manifest), ReceiveError> {
-    let Destination { engine, shard, snapshot_format, data_dir, rate, progress } = *to;
+    let Destination { engine, shard, snapshot_format, data_dir, rate, progress, arrivals } = *to;
     let transport = TransportWatch::new(reader);
     let broke = transport.failed.clone();
     // An error while reading entries is the network's if the transport
@@ -298,6 +314,10 @@ async fn unpack(
         return Err(ReceiveError::NoSpace { needed, free });
     }
     progress.reset(&preamble, held_bytes, preamble.skipped.len() as u64);
+    if let Some(arrivals) = arrivals {
+        // Closed only when its reader is gone, which is the caller's business.
+        let _ = arrivals.send(Arrived::Snapshot { id: preamble.snapshot_id.clone(), meta: preamble.meta.clone() });
+    }
 
     // 2. Data entries, then the manifest.
     let mut seen: HashSet<RelPath> = HashSet::new();
@@ -588,8 +608,9 @@ pub(crate) struct FileWriter {
 
 impl FileWriter {
     /// Starts the writer thread for `dir`; what it writes is also counted
-    /// in `engine`'s `ferry_stream_received_*` metrics.
-    pub(crate) fn start(dir: PathBuf, progress: Arc<Progress>, engine: &str) -> FileWriter {
+    /// in `engine`'s `ferry_stream_received_*` metrics, and each file it
+    /// completes is told to `arrivals`.
+    pub(crate) fn start(dir: PathBuf, progress: Arc<Progress>, engine: &str, arrivals: Option<Arrivals>) -> FileWriter {
         let metrics = crate::metrics::global();
         let engine = crate::metrics::Metrics::engine(engine);
         let counted = Counted {
@@ -602,7 +623,7 @@ impl FileWriter {
         let pool = buffers.clone();
         let thread = thread::Builder::new()
             .name("ferry-writer".into())
-            .spawn(move || write_files(&dir, rx, &progress, &pool, counted))
+            .spawn(move || write_files(&dir, rx, &progress, &pool, counted, arrivals))
             .expect("spawning the writer thread");
         FileWriter { tx: Some(tx), thread: Some(thread), buffers }
     }
@@ -655,9 +676,19 @@ fn write_files(
     progress: &Progress,
     pool: &BufferPool,
     counted: Counted,
+    arrivals: Option<Arrivals>,
 ) -> WriterOutcome {
-    let mut writer =
-        Writer { dir, progress, counted, pool, journal: None, records: Vec::new(), current: None, made: None };
+    let mut writer = Writer {
+        dir,
+        progress,
+        counted,
+        pool,
+        arrivals,
+        journal: None,
+        records: Vec::new(),
+        current: None,
+        made: None,
+    };
     let mut error = None;
     loop {
         let msg = match rx.try_recv() {
@@ -699,6 +730,7 @@ struct Writer<'a> {
     progress: &'a Progress,
     counted: Counted,
     pool: &'a BufferPool,
+    arrivals: Option<Arrivals>,
     /// Completed files are journaled as they complete (flushed whenever the
     /// writer catches up), so a node that crashes mid-attempt resumes with
     /// them; each is re-verified when loaded.
@@ -751,6 +783,9 @@ impl Writer<'_> {
         if let (Some(journal), Ok(mut line)) = (self.journal.as_mut(), serde_json::to_vec(&record)) {
             line.push(b'\n');
             let _ = journal.write_all(&line);
+        }
+        if let Some(arrivals) = &self.arrivals {
+            let _ = arrivals.send(Arrived::File(record.path.clone()));
         }
         self.records.push(record);
         self.progress.files_done.fetch_add(1, Ordering::Relaxed);

@@ -325,7 +325,7 @@ pub async fn receive_round(
         .map_err(|e| RoundError::Local(e.to_string()))?
         .map_err(|e| RoundError::Local(format!("clearing {}: {e}", scratch.display())))?;
     let progress = Arc::new(Progress::default());
-    let mut writer = FileWriter::start(data_dir.clone(), progress.clone(), engine);
+    let mut writer = FileWriter::start(data_dir.clone(), progress.clone(), engine, None);
     let result = tokio::select! {
         r = unpack(reader, engine, shard, since, &data_dir, rate, &mut writer) => r,
         _ = cancel.cancelled() => Err(RoundError::Cancelled),

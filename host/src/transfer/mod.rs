@@ -9,6 +9,7 @@
 //! removed and the live replica is either untouched or atomically replaced.
 
 pub mod catchup;
+mod checks;
 mod status;
 mod task;
 

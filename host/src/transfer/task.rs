@@ -9,13 +9,14 @@ use std::future::Future as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::checks::FileChecks;
 use super::status::{PluginBuild, Stage, State, TransferStatus};
 use super::{Fencing, Shared, TransferRequest};
 use crate::http::{TRANSFER_EPOCH_HEADER, TRANSFER_ID_HEADER};
 use crate::install::sync::syncfs;
 use crate::install::{check_tree, publish};
 use crate::stream::client::{FetchError, fetch_snapshot};
-use crate::stream::receive::{Destination, Held, Progress, ReceiveError, receive};
+use crate::stream::receive::{Arrivals, Complete, Destination, Held, Progress, ReceiveError, receive};
 use crate::stream::{FileRecord, ResumeRequest};
 
 pub struct Transfer {
@@ -261,23 +262,55 @@ fn record_metrics(engine: &str, inner: &Inner) {
     }
 }
 
-/// Pulls, checks and installs one transfer's snapshot.
+/// Pulls, checks and installs one transfer's snapshot: [`stream`] it (with
+/// the engine's [`FileChecks`] alongside, if it has them), [`check`] it,
+/// then [`install`] it.
 ///
 /// # Cancel safety
 /// Not cancel safe: cancel the transfer's token instead of dropping the
 /// future. Every wait watches the token, and `receive` joins its writer
 /// thread before it returns, so nothing writes into staging afterwards.
 async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
-    let request = &transfer.request;
     let plugin = transfer.engine.clone().ok_or_else(|| Ended::Failed("no plugin build chosen".into()))?;
     let staging = shared.data.staging(&transfer.id).map_err(|e| Ended::Failed(e.to_string()))?;
     let data_dir = staging.join("data");
-    let cancel = &transfer.cancel;
+    let (complete, checks) = match FileChecks::new(&plugin, &transfer.request.shard, data_dir.clone()) {
+        None => (stream(shared, transfer, &plugin, &staging, None).await?, None),
+        Some((mut checks, arrivals, arrived)) => {
+            // The checks stop with a failed stream; after a complete one they
+            // finish what it queued.
+            let stop = transfer.cancel.child_token();
+            let streamed = async {
+                let streamed = stream(shared, transfer, &plugin, &staging, Some(&arrivals)).await;
+                drop(arrivals);
+                if streamed.is_err() {
+                    stop.cancel();
+                }
+                streamed
+            };
+            let (streamed, ()) = tokio::join!(streamed, checks.run(arrived, &stop));
+            (streamed?, Some(checks))
+        }
+    };
+    check(transfer, &plugin, &data_dir, &complete, checks.as_ref()).await?;
+    install(shared, transfer, &plugin, &data_dir, &complete).await
+}
 
-    // Connect and stream, resuming after interruptions (and after a restart:
-    // a consensus transfer's staging survives it, with what it holds).
+/// Connects and streams, resuming after interruptions (and after a restart:
+/// a consensus transfer's staging survives it, with what it holds), until
+/// the whole archive is in `staging` and verified.
+async fn stream(
+    shared: &Shared,
+    transfer: &Transfer,
+    plugin: &crate::plugin::Plugin,
+    staging: &std::path::Path,
+    arrivals: Option<&Arrivals>,
+) -> Result<Complete, Ended> {
+    let request = &transfer.request;
+    let data_dir = staging.join("data");
+    let cancel = &transfer.cancel;
     let mut held = {
-        let (staging, data_dir) = (staging.clone(), data_dir.clone());
+        let (staging, data_dir) = (staging.to_owned(), data_dir.clone());
         tokio::task::spawn_blocking(move || Held::load(&staging, &data_dir)).await.unwrap_or_default()
     };
     if !held.files.is_empty() {
@@ -285,7 +318,7 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
     }
     let mut failures = 0u32;
     let mut last_progress = std::time::Instant::now();
-    let complete = loop {
+    loop {
         transfer.set_stage(Stage::Connecting);
         transfer.inner().attempts += 1;
         let resume = ResumeRequest {
@@ -312,6 +345,7 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
                     data_dir: &data_dir,
                     rate: &shared.rate,
                     progress: &transfer.progress,
+                    arrivals,
                 };
                 let result = receive(body, &to, &mut held, cancel).await;
                 transfer.inner().snapshot_id = held.snapshot_id.clone();
@@ -319,7 +353,7 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
                     last_progress = std::time::Instant::now();
                 }
                 if !matches!(result, Err(ReceiveError::Cancelled)) {
-                    let (snapshot, staging) = (held.clone(), staging.clone());
+                    let (snapshot, staging) = (held.clone(), staging.to_owned());
                     let written = blocking(move || snapshot.save(&staging)).await;
                     if let Err(e) = written {
                         tracing::warn!(transfer = %transfer.id, "cannot save what was received: {e}");
@@ -328,7 +362,7 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
                 match result {
                     Ok(complete) => {
                         transfer.inner().resumed_files = complete.preamble.skipped.len() as u64;
-                        break complete;
+                        return Ok(complete);
                     }
                     Err(ReceiveError::Interrupted(why)) => {
                         if held.files.len() > files_before {
@@ -363,12 +397,22 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
             _ = tokio::time::sleep(backoff) => {}
             _ = cancel.cancelled() => return Err(Ended::Cancelled),
         }
-    };
+    }
+}
 
+/// Checks the verified snapshot in `data_dir` while flushing it to disk:
+/// the files not checked while streaming, then the engine's `validate`.
+async fn check(
+    transfer: &Transfer,
+    plugin: &crate::plugin::Plugin,
+    data_dir: &std::path::Path,
+    complete: &Complete,
+    checks: Option<&FileChecks>,
+) -> Result<(), Ended> {
     transfer.set_stage(Stage::Verifying);
     // `receive` verified every checksum against the manifest; the stage is
     // reported for operators.
-    let meta = &complete.preamble.meta;
+    let (request, cancel, meta) = (&transfer.request, &transfer.cancel, &complete.preamble.meta);
 
     // A fuzzy snapshot (written to while it was read) is only a live move's
     // first copy: its rounds, the last under the fence, make it exact, and
@@ -382,43 +426,59 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
         ));
     }
 
-    // The files are verified. Flushing them to disk and the guest's validate
-    // run at once: validate only reads, and sees the same bytes from the page
-    // cache either way; apply and publish wait for both. A failed flush is
-    // the disk's error, reported before whatever validate made of the bytes.
+    // The files are verified. Flushing them to disk and the guest's checks
+    // run at once: the checks only read, and see the same bytes from the
+    // page cache either way; apply and publish wait for both. A failed flush
+    // is the disk's error, reported before whatever the checks made of the
+    // bytes.
     transfer.set_stage(Stage::Validating);
-    let dir = data_dir.clone();
+    let dir = data_dir.to_owned();
     let flushed = blocking(move || syncfs(&dir));
     let validated = async {
         if fuzzy {
-            Ok(crate::plugin::ShardPosition { term: 0, position: 0 })
-        } else {
-            plugin.validate(&request.shard, &data_dir, meta).await
+            return Ok(());
         }
+        if let Some(checks) = checks {
+            let paths = complete.manifest.entries.iter().map(|r| &r.path);
+            let left = checks.finish(&complete.preamble.snapshot_id, meta, paths).await?;
+            tracing::debug!(transfer = %transfer.id, left, "files checked after the last byte");
+        }
+        plugin.validate(&request.shard, data_dir, meta).await.map(drop)
     };
     let (flushed, validated) = tokio::select! {
         both = async { tokio::join!(flushed, validated) } => both,
         _ = cancel.cancelled() => return Err(Ended::Cancelled),
     };
     flushed.map_err(|e| Ended::Failed(format!("streaming: writing: syncfs: {e}")))?;
-    validated.map_err(|e| Ended::Failed(format!("validating: {e}")))?;
+    validated.map_err(|e| Ended::Failed(format!("validating: {e}")))
+}
 
-    if !fuzzy {
+/// Applies the checked snapshot in `data_dir` and publishes it as the live
+/// shard, if this transfer's epoch is still current.
+async fn install(
+    shared: &Shared,
+    transfer: &Transfer,
+    plugin: &crate::plugin::Plugin,
+    data_dir: &std::path::Path,
+    complete: &Complete,
+) -> Result<(), Ended> {
+    let (request, cancel, meta) = (&transfer.request, &transfer.cancel, &complete.preamble.meta);
+    if !complete.manifest.fuzzy {
         transfer.set_stage(Stage::Applying);
         let applied = tokio::select! {
-            r = plugin.apply(&request.shard, &data_dir, meta) => r,
+            r = plugin.apply(&request.shard, data_dir, meta) => r,
             _ = cancel.cancelled() => return Err(Ended::Cancelled),
         };
         applied.map_err(|e| Ended::Failed(format!("applying: {e}")))?;
     }
     // apply could write anything WASI allows, symlinks included: publish
     // only regular files and directories.
-    let dir = data_dir.clone();
+    let dir = data_dir.to_owned();
     tokio::task::spawn_blocking(move || check_tree(&dir))
         .await
         .map_err(|e| Ended::Failed(format!("applying: {e}")))?
         .map_err(|e| Ended::Failed(format!("applying: {e}")))?;
-    let dir = data_dir.clone();
+    let dir = data_dir.to_owned();
     blocking(move || syncfs(&dir)).await.map_err(|e| Ended::Failed(format!("applying: syncfs: {e}")))?;
 
     if cancel.is_cancelled() {
@@ -432,8 +492,9 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
     }
     let live =
         shared.data.shard(&request.engine, &request.shard).map_err(|e| Ended::Failed(format!("publishing: {e}")))?;
+    let dir = data_dir.to_owned();
     let replaced =
-        blocking(move || publish(&data_dir, &live)).await.map_err(|e| Ended::Failed(format!("publishing: {e}")))?;
+        blocking(move || publish(&dir, &live)).await.map_err(|e| Ended::Failed(format!("publishing: {e}")))?;
     tracing::info!(transfer = %transfer.id, shard = %request.shard, replaced, "published");
     if let Some(published) = &shared.published {
         published.notify_one();

@@ -7,7 +7,9 @@
 //! - Position: the bytes of all files (they only grow).
 //! - Snapshot: every file up to its current size; `term-check` fails if a
 //!   file shrank or went away during the copy.
-//! - `validate`: exactly the snapshot's files, at their sizes.
+//! - `check-files` (while the snapshot streams): each file has the size the
+//!   snapshot recorded. `validate` (after the last byte): exactly the
+//!   snapshot's files.
 //! - Catch-up: the host compares every file block by block.
 //! - Fence: the marker `.fence` holds the epoch; the engine's writers must
 //!   check it before each write (that is the engine's side of the contract).
@@ -16,8 +18,8 @@ use std::fs;
 use std::path::Path;
 
 use ferry_plugin_sdk::{
-    BlockDiffEntry, DeltaEntry, DeltaMeta, DeltaPlan, EngineError, EngineInfo, Entry, FenceInfo, FileEntry, Hooks,
-    Live, SHARD, ShardPosition, SnapshotMeta, SnapshotPlan, info, invalid, io_error,
+    BlockDiffEntry, DeltaEntry, DeltaMeta, DeltaPlan, EngineError, EngineInfo, Entry, FenceInfo, FileChecks, FileEntry,
+    Hooks, Live, SHARD, ShardPosition, SnapshotMeta, SnapshotPlan, info, invalid, io_error,
 };
 
 const FENCE: &str = ".fence";
@@ -134,7 +136,9 @@ impl Live for Engine {
         let files = files(dir)?;
         let entries = files
             .iter()
-            .map(|(name, size)| DeltaEntry::BlockDiff(BlockDiffEntry { path: name.clone(), block_size: 4096, length: *size }))
+            .map(|(name, size)| {
+                DeltaEntry::BlockDiff(BlockDiffEntry { path: name.clone(), block_size: 4096, length: *size })
+            })
             .collect();
         let attributes = files.iter().map(|(name, size)| (name.clone(), size.to_string())).collect();
         let meta = DeltaMeta { term: 0, since: since.position, until: position(&files).position, attributes };
@@ -184,6 +188,26 @@ impl Live for Engine {
             Some(Ok(by)) | Some(Err(by)) if by != epoch => Err(fenced(by)),
             _ => fs::write(dir.join(FENCE), format!("retired {epoch}")).map_err(|e| io_error(FENCE, e)),
         }
+    }
+}
+
+/// Checks of single files, while later files of a snapshot still arrive:
+/// each file on its own, against what the meta recorded. Put the checks of
+/// your format that read one file here (its checksums, its records), so
+/// they run during the transfer rather than after it.
+impl FileChecks for Engine {
+    fn check_files(_shard: String, meta: SnapshotMeta, paths: Vec<String>) -> Result<(), EngineError> {
+        let want = recorded(&meta.attributes)?;
+        for path in paths {
+            let Some((_, size)) = want.iter().find(|(name, _)| *name == path) else {
+                return Err(invalid(&path, "is not in the snapshot"));
+            };
+            let len = fs::metadata(Path::new(SHARD).join(&path)).map_err(|e| io_error(&path, e))?.len();
+            if len != *size {
+                return Err(invalid(&path, format!("is {len} bytes, the snapshot's was {size}")));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,146 @@
+//! An engine's checks of single files, run while the rest of a snapshot
+//! streams (optional interface `file-checks` of contract 0.2.0).
+//!
+//! Without them a receiver validates the whole shard after its last byte:
+//! for a large shard that is a second pass as long as a good part of the
+//! stream. With them, each file is checked as soon as the writer has it all,
+//! in batches (whatever completed while the previous batch ran, so a shard
+//! of many small files costs few calls), and what is left after the last
+//! byte is the files not checked yet and `validate`'s cross-file checks.
+//!
+//! A check reads bytes the manifest has not verified yet. That is sound
+//! because the checked file is never written again (a file sent anew is
+//! removed first, and its new bytes are checked when they arrive), and the
+//! pipeline trusts a check only once the archive verified: a mismatch is
+//! reported as one, never as the engine's complaint about corrupt bytes.
+//! A batch that fails while streaming is simply not counted as checked: it
+//! is checked again, on verified bytes, after the last byte, and fails the
+//! transfer then if it still fails.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::plugin::{MAX_CHECK_PATHS, Plugin, SnapshotMeta};
+use crate::relpath::RelPath;
+use crate::stream::receive::{Arrivals, Arrived};
+
+/// The checks of one transfer, across its attempts.
+pub(super) struct FileChecks {
+    plugin: Arc<Plugin>,
+    shard: String,
+    data_dir: PathBuf,
+    /// The snapshot the files belong to: checks of another snapshot's files
+    /// do not count.
+    snapshot: Option<(String, SnapshotMeta)>,
+    checked: HashSet<RelPath>,
+    /// Set after a failed batch: the rest waits for the end.
+    stalled: bool,
+}
+
+impl FileChecks {
+    /// Checks for `plugin`'s files of `shard` received into `data_dir`, if
+    /// the plugin checks single files; with the sender the receiver reports
+    /// arrivals to.
+    pub(super) fn new(
+        plugin: &Arc<Plugin>,
+        shard: &str,
+        data_dir: PathBuf,
+    ) -> Option<(FileChecks, Arrivals, mpsc::UnboundedReceiver<Arrived>)> {
+        if !plugin.checks_files() {
+            return None;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let checks = FileChecks {
+            plugin: plugin.clone(),
+            shard: shard.to_owned(),
+            data_dir,
+            snapshot: None,
+            checked: HashSet::new(),
+            stalled: false,
+        };
+        Some((checks, tx, rx))
+    }
+
+    /// Checks files as they arrive, until every sender is gone or `stop` is
+    /// cancelled.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a check dropped mid-call only reads, and its file is
+    /// simply not counted as checked.
+    pub(super) async fn run(&mut self, mut arrivals: mpsc::UnboundedReceiver<Arrived>, stop: &CancellationToken) {
+        let mut batch: Vec<RelPath> = Vec::new();
+        loop {
+            let first = tokio::select! {
+                next = arrivals.recv() => next,
+                _ = stop.cancelled() => return,
+            };
+            let Some(first) = first else { return };
+            self.take(first, &mut batch);
+            while batch.len() < MAX_CHECK_PATHS {
+                match arrivals.try_recv() {
+                    Ok(next) => self.take(next, &mut batch),
+                    Err(_) => break,
+                }
+            }
+            if batch.is_empty() || self.stalled {
+                batch.clear();
+                continue;
+            }
+            let Some((_, meta)) = &self.snapshot else {
+                batch.clear();
+                continue;
+            };
+            let paths: Vec<String> = batch.iter().map(|p| p.as_str().to_owned()).collect();
+            let checked = tokio::select! {
+                r = self.plugin.check_files(&self.shard, &self.data_dir, meta, &paths) => r,
+                _ = stop.cancelled() => return,
+            };
+            match checked {
+                Ok(()) => self.checked.extend(batch.drain(..)),
+                Err(e) => {
+                    tracing::info!(shard = %self.shard, "checking files while streaming failed, left for the end: {e}");
+                    self.stalled = true;
+                    batch.clear();
+                }
+            }
+        }
+    }
+
+    fn take(&mut self, arrived: Arrived, batch: &mut Vec<RelPath>) {
+        match arrived {
+            Arrived::Snapshot { id, meta } => {
+                if self.snapshot.as_ref().is_none_or(|(held, m)| *held != id || *m != meta) {
+                    self.checked.clear();
+                    batch.clear();
+                    self.snapshot = Some((id, meta));
+                }
+            }
+            Arrived::File(path) => {
+                // Arrived again: sent anew, so its earlier check is void.
+                self.checked.remove(&path);
+                batch.push(path);
+            }
+        }
+    }
+
+    /// After the archive verified: checks, with the archive's `meta`, every
+    /// path of `paths` not checked while streaming (for this snapshot).
+    pub(super) async fn finish(
+        &self,
+        snapshot_id: &str,
+        meta: &SnapshotMeta,
+        paths: impl Iterator<Item = &RelPath>,
+    ) -> Result<usize, crate::plugin::HookError> {
+        let same = self.snapshot.as_ref().is_some_and(|(id, m)| id == snapshot_id && m == meta);
+        let left: Vec<String> =
+            paths.filter(|p| !same || !self.checked.contains(*p)).map(|p| p.as_str().to_owned()).collect();
+        for batch in left.chunks(MAX_CHECK_PATHS) {
+            self.plugin.check_files(&self.shard, &self.data_dir, meta, batch).await?;
+        }
+        Ok(left.len())
+    }
+}
