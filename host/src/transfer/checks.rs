@@ -16,10 +16,16 @@
 //! A batch that fails while streaming is simply not counted as checked: it
 //! is checked again, on verified bytes, after the last byte, and fails the
 //! transfer then if it still fails.
+//!
+//! The checks made while streaming are background work: they run on a
+//! runtime of their own whose threads have a lower scheduling priority
+//! (nice 10), so on a node short of CPU they take what the stream leaves
+//! and never slow it down. Once the last byte is in, they stop, and what
+//! is left runs at full priority in [`FileChecks::finish`].
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -95,8 +101,13 @@ impl FileChecks {
                 continue;
             };
             let paths: Vec<String> = batch.iter().map(|p| p.as_str().to_owned()).collect();
+            let (plugin, shard, dir, meta) =
+                (self.plugin.clone(), self.shard.clone(), self.data_dir.clone(), meta.clone());
+            let mut call = Background(background().spawn(async move {
+                plugin.check_files(&shard, &dir, &meta, &paths).await.map_err(|e| e.to_string())
+            }));
             let checked = tokio::select! {
-                r = self.plugin.check_files(&self.shard, &self.data_dir, meta, &paths) => r,
+                r = &mut call.0 => r.unwrap_or_else(|e| Err(format!("the check task failed: {e}"))),
                 _ = stop.cancelled() => return,
             };
             match checked {
@@ -142,5 +153,50 @@ impl FileChecks {
             self.plugin.check_files(&self.shard, &self.data_dir, meta, batch).await?;
         }
         Ok(left.len())
+    }
+}
+
+/// A check running on the background runtime, aborted when dropped (a
+/// check only reads: stopping it loses nothing).
+struct Background<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Background<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The runtime of the checks made while streaming: one worker, threads at
+/// nice [`BACKGROUND_NICE`] (its blocking threads too, which do the guest's
+/// file reads).
+fn background() -> &'static tokio::runtime::Handle {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .max_blocking_threads(8)
+                .thread_name("ferry-checks")
+                .on_thread_start(lower_priority)
+                .enable_all()
+                .build()
+                .expect("building the background check runtime")
+        })
+        .handle()
+}
+
+/// How much lower the background threads' priority is.
+const BACKGROUND_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's priority (Linux's nice is per thread).
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions; setpriority only reads its
+    // arguments.
+    let failed = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE) != 0
+    };
+    if failed {
+        tracing::debug!("cannot lower the check thread's priority: {}", std::io::Error::last_os_error());
     }
 }

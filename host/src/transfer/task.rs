@@ -277,15 +277,13 @@ async fn pipeline(shared: &Shared, transfer: &Transfer) -> Result<(), Ended> {
     let (complete, checks) = match FileChecks::new(&plugin, &transfer.request.shard, data_dir.clone()) {
         None => (stream(shared, transfer, &plugin, &staging, None).await?, None),
         Some((mut checks, arrivals, arrived)) => {
-            // The checks stop with a failed stream; after a complete one they
-            // finish what it queued.
+            // The checks stop with the stream: what they had not done yet
+            // is done by `check`, at full priority.
             let stop = transfer.cancel.child_token();
             let streamed = async {
                 let streamed = stream(shared, transfer, &plugin, &staging, Some(&arrivals)).await;
                 drop(arrivals);
-                if streamed.is_err() {
-                    stop.cancel();
-                }
+                stop.cancel();
                 streamed
             };
             let (streamed, ()) = tokio::join!(streamed, checks.run(arrived, &stop));
