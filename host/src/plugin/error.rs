@@ -34,38 +34,11 @@ impl Hook {
     pub const LIVE: [Hook; 6] =
         [Hook::ChangesSince, Hook::DeltaCheck, Hook::ApplyChanges, Hook::Fence, Hook::Unfence, Hook::Retire];
     /// The hooks every 0.2.0 plugin exports: `hooks` and `live`.
-    pub const V0_2_0: [Hook; 12] = [
-        Hook::Describe,
-        Hook::ShardStatus,
-        Hook::CreateSnapshot,
-        Hook::TermCheck,
-        Hook::Validate,
-        Hook::Apply,
-        Hook::ChangesSince,
-        Hook::DeltaCheck,
-        Hook::ApplyChanges,
-        Hook::Fence,
-        Hook::Unfence,
-        Hook::Retire,
-    ];
+    pub const V0_2_0: [Hook; 12] = join(&[&Hook::HOOKS, &Hook::LIVE]);
     /// The hooks of the optional interface `file-checks` (contract 0.2.0).
     pub const FILE_CHECKS: [Hook; 1] = [Hook::CheckFiles];
     /// Every hook of every contract version.
-    pub const ALL: [Hook; 13] = [
-        Hook::Describe,
-        Hook::ShardStatus,
-        Hook::CreateSnapshot,
-        Hook::TermCheck,
-        Hook::Validate,
-        Hook::Apply,
-        Hook::ChangesSince,
-        Hook::DeltaCheck,
-        Hook::ApplyChanges,
-        Hook::Fence,
-        Hook::Unfence,
-        Hook::Retire,
-        Hook::CheckFiles,
-    ];
+    pub const ALL: [Hook; 13] = join(&[&Hook::V0_2_0, &Hook::FILE_CHECKS]);
 
     /// The hook's name in WIT.
     pub fn name(self) -> &'static str {
@@ -89,6 +62,23 @@ impl Hook {
     pub fn from_name(name: &str) -> Option<Hook> {
         Hook::ALL.into_iter().find(|h| h.name() == name)
     }
+}
+
+/// The hooks of `parts`, in order, as one array of exactly their number.
+const fn join<const N: usize>(parts: &[&[Hook]]) -> [Hook; N] {
+    let mut out = [Hook::Describe; N];
+    let (mut at, mut part) = (0, 0);
+    while part < parts.len() {
+        let mut i = 0;
+        while i < parts[part].len() {
+            out[at] = parts[part][i];
+            at += 1;
+            i += 1;
+        }
+        part += 1;
+    }
+    assert!(at == N, "the parts hold another number of hooks");
+    out
 }
 
 impl fmt::Display for Hook {
