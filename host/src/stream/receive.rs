@@ -126,8 +126,10 @@ impl Held {
     /// Writes `held.json` in `staging` (temporary file, fsync, rename).
     pub fn save(&self, staging: &Path) -> io::Result<()> {
         let tmp = staging.join("held.json.tmp");
-        let mut file = File::create(&tmp)?;
-        file.write_all(&serde_json::to_vec(self).map_err(io::Error::other)?)?;
+        // Written through a buffer, never whole in memory.
+        let mut file = io::BufWriter::new(File::create(&tmp)?);
+        serde_json::to_writer(&mut file, self).map_err(io::Error::other)?;
+        let file = file.into_inner().map_err(io::IntoInnerError::into_error)?;
         file.sync_all()?;
         drop(file);
         fs::rename(&tmp, staging.join(Self::FILE))

@@ -351,8 +351,16 @@ async fn stream(
                     last_progress = std::time::Instant::now();
                 }
                 if !matches!(result, Err(ReceiveError::Cancelled)) {
-                    let (snapshot, staging) = (held.clone(), staging.to_owned());
-                    let written = blocking(move || snapshot.save(&staging)).await;
+                    // Moved to the blocking thread and back, not cloned: it
+                    // holds a record per file (100,000 of them at most).
+                    let dir = staging.to_owned();
+                    let saving = tokio::task::spawn_blocking(move || {
+                        let written = held.save(&dir);
+                        (held, written)
+                    });
+                    let written;
+                    (held, written) =
+                        saving.await.map_err(|e| Ended::Failed(format!("saving what was received: {e}")))?;
                     if let Err(e) = written {
                         tracing::warn!(transfer = %transfer.id, "cannot save what was received: {e}");
                     }
