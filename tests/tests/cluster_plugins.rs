@@ -247,14 +247,23 @@ async fn transfers_keep_their_build_through_a_swap_and_builds_roll_back_and_are_
     }
     let out = ferry(&["plugin", "remove", "segment-log", &hc], &cluster.nodes[0]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let view: Value = cluster.nodes[1].api().call(Method::GET, "/v1/cluster/plugins", None).await.unwrap();
-    let hashes: Vec<&str> = engine(&view, "segment-log")["builds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["hash"].as_str().unwrap())
-        .collect();
-    assert_eq!(hashes, [hb.as_str()], "{view}");
+    // Read on a follower, which applies the removal a moment after the
+    // leader answered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let view: Value = cluster.nodes[1].api().call(Method::GET, "/v1/cluster/plugins", None).await.unwrap();
+        let hashes: Vec<String> = engine(&view, "segment-log")["builds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["hash"].as_str().unwrap().to_owned())
+            .collect();
+        if hashes == [hb.clone()] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "C is still listed after 10 s: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // D, installed while r3 is down, is not active: B stays everywhere.
     cluster.nodes[2].kill();
