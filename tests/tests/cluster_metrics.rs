@@ -204,12 +204,15 @@ async fn prometheus_scrapes_a_cluster_and_sees_a_transfer_move_bytes() {
 
     // The source counted what it sent; the target its finished transfer and
     // its stages; hooks were counted by outcome.
-    let sent = prometheus.value("sum(ferry_stream_sent_bytes_total{engine=\"segment-log\"})").await;
+    // (Each re-queried: the scrape that saw the end on the target may have
+    // come before the source's last one.)
+    let sent = "sum(ferry_stream_sent_bytes_total{engine=\"segment-log\"})";
     let finished = "ferry_transfers_finished_total{outcome=\"succeeded\",engine=\"segment-log\"}";
     let validate = "sum(ferry_hook_calls_total{hook=\"validate\",outcome=\"ok\"})";
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (s, f, v) = (prometheus.value(&format!("sum({finished})")).await, sent, prometheus.value(validate).await);
+        let s = prometheus.value(&format!("sum({finished})")).await;
+        let (f, v) = (prometheus.value(sent).await, prometheus.value(validate).await);
         if s.is_some_and(|s| s >= 1.0) && f.is_some_and(|f| f >= total) && v.is_some_and(|v| v >= 1.0) {
             break;
         }
