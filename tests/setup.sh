@@ -6,7 +6,9 @@
 #   sources, for -Zbuild-std to wasm32-wasip2), lld-22 (wasm-ld), wasi-libc;
 #   sqlite3 (test oracle); prometheus (promtool and a real server for the
 #   metrics tests); systemd (systemd-analyze verify of the unit); chromium
-#   (the operator page's browser test, with playwright-core from npm).
+#   (the operator page's browser test, with playwright-core from npm);
+#   iproute2, iptables, e2fsprogs (the fault tests: network namespaces,
+#   packet filters and queues, a loop-mounted disk).
 # - wasm-component-ld from crates.io, into $FERRY_TOOLS_DIR.
 # - componentize-py from PyPI (a venv in $FERRY_TOOLS_DIR) and lmdb-utils
 #   (the LMDB plugin's test oracle): guests/lmdb-py/build.sh.
@@ -20,7 +22,7 @@ TOOLS=${FERRY_TOOLS_DIR:-$HOME/.local/share/ferry/tools}
 WASM_COMPONENT_LD_VERSION=0.5.31
 LLVM_MAJOR=22
 MIN_RUSTC_WEB=1.96
-APT_PKGS="rustc-web cargo-web rust-web-src lld-$LLVM_MAJOR wasi-libc sqlite3 python3 python3-venv prometheus systemd chromium"
+APT_PKGS="rustc-web cargo-web rust-web-src lld-$LLVM_MAJOR wasi-libc sqlite3 python3 python3-venv prometheus systemd chromium iproute2 iptables e2fsprogs"
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 say() { echo "setup: $*"; }

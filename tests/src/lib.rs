@@ -18,6 +18,7 @@ pub use segment_log_format as segment_log;
 pub mod appender;
 pub mod engines;
 pub mod fake_source;
+pub mod faults;
 pub mod node;
 pub mod proxy;
 pub mod sqlite_writer;

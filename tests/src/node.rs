@@ -107,6 +107,17 @@ pub struct NodeOptions {
     pub log_file: Option<PathBuf>,
     /// Leave the log filter to `ferry serve`'s default (no `FERRY_LOG`).
     pub default_log_level: bool,
+    /// Run the node in this network namespace, listening on its address
+    /// (see [`crate::faults::net::Lab`]); default: 127.0.0.1 here.
+    pub netns: Option<NodeNet>,
+}
+
+/// Where a node in a network namespace runs.
+#[derive(Clone, Debug)]
+pub struct NodeNet {
+    /// The namespace file (`/run/netns/<name>`).
+    pub path: PathBuf,
+    pub ip: std::net::Ipv4Addr,
 }
 
 impl NodeOptions {
@@ -182,8 +193,9 @@ impl TestNode {
     fn spawn(&mut self, options: &NodeOptions) {
         let name = self.name.clone();
         let mut cmd = Command::new(ferry_bin());
+        let ip = options.netns.as_ref().map_or(std::net::Ipv4Addr::LOCALHOST, |n| n.ip);
         cmd.arg("serve")
-            .args(["--node-id", &name, "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--node-id", &name, "--listen", &format!("{ip}:{}", self.port)])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--plugins-dir")
@@ -246,7 +258,28 @@ impl TestNode {
                 });
             }
         }
+        // Opened here, joined between fork and exec; closed after the spawn.
+        let netns = options
+            .netns
+            .as_ref()
+            .map(|n| std::fs::File::open(&n.path).unwrap_or_else(|e| panic!("{}: {e}", n.path.display())));
+        if let Some(file) = &netns {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = file.as_raw_fd();
+            // SAFETY: setns(2) is async-signal-safe; `fd` stays open until
+            // the spawn below has returned.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().expect("starting ferry serve");
+        drop(netns);
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -279,6 +312,18 @@ impl TestNode {
     /// The node's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("node is running").id()
+    }
+
+    /// Stops the node with SIGSTOP (it keeps its sockets; peers time out).
+    pub fn pause(&self) {
+        // SAFETY: kill(2) on our own, not yet reaped, child.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGSTOP) };
+    }
+
+    /// Resumes a node stopped by [`TestNode::pause`].
+    pub fn resume(&self) {
+        // SAFETY: as in `pause`.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGCONT) };
     }
 
     pub fn is_running(&self) -> bool {
@@ -457,6 +502,11 @@ impl TestCluster {
     pub async fn start_with(names: &[&str], options: NodeOptions) -> TestCluster {
         let nodes: Vec<TestNode> =
             names.iter().map(|n| TestNode::start(n, NodeOptions { port: None, ..options.clone() })).collect();
+        Self::join(nodes).await
+    }
+
+    /// A cluster of nodes already started: each joins the first.
+    pub async fn join(nodes: Vec<TestNode>) -> TestCluster {
         for node in &nodes[1..] {
             let body = json!({ "to": nodes[0].url });
             let api = node.api().timeout(Duration::from_secs(120));

@@ -161,23 +161,24 @@ pub mod v0_2_0 {
     /// The optional interface of world `engine-with-file-checks`.
     pub const FILE_CHECKS_INTERFACE: &str = "ferry:engine/file-checks@0.2.0";
 
+    /// `check-files(shard, meta, paths) -> result<_, engine-error>`.
+    type CheckFilesFunc<'a> =
+        wasmtime::component::TypedFunc<(&'a str, &'a wit::SnapshotMeta, &'a [String]), (Result<(), wit::EngineError>,)>;
+
     /// `check-files` of interface `file-checks`, typed. It is not in world
     /// `engine`'s bindings: a component exports it or not, and the same
     /// bindings serve both worlds.
     fn check_files_func<'a, T: 'static>(
         store: &mut wasmtime::Store<T>,
         instance: &wasmtime::component::Instance,
-    ) -> Result<
-        wasmtime::component::TypedFunc<(&'a str, &'a wit::SnapshotMeta, &'a [String]), (Result<(), wit::EngineError>,)>,
-        String,
-    > {
+    ) -> Result<CheckFilesFunc<'a>, String> {
         let checks = instance
             .get_export_index(&mut *store, None, FILE_CHECKS_INTERFACE)
             .ok_or_else(|| format!("{FILE_CHECKS_INTERFACE} is not exported"))?;
         let func = instance
             .get_export_index(&mut *store, Some(&checks), "check-files")
             .ok_or_else(|| "check-files is not exported".to_owned())?;
-        instance.get_typed_func(&mut *store, &func).map_err(why("check-files"))
+        instance.get_typed_func(&mut *store, func).map_err(why("check-files"))
     }
 
     /// Checks `check-files`' type on a live instance (see `typecheck_hooks`).
