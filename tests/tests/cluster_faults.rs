@@ -51,6 +51,18 @@ async fn source_isolated_during_catch_up_and_cut_over() {
     play(Phase::CatchUp, Nemesis::Isolate(0), 5_000).await;
 }
 
+/// The source fenced, then cut off: the move's last round and its commit
+/// happen, or not, without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_isolated_once_fenced() {
+    play(Phase::Commit, Nemesis::Isolate(0), 5_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_paused_at_the_commit() {
+    play(Phase::Commit, Nemesis::Pause(0), 4_000).await;
+}
+
 /// The target hears the source, the source never hears the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_way_link_from_target_to_source_during_catch_up() {

@@ -42,6 +42,9 @@ pub enum Phase {
     /// Once catch-up rounds have begun (the fenced round and the commit
     /// follow within the nemesis).
     CatchUp,
+    /// Once the source is fenced (its fenced round is committed): the last
+    /// round and the commit of the move run under the nemesis.
+    Commit,
     /// While the snapshot streams, a fourth node joins the cluster.
     Membership,
     /// While the snapshot streams, a new plugin build rolls out.
@@ -88,7 +91,8 @@ impl Schedule {
     /// The schedule of `seed`: the same seed, the same schedule.
     pub fn random(seed: u64) -> Schedule {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let phase = [Phase::Stream, Phase::CatchUp, Phase::Membership, Phase::Rollout][rng.random_range(0..4)];
+        let phases = [Phase::Stream, Phase::CatchUp, Phase::Commit, Phase::Membership, Phase::Rollout];
+        let phase = phases[rng.random_range(0..phases.len())];
         let node = rng.random_range(0..3);
         let nemesis = match rng.random_range(0..8) {
             0 => Nemesis::Isolate(node),
@@ -103,7 +107,8 @@ impl Schedule {
             6 => Nemesis::Pause(node),
             _ => Nemesis::SlowDisk { bytes_per_sec: rng.random_range(256..=2048) << 10 },
         };
-        let hold = Duration::from_millis(rng.random_range(2_000..=6_000));
+        // Up to past the move's pause budget and its peers' timeouts.
+        let hold = Duration::from_millis(rng.random_range(2_000..=15_000));
         Schedule { seed, phase, nemesis, hold }
     }
 }
@@ -338,6 +343,9 @@ async fn reach(target: &TestNode, id: &str, phase: Phase) -> bool {
         if let Ok(s) = api.call::<TransferStatus>(Method::GET, &format!("/v1/transfers/{id}"), None).await {
             let there = match phase {
                 Phase::CatchUp => !s.rounds.is_empty(),
+                Phase::Commit => {
+                    s.consensus.as_ref().and_then(|c| c.live.as_ref()).is_some_and(|l| l.fenced.is_some())
+                }
                 _ => s.stage == Stage::Streaming && s.bytes_done > 0,
             };
             if there {
