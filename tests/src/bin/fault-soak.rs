@@ -25,13 +25,15 @@ async fn main() -> anyhow::Result<()> {
         let schedule = Schedule::random(seed);
         match faults::run(&schedule).await {
             Ok(r) => println!(
-                "ok   {} | phase hit {} | move {:?}{} | settled {:.1?} after the heal | {} acked | {} observations | {:.1?}",
+                "ok   {} | phase hit {} | move {:?}{} | settled {:.1?} after the heal | {} acked, longest gap {:.1?}, pause {:?} ms | {} observations | {:.1?}",
                 r.schedule,
                 r.phase_hit,
                 r.outcome,
                 r.error.map(|e| format!(" ({})", e.chars().take(80).collect::<String>())).unwrap_or_default(),
                 r.settle,
                 r.acked,
+                r.longest_gap,
+                r.pause_ms,
                 r.observations,
                 r.took
             ),

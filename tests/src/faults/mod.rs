@@ -125,6 +125,10 @@ pub struct Report {
     /// From the heal until every member agreed and every transfer ended.
     pub settle: Duration,
     pub acked: u64,
+    /// The application's longest wait between two acknowledged writes.
+    pub longest_gap: Duration,
+    /// The move's write pause as the cluster recorded it.
+    pub pause_ms: Option<u64>,
     pub observations: usize,
     pub took: Duration,
 }
@@ -240,12 +244,14 @@ pub async fn run(schedule: &Schedule) -> Result<Report, String> {
 
     let mut outcome = State::Failed;
     let mut error = None;
+    let mut pause_ms = None;
     match &settled {
         Err(why) => violations.push(why.clone()),
         Ok(settled) => {
             let record = settled.transfers.iter().find(|t| t.id == moved.id);
             outcome = record.map(|t| t.state).unwrap_or(State::Failed);
             error = record.and_then(|t| t.error.clone());
+            pause_ms = record.and_then(|t| t.pause_ms);
             let row = settled.shards.iter().find(|r| r.engine == ENGINE && r.shard == SHARD);
             let owners: Vec<&String> = row
                 .map(|r| r.replicas.iter().filter(|(_, s)| *s == "active").map(|(n, _)| n).collect())
@@ -284,6 +290,8 @@ pub async fn run(schedule: &Schedule) -> Result<Report, String> {
         error,
         settle: settle_took,
         acked: summary.acked,
+        longest_gap: summary.longest_gap,
+        pause_ms,
         observations,
         took: started.elapsed(),
     })
@@ -343,9 +351,7 @@ async fn reach(target: &TestNode, id: &str, phase: Phase) -> bool {
         if let Ok(s) = api.call::<TransferStatus>(Method::GET, &format!("/v1/transfers/{id}"), None).await {
             let there = match phase {
                 Phase::CatchUp => !s.rounds.is_empty(),
-                Phase::Commit => {
-                    s.consensus.as_ref().and_then(|c| c.live.as_ref()).is_some_and(|l| l.fenced.is_some())
-                }
+                Phase::Commit => s.consensus.as_ref().and_then(|c| c.live.as_ref()).is_some_and(|l| l.fenced.is_some()),
                 _ => s.stage == Stage::Streaming && s.bytes_done > 0,
             };
             if there {
