@@ -9,13 +9,15 @@
 //!   restart: a live transfer that was fenced gets its fence and locks back
 //!   (a crash released the locks); an aborted one, or a committed replicate,
 //!   is unfenced; a committed move is retired, before the registrar removes
-//!   its files, so a writer still holding the old replica gets an error.
+//!   its files, so a writer still holding the old replica gets an error;
+//!   a move fenced for longer than its limit without committing is aborted
+//!   by the source itself ([`abort_if_fenced_too_long`]).
 
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::consensus::state::{TransferKind, TransferRecord, TransferStage};
+use crate::consensus::state::{Command, TransferKind, TransferRecord, TransferStage};
 use crate::node::Node;
 use crate::plugin::{EngineError, FenceInfo, Hook};
 
@@ -94,6 +96,10 @@ pub async fn reconcile(node: &Node) {
                 }
                 continue;
             }
+            TransferStage::Partial if fenced => {
+                abort_if_fenced_too_long(node, t);
+                continue;
+            }
             TransferStage::Partial => continue,
             TransferStage::Finished if t.kind == TransferKind::Move => settle(node, t, Hook::Retire).await,
             TransferStage::Finished | TransferStage::Aborted => settle(node, t, Hook::Unfence).await,
@@ -107,6 +113,50 @@ pub async fn reconcile(node: &Node) {
             Err(e) => tracing::warn!(transfer = %t.id, "cut-over not settled: {e}"),
         }
     }
+}
+
+/// How much longer than the target's own bound ([`super::live::fenced_limit`])
+/// the source waits before it gives up on a move that holds its fence: the
+/// target, when it can reach the leader, fails the move first.
+const SOURCE_SLACK: Duration = Duration::from_secs(2);
+
+/// Transfers whose abort this process has asked for as their source.
+static ABORTS_ASKED: Mutex<Option<HashSet<(u64, String)>>> = Mutex::new(None);
+
+/// A fenced move that has not committed past the fenced limit is aborted by
+/// its source. The target cannot always do it: cut off from the leader (a
+/// partition, a one-way link) it can neither commit nor abort, and the
+/// source's writers would wait for as long as the fault lasts. The source
+/// can, when it reaches a quorum. Consensus decides between the two: an
+/// abort after the commit is refused (the source is then retired), a commit
+/// after the abort too (the source is then unfenced).
+fn abort_if_fenced_too_long(node: &Node, t: &TransferRecord) {
+    let Some(fence) = t.live.as_ref().and_then(|l| l.fenced) else { return };
+    let limit = super::live::fenced_limit(node.config.pause_budget_ms) + SOURCE_SLACK;
+    let fenced_for = Duration::from_millis(super::conductor::unix_now_ms().saturating_sub(fence.at_ms));
+    if fenced_for < limit {
+        return;
+    }
+    let key = (node.consensus.id, t.id.clone());
+    if !ABORTS_ASKED.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashSet::new).insert(key.clone()) {
+        return;
+    }
+    let reason = format!("the source was fenced for {fenced_for:?} (limit {limit:?}) and the move had not committed");
+    tracing::warn!(transfer = %t.id, "aborting as its source: {reason}");
+    let abort =
+        Command::AbortTransfer { transfer: t.id.clone(), epoch: t.epoch, reason, now: super::conductor::unix_now() };
+    let consensus = node.consensus.clone();
+    let id = t.id.clone();
+    tokio::spawn(async move {
+        match consensus.propose(abort).await {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(transfer = %id, "the source's abort not recorded: {e}");
+                // Asked again on a later pass.
+                ABORTS_ASKED.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashSet::new).remove(&key);
+            }
+        }
+    });
 }
 
 /// Unfences or retires the source replica of `t`, then drops its locks.

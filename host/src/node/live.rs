@@ -20,6 +20,12 @@
 //!
 //! A restarted target resumes from the replicated record: already fenced, it
 //! goes straight to the final round.
+//!
+//! The fenced phase is bounded ([`fenced_limit`]): a final round that cannot
+//! finish (the source cut off from the target, a stalled disk) fails the
+//! move, whose abort unfences the source, instead of holding its writers for
+//! as long as the fault lasts. The fault tests found this: a one-way cut
+//! during the commit paused an application's writes for the whole cut.
 
 use std::time::Duration;
 
@@ -57,9 +63,13 @@ pub async fn catch_up(node: &Node, t: &TransferRecord) -> Result<u64, String> {
 async fn rounds_and_fence(node: &Node, t: &TransferRecord) -> Result<u64, String> {
     let mover = Mover::new(node, t)?;
     let mut at = mover.replica_position().await?;
+    let limit = fenced_limit(node.config.pause_budget_ms);
     if let Some(fence) = t.live.as_ref().and_then(|l| l.fenced) {
-        // Resumed after a restart: the source is fenced already.
-        mover.final_rounds(at, ShardPosition { term: fence.term, position: fence.position }).await?;
+        // Resumed after a restart: the source is fenced already, since
+        // `at_ms`; the bound counts from then.
+        let since = Duration::from_millis(super::conductor::unix_now_ms().saturating_sub(fence.at_ms));
+        let last = ShardPosition { term: fence.term, position: fence.position };
+        bounded(limit.saturating_sub(since), limit, mover.final_rounds(at, last)).await?;
         return Ok(fence.at_ms);
     }
     let budget = node.config.pause_budget_ms;
@@ -83,9 +93,30 @@ async fn rounds_and_fence(node: &Node, t: &TransferRecord) -> Result<u64, String
     let fence = mover.fence().await?;
     let record = FenceRecord { term: fence.last.term, position: fence.last.position, at_ms };
     let mark = Command::MarkFenced { transfer: t.id.clone(), epoch: t.epoch, fence: record };
+    let fenced = std::time::Instant::now();
     node.consensus.propose(mark).await.map_err(|e| format!("recording the fence: {e}"))?;
-    mover.final_rounds(at, fence.last).await?;
+    bounded(limit.saturating_sub(fenced.elapsed()), limit, mover.final_rounds(at, fence.last)).await?;
     Ok(at_ms)
+}
+
+/// How long the source may stay fenced before the move gives up: ten pause
+/// budgets, at least 5 s. A move that fits its budget needs one; past this,
+/// the writers have waited long enough that failing the move (and
+/// unfencing) is better than waiting for the fault to end.
+pub fn fenced_limit(pause_budget_ms: u64) -> Duration {
+    Duration::from_millis(pause_budget_ms.saturating_mul(10).max(5_000))
+}
+
+/// Runs the fenced rounds for at most `left` (of `limit`).
+async fn bounded(
+    left: Duration,
+    limit: Duration,
+    rounds: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(left, rounds).await {
+        Ok(done) => done,
+        Err(_) => Err(format!("the source was fenced for {limit:?} and the final round had not finished")),
+    }
 }
 
 /// What a fence's call costs (a plugin call and the locks) on top of the

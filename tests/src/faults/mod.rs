@@ -283,6 +283,9 @@ pub async fn run(schedule: &Schedule) -> Result<Report, String> {
         ));
     }
     drop(cluster);
+    if std::env::var_os("FERRY_FAULTS_KEEP").is_some() {
+        eprintln!("{schedule}: nodes' logs kept in {}", work.keep().join("nodes.log").display());
+    }
     Ok(Report {
         schedule: schedule.to_string(),
         phase_hit,
