@@ -156,7 +156,9 @@ pub struct Consensus {
     membership_lock: Mutex<()>,
 }
 
-fn raft_config() -> Arc<openraft::Config> {
+/// The Raft timing and snapshot policy every node runs with (the
+/// deterministic simulation starts from it too).
+pub fn raft_config() -> Arc<openraft::Config> {
     let config = openraft::Config {
         cluster_name: "ferry".into(),
         heartbeat_interval: 200,
@@ -167,6 +169,23 @@ fn raft_config() -> Arc<openraft::Config> {
         ..Default::default()
     };
     Arc::new(config.validate().expect("valid raft config"))
+}
+
+/// Starts Raft on `db` (the log store and the state machine it holds) with
+/// any transport: the node's HTTP [`Network`], or the deterministic
+/// simulation's in-memory router. The seam between the consensus logic and
+/// the sockets and threads it normally runs on.
+pub async fn start_raft<N: openraft::RaftNetworkFactory<TypeConfig>>(
+    id: NodeId,
+    config: Arc<openraft::Config>,
+    network: N,
+    db: Db,
+) -> Result<(Raft, StateMachine), ConsensusError> {
+    let sm = StateMachine::load(db.clone()).await.map_err(|e| ConsensusError::Storage(e.to_string()))?;
+    let raft = Raft::new(id, config, network, LogStore::new(db), sm.clone())
+        .await
+        .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+    Ok((raft, sm))
 }
 
 impl Consensus {
@@ -180,13 +199,10 @@ impl Consensus {
         token: Arc<str>,
     ) -> Result<Consensus, ConsensusError> {
         let db = Db::open(&state_dir.join("raft.redb")).map_err(|e| ConsensusError::Storage(e.to_string()))?;
-        let sm = StateMachine::load(db.clone()).await.map_err(|e| ConsensusError::Storage(e.to_string()))?;
         let network = Network { client, token };
         let config = raft_config();
         let id = raft_id(name);
-        let raft = Raft::new(id, config.clone(), network.clone(), LogStore::new(db.clone()), sm.clone())
-            .await
-            .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        let (raft, sm) = start_raft(id, config.clone(), network.clone(), db.clone()).await?;
         let raft = Arc::new(RwLock::new(raft));
         let leader_seen = Arc::new(std::sync::Mutex::new(Instant::now()));
         tokio::spawn(watch_leader(Arc::downgrade(&raft), leader_seen.clone()));

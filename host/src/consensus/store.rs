@@ -67,11 +67,27 @@ pub struct Db {
     logged: Arc<AtomicU64>,
     /// Size of the stored snapshot's data, in bytes (0: none).
     snapshot_bytes: Arc<AtomicU64>,
+    /// Run redb calls on the calling task instead of tokio's blocking pool
+    /// (an in-memory database under the deterministic simulation, where a
+    /// thread pool's timing would make a run unrepeatable).
+    inline: bool,
 }
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db, redb::Error> {
-        let db = Database::create(path)?;
+        Db::from_database(Database::create(path)?, false)
+    }
+
+    /// A database in memory whose calls run inline: the storage of a node in
+    /// the deterministic simulation (`host/tests/consensus_sim.rs`). It
+    /// outlives a Raft that is shut down, so a simulated restart reopens the
+    /// same log, vote and state machine.
+    pub fn in_memory() -> Result<Db, redb::Error> {
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        Db::from_database(db, true)
+    }
+
+    fn from_database(db: Database, inline: bool) -> Result<Db, redb::Error> {
         let tx = db.begin_write()?;
         let last = tx.open_table(LOG)?.last()?.map(|(k, _)| k.value()).unwrap_or(0);
         let snapshot = {
@@ -80,7 +96,8 @@ impl Db {
             data.map_or(0, |v| v.value().len() as u64)
         };
         tx.commit()?;
-        Ok(Db { db: Arc::new(db), logged: Arc::new(AtomicU64::new(last)), snapshot_bytes: Arc::new(snapshot.into()) })
+        let (logged, snapshot_bytes) = (Arc::new(AtomicU64::new(last)), Arc::new(snapshot.into()));
+        Ok(Db { db: Arc::new(db), logged, snapshot_bytes, inline })
     }
 
     /// Size of the stored state-machine snapshot, in bytes.
@@ -111,6 +128,9 @@ impl Db {
         f: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
     ) -> Result<T, redb::Error> {
         let db = self.db.clone();
+        if self.inline {
+            return f(&db);
+        }
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .unwrap_or_else(|e| Err(redb::Error::Io(std::io::Error::other(e))))
