@@ -40,7 +40,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
-use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -225,11 +224,8 @@ impl RaftNetwork<TypeConfig> for Link {
         option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
         let what = format!("snapshot {}", snapshot.meta.snapshot_id);
-        let answer = self.deliver(&what, option.hard_ttl(), |r| async move {
-            let snapshot =
-                Snapshot { meta: snapshot.meta, snapshot: Box::new(Cursor::new(snapshot.snapshot.into_inner())) };
-            r.install_full_snapshot(vote, snapshot).await
-        });
+        let answer =
+            self.deliver(&what, option.hard_ttl(), |r| async move { r.install_full_snapshot(vote, snapshot).await });
         match answer.await {
             Ok(result) => result.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.to, e))),
             Err(Fault::Unreachable) => {
@@ -270,7 +266,8 @@ impl Checker {
         {
             self.violate(format!("two leaders in term {}: {other} and {}", v.term, v.node));
         }
-        let (term, applied) = self.last.get(&v.node).copied().unwrap_or_default();
+        let last = self.last.get(&v.node).copied();
+        let (term, applied) = last.unwrap_or_default();
         if v.term < term {
             self.violate(format!("node {} went back from term {term} to {}", v.node, v.term));
         }
@@ -278,6 +275,11 @@ impl Checker {
             self.violate(format!("node {} went back from applied {applied} to {}", v.node, v.applied));
         }
         self.last.insert(v.node, (v.term.max(term), v.applied.max(applied)));
+        if last.is_some() && v.applied == applied {
+            // A state machine changes only as its applied index moves: this
+            // node's state at this index was checked when it got there.
+            return;
+        }
         let hash = blake3::hash(&serde_json::to_vec(&v.state).expect("state serializes"));
         match self.states.get(&v.applied) {
             Some((first, seen)) if *seen != hash => {
@@ -399,7 +401,7 @@ impl Sim {
     async fn new(seed: u64) -> Sim {
         let mut rng = StdRng::seed_from_u64(seed);
         let net = Arc::new(Mutex::new(Net {
-            rng: StdRng::seed_from_u64(seed ^ 0x5eed_0f_fe44),
+            rng: StdRng::seed_from_u64(seed ^ 0x005e_ed0f_fe44),
             cut: BTreeSet::new(),
             loss: 0.0,
             delay: (1, 5),
@@ -497,6 +499,17 @@ impl Sim {
         let other = pick(&mut self.rng, Some(victim));
         let leader = self.views().into_iter().filter(|v| v.leader).max_by_key(|v| v.term).map(|v| v.node);
         let what = self.rng.random_range(0..9);
+        match what {
+            7 => return self.crash(victim).await,
+            8 => {
+                let down = !lock(&self.net).rafts.contains_key(&victim);
+                if down {
+                    self.start(victim).await;
+                }
+                return;
+            }
+            _ => {}
+        }
         let mut net = lock(&self.net);
         let line = match what {
             0 | 1 => {
@@ -536,19 +549,7 @@ impl Sim {
                 net.delay = (low, net.rng.random_range(50..250));
                 format!("delay {:?}", net.delay)
             }
-            7 => {
-                drop(net);
-                self.crash(victim).await;
-                return;
-            }
-            _ => {
-                let down = !net.rafts.contains_key(&victim);
-                drop(net);
-                if down {
-                    self.start(victim).await;
-                }
-                return;
-            }
+            _ => unreachable!("crash and restart are handled above"),
         };
         net.trace.push(line);
     }
@@ -662,14 +663,12 @@ impl Sim {
                 "the healed cluster did not converge with every transfer ended within {HEAL_BOUND:?}"
             )),
             Some(state) => {
-                let acked = std::mem::take(&mut *lock(&self.acked));
-                check_acked(&acked, &state, &mut self.checker);
+                check_acked(&lock(&self.acked), &state, &mut self.checker);
                 for ((engine, shard), replicas) in &state.replicas {
                     if replicas.values().any(|r| matches!(r, ReplicaState::Partial | ReplicaState::PartialSnapshot)) {
                         self.checker.violate(format!("{engine}/{shard} is left partial"));
                     }
                 }
-                *lock(&self.acked) = acked;
             }
         }
         self.check_logs().await;

@@ -47,6 +47,11 @@ use crate::stream::source::{self, StreamContext};
 use crate::stream::{FailureCode, ResumeRequest, delta};
 use crate::transfer::{Stage, StartError, State, TransferRequest, TransferStatus};
 
+/// A shard, as the replicated state keys it: (engine, shard).
+type ShardKey = (String, String);
+/// A shard's replicas: node id to state.
+type Replicas = std::collections::BTreeMap<u64, ReplicaState>;
+
 /// Largest request body (a resume request lists up to 100,000 files).
 pub const MAX_REQUEST_BODY: usize = 64 << 20;
 /// How long a status listing waits for another node's progress.
@@ -493,17 +498,16 @@ fn shards(node: &Node, query: Option<&str>) -> Response<Body> {
     }
     let state = node.consensus.state();
     let name = |id: &u64| state.members.get(id).map(|m| m.name.clone()).unwrap_or_else(|| id.to_string());
-    let rows: Box<dyn Iterator<Item = (&(String, String), &std::collections::BTreeMap<u64, ReplicaState>)>> =
-        match (&engine, &shard) {
-            (Some(e), Some(s)) => {
-                let key = (e.clone(), s.clone());
-                Box::new(state.replicas.get_key_value(&key).into_iter())
-            }
-            (Some(e), None) => Box::new(
-                state.replicas.range((e.clone(), String::new())..).take_while(move |((engine, _), _)| engine == e),
-            ),
-            _ => Box::new(state.replicas.iter()),
-        };
+    let rows: Box<dyn Iterator<Item = (&ShardKey, &Replicas)>> = match (&engine, &shard) {
+        (Some(e), Some(s)) => {
+            let key = (e.clone(), s.clone());
+            Box::new(state.replicas.get_key_value(&key).into_iter())
+        }
+        (Some(e), None) => {
+            Box::new(state.replicas.range((e.clone(), String::new())..).take_while(move |((engine, _), _)| engine == e))
+        }
+        _ => Box::new(state.replicas.iter()),
+    };
     let rows: Vec<serde_json::Value> = rows
         .map(|((engine, shard), replicas)| {
             let replicas: serde_json::Map<String, serde_json::Value> =

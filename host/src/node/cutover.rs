@@ -14,7 +14,7 @@
 //!   by the source itself ([`abort_if_fenced_too_long`]).
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::consensus::state::{Command, TransferKind, TransferRecord, TransferStage};
@@ -24,18 +24,23 @@ use crate::plugin::{EngineError, FenceInfo, Hook};
 /// How long the host waits for writers to let go of the fence's locks.
 pub const LOCK_WAIT: Duration = Duration::from_secs(2);
 
-/// Transfers whose end this node has settled (unfenced or retired) since it
-/// started: each is settled once per process.
+/// Transfer ids this node has done something for once since it started:
+/// settled their end (unfenced or retired), or asked for their abort.
 #[derive(Default)]
-pub struct Settled(Mutex<HashSet<String>>);
+pub struct Once(Mutex<HashSet<String>>);
 
-impl Settled {
+impl Once {
     fn contains(&self, id: &str) -> bool {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
     }
 
-    fn insert(&self, id: &str) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned());
+    /// Whether `id` is new.
+    fn insert(&self, id: &str) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned())
+    }
+
+    fn remove(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 }
 
@@ -78,7 +83,7 @@ fn is_live_move(node: &Node, t: &TransferRecord) -> bool {
 }
 
 /// Brings this node's fences in line with the replicated state.
-pub async fn reconcile(node: &Node) {
+pub async fn reconcile(node: &Arc<Node>) {
     let state = node.consensus.state();
     let me = node.consensus.id;
     for t in state.transfers.values().filter(|t| t.source == me && is_live_move(node, t)) {
@@ -120,9 +125,6 @@ pub async fn reconcile(node: &Node) {
 /// target, when it can reach the leader, fails the move first.
 const SOURCE_SLACK: Duration = Duration::from_secs(2);
 
-/// Transfers whose abort this process has asked for as their source.
-static ABORTS_ASKED: Mutex<Option<HashSet<(u64, String)>>> = Mutex::new(None);
-
 /// A fenced move that has not committed past the fenced limit is aborted by
 /// its source. The target cannot always do it: cut off from the leader (a
 /// partition, a one-way link) it can neither commit nor abort, and the
@@ -130,31 +132,23 @@ static ABORTS_ASKED: Mutex<Option<HashSet<(u64, String)>>> = Mutex::new(None);
 /// can, when it reaches a quorum. Consensus decides between the two: an
 /// abort after the commit is refused (the source is then retired), a commit
 /// after the abort too (the source is then unfenced).
-fn abort_if_fenced_too_long(node: &Node, t: &TransferRecord) {
+fn abort_if_fenced_too_long(node: &Arc<Node>, t: &TransferRecord) {
     let Some(fence) = t.live.as_ref().and_then(|l| l.fenced) else { return };
     let limit = super::live::fenced_limit(node.config.pause_budget_ms) + SOURCE_SLACK;
-    let fenced_for = Duration::from_millis(super::conductor::unix_now_ms().saturating_sub(fence.at_ms));
-    if fenced_for < limit {
-        return;
-    }
-    let key = (node.consensus.id, t.id.clone());
-    if !ABORTS_ASKED.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashSet::new).insert(key.clone()) {
+    let fenced_for = super::live::fenced_for(&fence);
+    if fenced_for < limit || !node.aborts_asked.insert(&t.id) {
         return;
     }
     let reason = format!("the source was fenced for {fenced_for:?} (limit {limit:?}) and the move had not committed");
     tracing::warn!(transfer = %t.id, "aborting as its source: {reason}");
     let abort =
         Command::AbortTransfer { transfer: t.id.clone(), epoch: t.epoch, reason, now: super::conductor::unix_now() };
-    let consensus = node.consensus.clone();
-    let id = t.id.clone();
+    let (node, id) = (node.clone(), t.id.clone());
     tokio::spawn(async move {
-        match consensus.propose(abort).await {
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(transfer = %id, "the source's abort not recorded: {e}");
-                // Asked again on a later pass.
-                ABORTS_ASKED.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashSet::new).remove(&key);
-            }
+        if let Err(e) = node.consensus.propose(abort).await {
+            tracing::warn!(transfer = %id, "the source's abort not recorded: {e}");
+            // Asked again on a later pass.
+            node.aborts_asked.remove(&id);
         }
     });
 }

@@ -67,9 +67,8 @@ async fn rounds_and_fence(node: &Node, t: &TransferRecord) -> Result<u64, String
     if let Some(fence) = t.live.as_ref().and_then(|l| l.fenced) {
         // Resumed after a restart: the source is fenced already, since
         // `at_ms`; the bound counts from then.
-        let since = Duration::from_millis(super::conductor::unix_now_ms().saturating_sub(fence.at_ms));
         let last = ShardPosition { term: fence.term, position: fence.position };
-        bounded(limit.saturating_sub(since), limit, mover.final_rounds(at, last)).await?;
+        bounded(limit, fenced_for(&fence), mover.final_rounds(at, last)).await?;
         return Ok(fence.at_ms);
     }
     let budget = node.config.pause_budget_ms;
@@ -95,7 +94,7 @@ async fn rounds_and_fence(node: &Node, t: &TransferRecord) -> Result<u64, String
     let mark = Command::MarkFenced { transfer: t.id.clone(), epoch: t.epoch, fence: record };
     let fenced = std::time::Instant::now();
     node.consensus.propose(mark).await.map_err(|e| format!("recording the fence: {e}"))?;
-    bounded(limit.saturating_sub(fenced.elapsed()), limit, mover.final_rounds(at, fence.last)).await?;
+    bounded(limit, fenced.elapsed(), mover.final_rounds(at, fence.last)).await?;
     Ok(at_ms)
 }
 
@@ -107,13 +106,20 @@ pub fn fenced_limit(pause_budget_ms: u64) -> Duration {
     Duration::from_millis(pause_budget_ms.saturating_mul(10).max(5_000))
 }
 
-/// Runs the fenced rounds for at most `left` (of `limit`).
+/// How long the source has been fenced, by the wall clock of the fence's
+/// record.
+pub fn fenced_for(fence: &FenceRecord) -> Duration {
+    Duration::from_millis(super::conductor::unix_now_ms().saturating_sub(fence.at_ms))
+}
+
+/// Runs the fenced rounds for what is left of `limit`, the source having been
+/// fenced for `since` already.
 async fn bounded(
-    left: Duration,
     limit: Duration,
+    since: Duration,
     rounds: impl std::future::Future<Output = Result<(), String>>,
 ) -> Result<(), String> {
-    match tokio::time::timeout(left, rounds).await {
+    match tokio::time::timeout(limit.saturating_sub(since), rounds).await {
         Ok(done) => done,
         Err(_) => Err(format!("the source was fenced for {limit:?} and the final round had not finished")),
     }

@@ -59,7 +59,9 @@ pub struct Node {
     /// Locks held for fenced source replicas.
     pub fences: fences::Fences,
     /// Live moves whose source side this node has settled (unfence, retire).
-    pub settled: cutover::Settled,
+    pub settled: cutover::Once,
+    /// Live moves whose abort this node has asked for as their source.
+    pub aborts_asked: cutover::Once,
     /// Owns the wasmtime engine and its epoch ticker; loads installed builds.
     pub runtime: PluginRuntime,
 }
@@ -143,6 +145,7 @@ impl Node {
             conducting: conductor::Conducting::default(),
             fences: fences::Fences::with_keepers(data.root().join("fences")),
             settled: Default::default(),
+            aborts_asked: Default::default(),
             config,
             data,
             plugins,
