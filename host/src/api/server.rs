@@ -96,6 +96,7 @@ fn need(method: &Method, path: &[&str]) -> Need {
     use Scope::*;
     match (method, path) {
         (&Method::POST, ["v1", "raft", _])
+        | (&Method::GET, ["v1", "raft", "transfers", _])
         | (&Method::POST, ["v1", "cluster", "members"])
         | (&Method::GET, ["v1", "cluster", "proof"])
         | (_, ["v1", "engines", _, "shards", _, "snapshot" | "changes" | "fence"]) => Need::Scope(Node),
@@ -219,6 +220,11 @@ async fn handle(node: &Node, req: Request<Incoming>, info: &ConnInfo) -> Respons
             Ok(id) => leader_answer(node.consensus.remove_member(id).await),
             Err(_) => bad_request(format!("{id:?} is not a node id")),
         },
+        // A transfer as this node has applied it (committed), for a peer
+        // that cannot hear the leader: see `Consensus::ended_at_a_peer`.
+        (&Method::GET, ["v1", "raft", "transfers", id]) => {
+            json_response(StatusCode::OK, &node.consensus.state().transfers.get(*id))
+        }
         (&Method::POST, ["v1", "raft", rpc]) => {
             let rpc = rpc.to_string();
             raft_rpc(node, &rpc, req).await

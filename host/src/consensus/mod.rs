@@ -54,6 +54,9 @@ const JOIN_PATIENCE: Duration = Duration::from_secs(20);
 /// Largest answer another node's API may give a forwarded request.
 const MAX_FORWARD_ANSWER: usize = 16 << 20;
 
+/// How long [`Consensus::ended_at_a_peer`] waits for each peer.
+const PEER_OUTCOME_WAIT: Duration = Duration::from_secs(3);
+
 /// The answer to a membership challenge: a keyed hash of the challenger's
 /// nonce (32 bytes, hex) with a key derived from the node credential. A node
 /// that joins asks for it before it wipes its own Raft storage: a "cluster"
@@ -374,6 +377,29 @@ impl Consensus {
             }
             RaftError::Fatal(e) => Attempt::Fatal(ConsensusError::Raft(e.to_string())),
         }
+    }
+
+    /// Asks every other member for transfer `id` as it has applied it, and
+    /// returns the first record that has ended (`Finished` or `Aborted`).
+    /// An applied entry is committed, so an ended record from any member is
+    /// the transfer's final outcome, even when this node cannot hear the
+    /// leader (a one-way cut) and its own log lags. Each peer gets
+    /// [`PEER_OUTCOME_WAIT`]; all are asked at once.
+    ///
+    /// # Cancel safety
+    /// Read-only: dropping the future drops the requests.
+    pub async fn ended_at_a_peer(&self, id: &str) -> Option<state::TransferRecord> {
+        let path = format!("/v1/raft/transfers/{id}");
+        let peers: Vec<String> =
+            self.state().members.iter().filter(|(m, _)| **m != self.id).map(|(_, m)| m.addr.clone()).collect();
+        let asks = peers.iter().map(|addr| async {
+            let ask = self.forward::<(), Option<state::TransferRecord>>(addr, &path, hyper::Method::GET, None);
+            match tokio::time::timeout(PEER_OUTCOME_WAIT, ask).await {
+                Ok(Ok(Some(record))) if record.id == id && !record.stage.is_live() => Some(record),
+                _ => None,
+            }
+        });
+        futures_util::future::join_all(asks).await.into_iter().flatten().next()
     }
 
     /// Sends a request to another node's API (one hop: the receiver runs it

@@ -11,7 +11,8 @@
 //!   is unfenced; a committed move is retired, before the registrar removes
 //!   its files, so a writer still holding the old replica gets an error;
 //!   a move fenced for longer than its limit without committing is aborted
-//!   by the source itself ([`abort_if_fenced_too_long`]).
+//!   by the source itself, or settled from a peer's committed record when
+//!   this node cannot hear the leader ([`abort_if_fenced_too_long`]).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -106,8 +107,7 @@ pub async fn reconcile(node: &Arc<Node>) {
                 continue;
             }
             TransferStage::Partial => continue,
-            TransferStage::Finished if t.kind == TransferKind::Move => settle(node, t, Hook::Retire).await,
-            TransferStage::Finished | TransferStage::Aborted => settle(node, t, Hook::Unfence).await,
+            TransferStage::Finished | TransferStage::Aborted => settle(node, t, end_hook(t)).await,
         };
         match outcome {
             Ok(()) => {
@@ -143,14 +143,56 @@ fn abort_if_fenced_too_long(node: &Arc<Node>, t: &TransferRecord) {
     tracing::warn!(transfer = %t.id, "aborting as its source: {reason}");
     let abort =
         Command::AbortTransfer { transfer: t.id.clone(), epoch: t.epoch, reason, now: super::conductor::unix_now() };
-    let (node, id) = (node.clone(), t.id.clone());
+    let (node, id, epoch) = (node.clone(), t.id.clone(), t.epoch);
     tokio::spawn(async move {
-        if let Err(e) = node.consensus.propose(abort).await {
-            tracing::warn!(transfer = %id, "the source's abort not recorded: {e}");
-            // Asked again on a later pass.
-            node.aborts_asked.remove(&id);
+        // The move may have ended where this node cannot hear it: a one-way
+        // cut from the leader leaves its log behind, and a proposal waits
+        // for a leader it cannot reach. Any peer that applied the end knows
+        // it is final; whichever answer comes first settles the source.
+        let learned = async {
+            loop {
+                if let Some(ended) = node.consensus.ended_at_a_peer(&id).await
+                    && ended.epoch == epoch
+                {
+                    return ended;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        };
+        tokio::select! {
+            proposed = node.consensus.propose(abort) => if let Err(e) = proposed {
+                tracing::warn!(transfer = %id, "the source's abort not recorded: {e}");
+                // Asked again on a later pass.
+                node.aborts_asked.remove(&id);
+            },
+            ended = learned => settle_learned(&node, &ended).await,
         }
     });
+}
+
+/// Settles the source of a move whose end a peer has applied, before this
+/// node's own log shows it. Marked settled first, so that no reconcile pass
+/// fences the replica again while its local record still reads fenced.
+async fn settle_learned(node: &Node, ended: &TransferRecord) {
+    tracing::info!(transfer = %ended.id, stage = ?ended.stage, "learned the move's end from a peer");
+    node.settled.insert(&ended.id);
+    match settle(node, ended, end_hook(ended)).await {
+        Ok(()) => node.registrar.notify_one(),
+        Err(e) => {
+            tracing::warn!(transfer = %ended.id, "cut-over not settled: {e}");
+            node.settled.remove(&ended.id);
+            node.aborts_asked.remove(&ended.id);
+        }
+    }
+}
+
+/// What ends the source's part of an ended transfer: a committed move
+/// retires it, anything else unfences it.
+fn end_hook(t: &TransferRecord) -> Hook {
+    match (t.stage, t.kind) {
+        (TransferStage::Finished, TransferKind::Move) => Hook::Retire,
+        _ => Hook::Unfence,
+    }
 }
 
 /// Unfences or retires the source replica of `t`, then drops its locks.
