@@ -13,6 +13,9 @@ use serde_json::json;
 
 use crate::ferry_bin;
 
+/// How long a node may take to apply a transfer another node committed.
+const LEARN_WITHIN: Duration = Duration::from_secs(5);
+
 pub const TOKEN: &str = "test-token-0123456789abcdef";
 /// Scoped credentials of test nodes started with [`Credentials::Scoped`].
 pub const NODE_TOKEN: &str = "node-token-0123456789abcdef";
@@ -378,8 +381,17 @@ impl TestNode {
         Ok(self.api().call(Method::POST, "/v1/transfers", Some(&body)).await?)
     }
 
+    /// The transfer's status; a follower gets up to [`LEARN_WITHIN`] to
+    /// learn a transfer just committed.
     pub async fn transfer(&self, id: &str) -> TransferStatus {
-        self.known_transfer(id).await.unwrap_or_else(|| panic!("{} does not know transfer {id}", self.url))
+        let deadline = Instant::now() + LEARN_WITHIN;
+        loop {
+            if let Some(status) = self.known_transfer(id).await {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{} does not know transfer {id} after {LEARN_WITHIN:?}", self.url);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The transfer's status, or `None` while this node does not know it: a
