@@ -384,14 +384,7 @@ impl TestNode {
     /// The transfer's status; a follower gets up to [`LEARN_WITHIN`] to
     /// learn a transfer just committed.
     pub async fn transfer(&self, id: &str) -> TransferStatus {
-        let deadline = Instant::now() + LEARN_WITHIN;
-        loop {
-            if let Some(status) = self.known_transfer(id).await {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "{} does not know transfer {id} after {LEARN_WITHIN:?}", self.url);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_until(id, LEARN_WITHIN, |_| true).await
     }
 
     /// The transfer's status, or `None` while this node does not know it: a

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::{self, ConnInfo};
 use crate::consensus::network::FullSnapshot;
-use crate::consensus::state::{Applied, Command, ReplicaState, TransferKind, TransferStage, clip};
+use crate::consensus::state::{Applied, Command, ReplicaState, ShardKey, TransferKind, TransferStage, clip};
 use crate::consensus::{ConsensusError, JoinRequest, NotLeaderOr, TypeConfig};
 use crate::http::{Body, SNAPSHOT_ID_HEADER, TRANSFER_EPOCH_HEADER, TRANSFER_ID_HEADER, error_response, json_response};
 use crate::install::layout::check_shard_id;
@@ -47,8 +47,6 @@ use crate::stream::source::{self, StreamContext};
 use crate::stream::{FailureCode, ResumeRequest, delta};
 use crate::transfer::{Stage, StartError, State, TransferRequest, TransferStatus};
 
-/// A shard, as the replicated state keys it: (engine, shard).
-type ShardKey = (String, String);
 /// A shard's replicas: node id to state.
 type Replicas = std::collections::BTreeMap<u64, ReplicaState>;
 

@@ -379,8 +379,9 @@ impl Consensus {
         }
     }
 
-    /// Asks every other member for transfer `id` as it has applied it, and
-    /// returns the first record that has ended (`Finished` or `Aborted`).
+    /// Asks every other member for transfer `id` at `epoch` as it has
+    /// applied it, and returns the first record that has ended (`Finished`
+    /// or `Aborted`).
     /// An applied entry is committed, so an ended record from any member is
     /// the transfer's final outcome, even when this node cannot hear the
     /// leader (a one-way cut) and its own log lags. Each peer gets
@@ -388,14 +389,14 @@ impl Consensus {
     ///
     /// # Cancel safety
     /// Read-only: dropping the future drops the requests.
-    pub async fn ended_at_a_peer(&self, id: &str) -> Option<state::TransferRecord> {
+    pub async fn ended_at_a_peer(&self, id: &str, epoch: u64) -> Option<state::TransferRecord> {
         let path = format!("/v1/raft/transfers/{id}");
         let peers: Vec<String> =
             self.state().members.iter().filter(|(m, _)| **m != self.id).map(|(_, m)| m.addr.clone()).collect();
         let asks = peers.iter().map(|addr| async {
             let ask = self.forward::<(), Option<state::TransferRecord>>(addr, &path, hyper::Method::GET, None);
             match tokio::time::timeout(PEER_OUTCOME_WAIT, ask).await {
-                Ok(Ok(Some(record))) if record.id == id && !record.stage.is_live() => Some(record),
+                Ok(Ok(Some(r))) if r.id == id && r.epoch == epoch && !r.stage.is_live() => Some(r),
                 _ => None,
             }
         });

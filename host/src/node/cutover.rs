@@ -92,30 +92,24 @@ pub async fn reconcile(node: &Arc<Node>) {
             continue;
         }
         let fenced = t.live.as_ref().is_some_and(|l| l.fenced.is_some());
-        let outcome = match t.stage {
-            TransferStage::Snapshot => continue,
-            // A restarted source fences again and takes its locks back.
-            TransferStage::Partial if fenced && node.fences.holder(&t.engine, &t.shard) != Some(t.epoch) => {
+        match t.stage {
+            TransferStage::Snapshot => {}
+            // A restarted source fences again and takes its locks back; not
+            // while this process asks for the move's abort, or has settled
+            // it from a peer ahead of its own log.
+            TransferStage::Partial
+                if fenced
+                    && !node.aborts_asked.contains(&t.id)
+                    && node.fences.holder(&t.engine, &t.shard) != Some(t.epoch) =>
+            {
                 match fence(node, &t.engine, &t.shard, t.epoch).await {
                     Ok(_) => tracing::info!(transfer = %t.id, "fence taken again"),
                     Err(e) => tracing::warn!(transfer = %t.id, "cannot fence again: {e}"),
                 }
-                continue;
             }
-            TransferStage::Partial if fenced => {
-                abort_if_fenced_too_long(node, t);
-                continue;
-            }
-            TransferStage::Partial => continue,
-            TransferStage::Finished | TransferStage::Aborted => settle(node, t, end_hook(t)).await,
-        };
-        match outcome {
-            Ok(()) => {
-                node.settled.insert(&t.id);
-                // A retired replica's files are the registrar's to remove now.
-                node.registrar.notify_one();
-            }
-            Err(e) => tracing::warn!(transfer = %t.id, "cut-over not settled: {e}"),
+            TransferStage::Partial if fenced => abort_if_fenced_too_long(node, t),
+            TransferStage::Partial => {}
+            TransferStage::Finished | TransferStage::Aborted => settle_end(node, t).await,
         }
     }
 }
@@ -151,9 +145,7 @@ fn abort_if_fenced_too_long(node: &Arc<Node>, t: &TransferRecord) {
         // it is final; whichever answer comes first settles the source.
         let learned = async {
             loop {
-                if let Some(ended) = node.consensus.ended_at_a_peer(&id).await
-                    && ended.epoch == epoch
-                {
+                if let Some(ended) = node.consensus.ended_at_a_peer(&id, epoch).await {
                     return ended;
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -165,23 +157,28 @@ fn abort_if_fenced_too_long(node: &Arc<Node>, t: &TransferRecord) {
                 // Asked again on a later pass.
                 node.aborts_asked.remove(&id);
             },
-            ended = learned => settle_learned(&node, &ended).await,
+            ended = learned => {
+                tracing::info!(transfer = %id, stage = ?ended.stage, "learned the move's end from a peer");
+                settle_end(&node, &ended).await;
+            }
         }
     });
 }
 
-/// Settles the source of a move whose end a peer has applied, before this
-/// node's own log shows it. Marked settled first, so that no reconcile pass
-/// fences the replica again while its local record still reads fenced.
-async fn settle_learned(node: &Node, ended: &TransferRecord) {
-    tracing::info!(transfer = %ended.id, stage = ?ended.stage, "learned the move's end from a peer");
-    node.settled.insert(&ended.id);
-    match settle(node, ended, end_hook(ended)).await {
-        Ok(()) => node.registrar.notify_one(),
+/// Settles the source of an ended transfer (from this node's log, or from
+/// a peer's that is ahead of it). Marked settled only once done: the
+/// registrar keeps a retired replica's files until then.
+async fn settle_end(node: &Node, t: &TransferRecord) {
+    match settle(node, t, end_hook(t)).await {
+        Ok(()) => {
+            node.settled.insert(&t.id);
+            // A retired replica's files are the registrar's to remove now.
+            node.registrar.notify_one();
+        }
         Err(e) => {
-            tracing::warn!(transfer = %ended.id, "cut-over not settled: {e}");
-            node.settled.remove(&ended.id);
-            node.aborts_asked.remove(&ended.id);
+            tracing::warn!(transfer = %t.id, "cut-over not settled: {e}");
+            // Asked again, or learned again, on a later pass.
+            node.aborts_asked.remove(&t.id);
         }
     }
 }
