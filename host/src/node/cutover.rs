@@ -143,13 +143,15 @@ fn abort_if_fenced_too_long(node: &Arc<Node>, t: &TransferRecord) {
         // cut from the leader leaves its log behind, and a proposal waits
         // for a leader it cannot reach. Any peer that applied the end knows
         // it is final; whichever answer comes first settles the source.
+        // Both stop once this node's own log has ended it and settled it.
         let learned = async {
-            loop {
+            while !node.settled.contains(&id) {
                 if let Some(ended) = node.consensus.ended_at_a_peer(&id, epoch).await {
-                    return ended;
+                    return Some(ended);
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
+            None
         };
         tokio::select! {
             proposed = node.consensus.propose(abort) => if let Err(e) = proposed {
@@ -157,10 +159,10 @@ fn abort_if_fenced_too_long(node: &Arc<Node>, t: &TransferRecord) {
                 // Asked again on a later pass.
                 node.aborts_asked.remove(&id);
             },
-            ended = learned => {
+            ended = learned => if let Some(ended) = ended {
                 tracing::info!(transfer = %id, stage = ?ended.stage, "learned the move's end from a peer");
                 settle_end(&node, &ended).await;
-            }
+            },
         }
     });
 }
@@ -169,6 +171,9 @@ fn abort_if_fenced_too_long(node: &Arc<Node>, t: &TransferRecord) {
 /// a peer's that is ahead of it). Marked settled only once done: the
 /// registrar keeps a retired replica's files until then.
 async fn settle_end(node: &Node, t: &TransferRecord) {
+    if node.settled.contains(&t.id) {
+        return; // both ways reached it: settled once
+    }
     match settle(node, t, end_hook(t)).await {
         Ok(()) => {
             node.settled.insert(&t.id);
