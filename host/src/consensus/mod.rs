@@ -393,14 +393,24 @@ impl Consensus {
         let path = format!("/v1/raft/transfers/{id}");
         let peers: Vec<String> =
             self.state().members.iter().filter(|(m, _)| **m != self.id).map(|(_, m)| m.addr.clone()).collect();
-        let asks = peers.iter().map(|addr| async {
-            let ask = self.forward::<(), Option<state::TransferRecord>>(addr, &path, hyper::Method::GET, None);
-            match tokio::time::timeout(PEER_OUTCOME_WAIT, ask).await {
-                Ok(Ok(Some(r))) if r.id == id && r.epoch == epoch && !r.stage.is_live() => Some(r),
-                _ => None,
+        let mut asks: futures_util::stream::FuturesUnordered<_> = peers
+            .iter()
+            .map(|addr| async {
+                let ask = self.forward::<(), Option<state::TransferRecord>>(addr, &path, hyper::Method::GET, None);
+                match tokio::time::timeout(PEER_OUTCOME_WAIT, ask).await {
+                    Ok(Ok(Some(r))) if r.id == id && r.epoch == epoch && !r.stage.is_live() => Some(r),
+                    _ => None,
+                }
+            })
+            .collect();
+        // The first ended answer, not all of them: a peer behind a cut
+        // would hold the others back for its whole wait.
+        while let Some(answer) = futures_util::StreamExt::next(&mut asks).await {
+            if answer.is_some() {
+                return answer;
             }
-        });
-        futures_util::future::join_all(asks).await.into_iter().flatten().next()
+        }
+        None
     }
 
     /// Sends a request to another node's API (one hop: the receiver runs it
