@@ -212,12 +212,12 @@ fn compare_blocks(
             unreachable!("compare lists blocks entries")
         };
         let at = data_index.iter().position(|&n| n == info_at).expect("a blocks entry has data");
-        let Planned::File { source, .. } = &data[at] else { unreachable!("a blocks entry is a file") };
-        let file = std::fs::File::open(source).map_err(|e| failure("compare", format!("{path}: {e}")))?;
+        let Planned::File { root, .. } = &data[at] else { unreachable!("a blocks entry is a file") };
+        let file = std::fs::File::open(path.join_to(root)).map_err(|e| failure("compare", format!("{path}: {e}")))?;
         let (found, total) = blockdiff::differing_ranges(&file, *length, *block_size, &theirs)
             .map_err(|e| failure("compare", format!("{path}: {e}")))?;
         *ranges = found.iter().map(|&(offset, n)| [offset, n]).collect();
-        data[at] = Planned::Ranges { path: path.clone(), source: source.clone(), ranges: found, size: total };
+        data[at] = Planned::Ranges { path: path.clone(), root: root.clone(), ranges: found, size: total };
     }
     Ok(())
 }
@@ -232,13 +232,19 @@ pub fn stream_delta(prepared: PreparedDelta, mut ctx: StreamContext) -> mpsc::Re
         let PreparedDelta { preamble, data } = prepared;
         let json = serde_json::to_vec(&preamble).expect("delta preamble serializes");
         send_entry(&tx, DELTA_PATH, Bytes::from(json), None).await?;
-        let records = send_entries(&tx, data, &HashMap::new(), &ctx).await?;
+        let checksums = send_entries(&tx, data, &HashMap::new(), &ctx).await?;
         // The last data entry is out; if the delta no longer describes the
         // shard, the receiver must not get a manifest.
         ctx.plugin
             .delta_check(&ctx.shard, &ctx.dir, &preamble.meta)
             .await
             .map_err(|e| hook_failure("delta-check", &e))?;
+        // Data entries are in the order of the infos that have data.
+        let data_infos = preamble.entries.iter().filter_map(|e| Some((e.path(), e.data_size()?)));
+        let records = data_infos
+            .zip(checksums)
+            .map(|((path, size), blake3)| FileRecord { path: path.clone(), size, blake3 })
+            .collect();
         let manifest = DeltaManifest { format: ARCHIVE_FORMAT, meta: preamble.meta, entries: records };
         let json = serde_json::to_vec(&manifest).expect("delta manifest serializes");
         send_entry(&tx, MANIFEST_PATH, Bytes::from(json), None).await?;

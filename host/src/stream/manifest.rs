@@ -1,8 +1,10 @@
 //! The archive's own entries: preamble, manifest, source failure; and what a
 //! receiver sends to resume.
 
-use std::fmt;
+use std::cell::RefCell;
+use std::{fmt, io};
 
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::plugin::SnapshotMeta;
@@ -101,6 +103,190 @@ pub struct Manifest {
     pub fuzzy: bool,
 }
 
+/// The JSON of a [`Manifest`] written from borrowed parts, so a source
+/// never holds a second copy of every path (100,000 of them at most).
+#[derive(Serialize)]
+pub struct ManifestRef<'a, R: Serialize> {
+    pub format: u32,
+    pub snapshot_id: &'a str,
+    pub meta: &'a SnapshotMeta,
+    /// Serializes as a sequence of [`FileRecordRef`].
+    pub entries: R,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fuzzy: bool,
+}
+
+/// A [`FileRecord`]'s JSON from borrowed parts.
+#[derive(Serialize)]
+pub struct FileRecordRef<'a> {
+    pub path: &'a RelPath,
+    pub size: u64,
+    pub blake3: Checksum,
+}
+
+/// Why [`read_checked`] refused a manifest.
+#[derive(Debug)]
+pub enum Checked<E> {
+    /// Not a manifest of the announced snapshot.
+    Bad(String),
+    /// A record the caller's check refused.
+    Failed(E),
+}
+
+const OTHER_ENTRIES: &str = "the manifest lists other entries than the preamble";
+
+/// Reads a snapshot's [`Manifest`] from `reader` and checks it as it is
+/// parsed, record by record, never holding it whole: it must describe the
+/// snapshot `preamble` announced, list its entries in the same order with
+/// the same sizes, and pass `check` for each record (the receiver's
+/// comparison with the bytes it wrote). Returns whether it is fuzzy.
+pub fn read_checked<E>(
+    reader: impl io::Read,
+    preamble: &Preamble,
+    check: impl FnMut(&FileRecord) -> Result<(), E>,
+) -> Result<bool, Checked<E>> {
+    let (check, failed) = (RefCell::new(check), RefCell::new(None));
+    let seed = ManifestSeed { preamble, check: &check, failed: &failed };
+    let mut json = serde_json::Deserializer::from_reader(io::BufReader::with_capacity(64 << 10, reader));
+    let parsed = seed.deserialize(&mut json).and_then(|header| json.end().map(|()| header));
+    if let Some(failure) = failed.into_inner() {
+        return Err(failure);
+    }
+    let header = parsed.map_err(|e| Checked::Bad(format!("{MANIFEST_PATH}: {e}")))?;
+    if header.format != ARCHIVE_FORMAT || header.snapshot_id != preamble.snapshot_id || header.meta != preamble.meta {
+        return Err(Checked::Bad("the manifest does not describe the announced snapshot".into()));
+    }
+    Ok(header.fuzzy)
+}
+
+/// A manifest's fields other than its records.
+struct ManifestHeader {
+    format: u32,
+    snapshot_id: String,
+    meta: SnapshotMeta,
+    fuzzy: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum Field {
+    Format,
+    SnapshotId,
+    Meta,
+    Entries,
+    Fuzzy,
+}
+
+const FIELDS: &[&str] = &["format", "snapshot_id", "meta", "entries", "fuzzy"];
+
+/// The seed of [`read_checked`]'s parse. A refusal is kept in `failed` (the
+/// parse itself then stops with a placeholder error).
+struct ManifestSeed<'a, F, E> {
+    preamble: &'a Preamble,
+    check: &'a RefCell<F>,
+    failed: &'a RefCell<Option<Checked<E>>>,
+}
+
+impl<F, E> Clone for ManifestSeed<'_, F, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<F, E> Copy for ManifestSeed<'_, F, E> {}
+
+impl<F, E> ManifestSeed<'_, F, E> {
+    fn refuse<T, D: de::Error>(&self, why: Checked<E>) -> Result<T, D> {
+        *self.failed.borrow_mut() = Some(why);
+        Err(D::custom("refused"))
+    }
+}
+
+impl<'de, F: FnMut(&FileRecord) -> Result<(), E>, E> DeserializeSeed<'de> for ManifestSeed<'_, F, E> {
+    type Value = ManifestHeader;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<ManifestHeader, D::Error> {
+        d.deserialize_struct("Manifest", FIELDS, self)
+    }
+}
+
+impl<'de, F: FnMut(&FileRecord) -> Result<(), E>, E> Visitor<'de> for ManifestSeed<'_, F, E> {
+    type Value = ManifestHeader;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a snapshot manifest")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ManifestHeader, A::Error> {
+        fn once<T, E: de::Error>(slot: &mut Option<T>, value: T, name: &'static str) -> Result<(), E> {
+            match slot.replace(value) {
+                Some(_) => Err(E::duplicate_field(name)),
+                None => Ok(()),
+            }
+        }
+        let (mut format, mut snapshot_id, mut meta, mut entries, mut fuzzy) = (None, None, None, None, None);
+        while let Some(field) = map.next_key::<Field>()? {
+            match field {
+                Field::Format => once(&mut format, map.next_value()?, "format")?,
+                Field::SnapshotId => once(&mut snapshot_id, map.next_value()?, "snapshot_id")?,
+                Field::Meta => once(&mut meta, map.next_value()?, "meta")?,
+                Field::Fuzzy => once(&mut fuzzy, map.next_value()?, "fuzzy")?,
+                Field::Entries => {
+                    if entries.is_some() {
+                        return Err(de::Error::duplicate_field("entries"));
+                    }
+                    entries = Some(map.next_value_seed(RecordsSeed(self))?);
+                }
+            }
+        }
+        entries.ok_or_else(|| de::Error::missing_field("entries"))?;
+        Ok(ManifestHeader {
+            format: format.ok_or_else(|| de::Error::missing_field("format"))?,
+            snapshot_id: snapshot_id.ok_or_else(|| de::Error::missing_field("snapshot_id"))?,
+            meta: meta.ok_or_else(|| de::Error::missing_field("meta"))?,
+            fuzzy: fuzzy.unwrap_or(false),
+        })
+    }
+}
+
+/// The manifest's `entries`, each checked as it is parsed.
+struct RecordsSeed<'a, F, E>(ManifestSeed<'a, F, E>);
+
+impl<'de, F: FnMut(&FileRecord) -> Result<(), E>, E> DeserializeSeed<'de> for RecordsSeed<'_, F, E> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, F: FnMut(&FileRecord) -> Result<(), E>, E> Visitor<'de> for RecordsSeed<'_, F, E> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of file records")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let RecordsSeed(seed) = self;
+        let announced = &seed.preamble.entries;
+        let mut at = 0;
+        while let Some(record) = seq.next_element::<FileRecord>()? {
+            if !announced.get(at).is_some_and(|e| e.path == record.path && e.size == record.size) {
+                return seed.refuse(Checked::Bad(OTHER_ENTRIES.into()));
+            }
+            if let Err(e) = (seed.check.borrow_mut())(&record) {
+                return seed.refuse(Checked::Failed(e));
+            }
+            at += 1;
+        }
+        if at != announced.len() {
+            return seed.refuse(Checked::Bad(OTHER_ENTRIES.into()));
+        }
+        Ok(())
+    }
+}
+
 /// Why a source gave up on a snapshot or a delta mid-stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("source failed at {step}: {message}")]
@@ -194,6 +380,105 @@ pub fn snapshot_id<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn preamble(entries: &[(&str, u64)]) -> Preamble {
+        Preamble {
+            format: ARCHIVE_FORMAT,
+            snapshot_id: "id".into(),
+            engine: "e".into(),
+            shard: "s".into(),
+            snapshot_format: 1,
+            meta: SnapshotMeta { term: 1, position: 2, attributes: vec![] },
+            entries: entries
+                .iter()
+                .map(|(p, size)| EntryInfo { path: RelPath::new(p).unwrap(), size: *size })
+                .collect(),
+            skipped: vec![],
+        }
+    }
+
+    fn sum(byte: u8) -> Checksum {
+        Checksum([byte; 32])
+    }
+
+    /// The manifest of `preamble` with one checksum per entry, as a source writes it.
+    fn written(p: &Preamble, sums: &[Checksum], fuzzy: bool) -> Vec<u8> {
+        let records: Vec<FileRecordRef> = p
+            .entries
+            .iter()
+            .zip(sums)
+            .map(|(e, &blake3)| FileRecordRef { path: &e.path, size: e.size, blake3 })
+            .collect();
+        let manifest =
+            ManifestRef { format: ARCHIVE_FORMAT, snapshot_id: &p.snapshot_id, meta: &p.meta, entries: records, fuzzy };
+        serde_json::to_vec(&manifest).unwrap()
+    }
+
+    fn read(json: &[u8], p: &Preamble) -> Result<bool, Checked<String>> {
+        let mut seen = Vec::new();
+        let answer = read_checked(json, p, |r: &FileRecord| {
+            seen.push(r.path.as_str().to_owned());
+            if r.blake3 == sum(0xee) { Err(format!("{} refused", r.path)) } else { Ok(()) }
+        });
+        if answer.is_ok() {
+            assert_eq!(seen, p.entries.iter().map(|e| e.path.as_str()).collect::<Vec<_>>());
+        }
+        answer
+    }
+
+    fn bad(answer: Result<bool, Checked<String>>) -> String {
+        match answer {
+            Err(Checked::Bad(why)) => why,
+            other => panic!("not refused as bad: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_written_manifest_reads_back_as_the_format_says() {
+        let p = preamble(&[("a", 1), ("b/c", 2)]);
+        let json = written(&p, &[sum(1), sum(2)], true);
+        let parsed: Manifest = serde_json::from_slice(&json).unwrap();
+        assert_eq!(parsed.entries[1], FileRecord { path: RelPath::new("b/c").unwrap(), size: 2, blake3: sum(2) });
+        assert!(parsed.fuzzy);
+        assert!(read(&json, &p).unwrap());
+        assert!(!read(&written(&p, &[sum(1), sum(2)], false), &p).unwrap());
+    }
+
+    #[test]
+    fn a_manifest_is_checked_record_by_record() {
+        let p = preamble(&[("a", 1), ("b", 2)]);
+        let swapped = preamble(&[("b", 2), ("a", 1)]);
+        assert!(bad(read(&written(&swapped, &[sum(1), sum(2)], false), &p)).contains("other entries"));
+        let short = preamble(&[("a", 1)]);
+        assert!(bad(read(&written(&short, &[sum(1)], false), &p)).contains("other entries"));
+        let longer = preamble(&[("a", 1), ("b", 2), ("c", 3)]);
+        assert!(bad(read(&written(&longer, &[sum(1), sum(2), sum(3)], false), &p)).contains("other entries"));
+        let resized = preamble(&[("a", 1), ("b", 3)]);
+        assert!(bad(read(&written(&resized, &[sum(1), sum(2)], false), &p)).contains("other entries"));
+        match read(&written(&p, &[sum(1), sum(0xee)], false), &p) {
+            Err(Checked::Failed(why)) => assert_eq!(why, "b refused"),
+            other => panic!("the check's refusal is passed on: {other:?}"),
+        }
+        let mut other = preamble(&[("a", 1), ("b", 2)]);
+        other.snapshot_id = "another".into();
+        assert!(bad(read(&written(&other, &[sum(1), sum(2)], false), &p)).contains("does not describe"));
+    }
+
+    #[test]
+    fn a_malformed_manifest_is_refused() {
+        let p = preamble(&[("a", 1)]);
+        let good = String::from_utf8(written(&p, &[sum(1)], false)).unwrap();
+        let extra = good.replacen('{', r#"{"extra":1,"#, 1);
+        assert!(bad(read(extra.as_bytes(), &p)).contains("unknown field"));
+        let twice = good.replacen('{', r#"{"format":1,"#, 1);
+        assert!(bad(read(twice.as_bytes(), &p)).contains("duplicate field"));
+        let no_entries = good.replacen(r#""entries""#, r#""fuzzy":false,"x""#, 1);
+        assert!(!bad(read(no_entries.as_bytes(), &p)).is_empty());
+        assert!(bad(read(&good.as_bytes()[..good.len() - 1], &p)).contains("EOF"));
+        assert!(bad(read(format!("{good} {{}}").as_bytes(), &p)).contains("trailing"));
+        let missing = r#"{"format":1,"snapshot_id":"id","entries":[]}"#;
+        assert!(bad(read(missing.as_bytes(), &preamble(&[]))).contains("missing field `meta`"));
+    }
 
     #[test]
     fn checksum_json_is_hex() {

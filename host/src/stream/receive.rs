@@ -11,7 +11,11 @@
 //! pass a [`TarGuard`] (no PAX headers, long links or sparse files; long
 //! names of a path's length at most), control entries are read up to
 //! [`MAX_CONTROL_ENTRY`] bytes, and the preamble's total must fit in the
-//! staging file system's free space.
+//! staging file system's free space. What is kept per file is small (a
+//! snapshot may have [`MAX_PLAN_ENTRIES`]): each path is held once, in the
+//! preamble, with a sorted index of positions to find it; the files held are
+//! a size and a checksum per path; and the manifest is checked record by
+//! record as it is parsed, never held whole.
 //!
 //! Writes run on a writer thread fed by a bounded channel, so the network and
 //! the disk work in parallel with bounded memory; chunk buffers go back and
@@ -22,7 +26,7 @@
 //! whose early fsyncs compete with the source's reads) and reports writeback
 //! errors (Linux ≥ 5.8).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -30,6 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 
+use bytes::{Buf, Bytes};
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
@@ -39,8 +44,8 @@ use tokio_util::sync::CancellationToken;
 use super::buffer::{BufferPool, ChunkBuf};
 use super::guard::TarGuard;
 use super::manifest::{
-    ARCHIVE_FORMAT, Checksum, ERROR_PATH, FileRecord, MANIFEST_PATH, MAX_CONTROL_ENTRY, Manifest, PREAMBLE_PATH,
-    Preamble, SourceFailure,
+    self, ARCHIVE_FORMAT, Checked, Checksum, ERROR_PATH, EntryInfo, FileRecord, MANIFEST_PATH, MAX_CONTROL_ENTRY,
+    PREAMBLE_PATH, Preamble, SourceFailure,
 };
 use super::ratelimit::RateLimiter;
 use crate::plugin::types::MAX_PLAN_ENTRIES;
@@ -64,11 +69,11 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn reset(&self, preamble: &Preamble, held: u64, held_files: u64) {
+    fn reset(&self, preamble: &Preamble, held: u64, held_files: usize) {
         self.bytes_total.store(preamble.total_bytes(), Ordering::Relaxed);
         self.files_total.store(preamble.entries.len() as u64, Ordering::Relaxed);
         self.bytes_done.store(held, Ordering::Relaxed);
-        self.files_done.store(held_files, Ordering::Relaxed);
+        self.files_done.store(held_files as u64, Ordering::Relaxed);
     }
 }
 
@@ -102,10 +107,12 @@ pub enum ReceiveError {
     Cancelled,
 }
 
-/// What a complete archive delivered.
+/// What a complete archive delivered: its preamble, every entry of which
+/// the manifest verified, and whether the manifest says it is fuzzy
+/// ([`manifest::Manifest::fuzzy`]).
 pub struct Complete {
     pub preamble: Preamble,
-    pub manifest: Manifest,
+    pub fuzzy: bool,
 }
 
 /// What one receiver remembers between attempts of one transfer, kept in
@@ -114,8 +121,17 @@ pub struct Complete {
 pub struct Held {
     /// Snapshot the held files belong to.
     pub snapshot_id: Option<String>,
-    /// Files complete in the data directory, with the checksum of what we wrote.
-    pub files: HashMap<RelPath, FileRecord>,
+    /// Files complete in the data directory, with the size and checksum of
+    /// what we wrote (one copy of each path: a snapshot may have 100,000).
+    pub files: HashMap<RelPath, HeldFile>,
+}
+
+/// A held file's size and the checksum of the bytes we wrote. (Read from an
+/// older `held.json` too, whose values were whole [`FileRecord`]s.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HeldFile {
+    pub size: u64,
+    pub blake3: Checksum,
 }
 
 impl Held {
@@ -144,7 +160,7 @@ impl Held {
         if let Ok(journal) = fs::read_to_string(staging.join(Self::JOURNAL)) {
             for line in journal.lines() {
                 if let Ok(record) = serde_json::from_str::<FileRecord>(line) {
-                    held.files.insert(record.path.clone(), record);
+                    held.add(record);
                 }
             }
         }
@@ -158,16 +174,36 @@ impl Held {
         });
         held
     }
+
+    /// Takes in a file the writer completed.
+    pub fn add(&mut self, record: FileRecord) {
+        self.files.insert(record.path, HeldFile { size: record.size, blake3: record.blake3 });
+    }
+
+    /// Takes in the files a writer completed.
+    pub(crate) fn absorb(&mut self, records: Vec<FileRecord>) {
+        self.files.reserve(records.len());
+        for record in records {
+            self.add(record);
+        }
+    }
+
+    /// What we hold, as a resume request lists it.
+    pub fn records(&self) -> Vec<FileRecord> {
+        self.files.iter().map(|(path, f)| FileRecord { path: path.clone(), size: f.size, blake3: f.blake3 }).collect()
+    }
 }
 
 /// What a receiver is told as an archive arrives, so that work on single
 /// files (an engine's `check-files`) runs while later files stream: first
-/// which snapshot it is, then each file once all its bytes are written.
-/// Those bytes are verified against the manifest only at the archive's end.
+/// which snapshot it is and how many entries it has, then each file once
+/// all its bytes are written, with its position among the preamble's
+/// entries. Those bytes are verified against the manifest only at the
+/// archive's end.
 #[derive(Debug)]
 pub enum Arrived {
-    Snapshot { id: String, meta: crate::plugin::SnapshotMeta },
-    File(RelPath),
+    Snapshot { id: String, meta: crate::plugin::SnapshotMeta, entries: usize },
+    File { at: usize, path: RelPath },
 }
 
 /// Where [`Arrived`] news goes (unbounded: one message per entry, and a
@@ -211,18 +247,14 @@ pub async fn receive(
         r = unpack(reader, to, held, &mut writer) => r,
         _ = cancel.cancelled() => Err(ReceiveError::Cancelled),
     };
+    // Already finished if the archive got as far as its manifest.
     let outcome = writer.finish().await;
-    for record in outcome.records {
-        held.files.insert(record.path.clone(), record);
+    held.absorb(outcome.records);
+    match (result, outcome.error) {
+        (Err(ReceiveError::Cancelled), _) => Err(ReceiveError::Cancelled),
+        (_, Some(e)) => Err(ReceiveError::Local(e)),
+        (result, None) => result,
     }
-    let (preamble, manifest) = match (result, outcome.error) {
-        (Err(ReceiveError::Cancelled), _) => return Err(ReceiveError::Cancelled),
-        (_, Some(e)) => return Err(ReceiveError::Local(e)),
-        (Err(e), None) => return Err(e),
-        (Ok(done), None) => done,
-    };
-    verify(&manifest, held)?;
-    Ok(Complete { preamble, manifest })
 }
 
 fn refused<T>(msg: impl Into<String>) -> Result<T, ReceiveError> {
@@ -238,7 +270,7 @@ async fn unpack(
     to: &Destination<'_>,
     held: &mut Held,
     writer: &mut FileWriter,
-) -> Result<(Preamble, Manifest), ReceiveError> {
+) -> Result<Complete, ReceiveError> {
     let Destination { engine, shard, snapshot_format, data_dir, rate, progress, arrivals } = *to;
     let transport = TransportWatch::new(reader);
     let broke = transport.failed.clone();
@@ -264,7 +296,7 @@ async fn unpack(
     }
     let preamble: Preamble = read_json(&mut first, PREAMBLE_PATH).await?;
     drop(first);
-    let announced = check_preamble(&preamble, engine, shard)?;
+    let mut announced = check_preamble(&preamble, engine, shard)?;
     if preamble.snapshot_format != snapshot_format {
         return refused(format!(
             "snapshot format {} is not the one the local {engine} plugin reads ({snapshot_format}): \
@@ -272,28 +304,145 @@ async fn unpack(
             preamble.snapshot_format
         ));
     }
+    let held_bytes = resume(&preamble, &mut announced, held, data_dir)?;
 
-    // A different snapshot than the one we hold files of: start over from zero.
+    // What is still to come must fit, with a reserve, before a byte of it is
+    // written (files sent again were removed by `resume`, so their space counts).
+    let needed = preamble.total_bytes().saturating_sub(held_bytes);
+    let fs_dir = data_dir.ancestors().find(|d| d.exists()).unwrap_or(data_dir);
+    let free = free_space(fs_dir).map_err(|e| ReceiveError::Local(format!("free space of staging: {e}")))?;
+    if needed.saturating_add(FREE_SPACE_RESERVE) > free {
+        return Err(ReceiveError::NoSpace { needed, free });
+    }
+    progress.reset(&preamble, held_bytes, announced.count(Slot::Skipped));
+    if let Some(arrivals) = arrivals {
+        // Closed only when its reader is gone, which is the caller's business.
+        let _ = arrivals.send(Arrived::Snapshot {
+            id: preamble.snapshot_id.clone(),
+            meta: preamble.meta.clone(),
+            entries: preamble.entries.len(),
+        });
+    }
+
+    // 2. Data entries, then the manifest, checked against what was written.
+    let (preamble, fuzzy) = loop {
+        let Some(entry) = entries.next().await else {
+            return Err(ReceiveError::Interrupted("the archive ended before its manifest".into()));
+        };
+        let mut entry = entry.map_err(&read_err)?;
+        let path = entry_path(&entry)?;
+        match path.as_str() {
+            MANIFEST_PATH => {
+                // Every data entry is with the writer: wait for the disk.
+                let outcome = writer.finish().await;
+                held.absorb(outcome.records);
+                if let Some(e) = outcome.error {
+                    return Err(ReceiveError::Local(e));
+                }
+                break check_manifest(&mut entry, preamble, held).await?;
+            }
+            ERROR_PATH => return Err(ReceiveError::Source(read_json(&mut entry, ERROR_PATH).await?)),
+            _ => {}
+        }
+        let kind = entry.header().entry_type();
+        if kind != EntryType::Regular {
+            return refused(format!("entry {path:?} is a {}, not a regular file", kind_name(kind)));
+        }
+        let path = RelPath::new(&path).map_err(|e| ReceiveError::Refused(format!("entry {e}")))?;
+        let Some(at) = announced.find(&preamble.entries, path.as_str()) else {
+            return refused(format!("entry {path} was not announced in the preamble"));
+        };
+        match announced.slots[at] {
+            Slot::Skipped => return refused(format!("entry {path} was announced as skipped")),
+            Slot::Received => return refused(format!("entry {path} appears twice")),
+            Slot::Expected => announced.slots[at] = Slot::Received,
+        }
+        let size = preamble.entries[at].size;
+        // The size the reader will deliver (PAX `size` overrides included).
+        let header_size = entry.effective_size();
+        if header_size != size {
+            return refused(format!("entry {path} is {header_size} bytes, the preamble said {size}"));
+        }
+        copy_entry(&mut entry, &path, at, size, writer, rate, &read_err).await?;
+    };
+
+    // 3. Nothing may follow the manifest.
+    if let Some(next) = entries.next().await {
+        return match next {
+            Ok(entry) => refused(format!("entry {:?} follows the manifest", entry_path(&entry)?)),
+            Err(e) => Err(read_err(e)),
+        };
+    }
+    let missing = announced.count(Slot::Expected);
+    if missing > 0 {
+        let total = preamble.entries.len();
+        return refused(format!("the archive holds {} of {total} announced entries", total - missing));
+    }
+    Ok(Complete { preamble, fuzzy })
+}
+
+/// Where one announced entry stands in an attempt.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Expected,
+    /// Held from an earlier attempt, not sent again.
+    Skipped,
+    Received,
+}
+
+/// The preamble's entries found by path without a second copy of any path:
+/// their positions sorted by path, and where each stands.
+struct Announced {
+    by_path: Vec<u32>,
+    slots: Vec<Slot>,
+}
+
+impl Announced {
+    fn find(&self, entries: &[EntryInfo], path: &str) -> Option<usize> {
+        let found = self.by_path.binary_search_by(|&at| entries[at as usize].path.as_str().cmp(path)).ok()?;
+        Some(self.by_path[found] as usize)
+    }
+
+    fn count(&self, slot: Slot) -> usize {
+        self.slots.iter().filter(|s| **s == slot).count()
+    }
+}
+
+/// Squares what we hold with the snapshot announced: held files of another
+/// snapshot are all dropped; of the same one, those the source skips stay
+/// (each must be held, at its announced size) and the rest are removed, to
+/// be received again. Returns the bytes held.
+fn resume(
+    preamble: &Preamble,
+    announced: &mut Announced,
+    held: &mut Held,
+    data_dir: &Path,
+) -> Result<u64, ReceiveError> {
     if held.snapshot_id.as_deref() != Some(preamble.snapshot_id.as_str()) {
         if !preamble.skipped.is_empty() {
             return refused("the source skips files of a snapshot we do not hold");
         }
         if !held.files.is_empty() {
-            tracing::info!(shard, "snapshot changed since the last attempt; starting over");
+            tracing::info!(shard = preamble.shard, "snapshot changed since the last attempt; starting over");
         }
         clear_dir(data_dir).map_err(|e| ReceiveError::Local(format!("clearing staging: {e}")))?;
         held.files.clear();
         held.snapshot_id = Some(preamble.snapshot_id.clone());
     }
-    let skipped: HashSet<&RelPath> = preamble.skipped.iter().collect();
-    for path in &skipped {
-        match held.files.get(*path) {
-            Some(record) if record.size == announced[*path] => {}
+    for path in &preamble.skipped {
+        let at = announced.find(&preamble.entries, path.as_str()).expect("check_preamble found every skipped entry");
+        match held.files.get(path) {
+            Some(file) if file.size == preamble.entries[at].size => announced.slots[at] = Slot::Skipped,
             _ => return refused(format!("the source skips {path}, which we do not hold")),
         }
     }
     // Held files the source sends again are replaced.
-    let resent: Vec<RelPath> = held.files.keys().filter(|p| !skipped.contains(p)).cloned().collect();
+    let resent: Vec<RelPath> = held
+        .files
+        .keys()
+        .filter(|p| announced.find(&preamble.entries, p.as_str()).is_none_or(|at| announced.slots[at] != Slot::Skipped))
+        .cloned()
+        .collect();
     for path in resent {
         held.files.remove(&path);
         remove_file_if_exists(&path.join_to(data_dir)).map_err(|e| ReceiveError::Local(e.to_string()))?;
@@ -306,82 +455,82 @@ async fn unpack(
         File::create(staging.join(Held::JOURNAL))
             .map_err(|e| ReceiveError::Local(format!("{}: {e}", Held::JOURNAL)))?;
     }
-    let held_bytes: u64 = preamble.skipped.iter().map(|p| announced[p]).sum();
-    // What is still to come must fit, with a reserve, before a byte of it is
-    // written (files sent again were removed above, so their space counts).
-    let needed = preamble.total_bytes().saturating_sub(held_bytes);
-    let fs_dir = data_dir.ancestors().find(|d| d.exists()).unwrap_or(data_dir);
-    let free = free_space(fs_dir).map_err(|e| ReceiveError::Local(format!("free space of staging: {e}")))?;
-    if needed.saturating_add(FREE_SPACE_RESERVE) > free {
-        return Err(ReceiveError::NoSpace { needed, free });
-    }
-    progress.reset(&preamble, held_bytes, preamble.skipped.len() as u64);
-    if let Some(arrivals) = arrivals {
-        // Closed only when its reader is gone, which is the caller's business.
-        let _ = arrivals.send(Arrived::Snapshot { id: preamble.snapshot_id.clone(), meta: preamble.meta.clone() });
-    }
+    let skipped = preamble.entries.iter().zip(&announced.slots).filter(|(_, s)| **s == Slot::Skipped);
+    Ok(skipped.map(|(e, _)| e.size).sum())
+}
 
-    // 2. Data entries, then the manifest.
-    let mut seen: HashSet<RelPath> = HashSet::new();
-    let manifest = loop {
-        let Some(entry) = entries.next().await else {
-            return Err(ReceiveError::Interrupted("the archive ended before its manifest".into()));
-        };
-        let mut entry = entry.map_err(&read_err)?;
-        let path = entry_path(&entry)?;
-        match path.as_str() {
-            MANIFEST_PATH => break read_json::<Manifest, _>(&mut entry, MANIFEST_PATH).await?,
-            ERROR_PATH => return Err(ReceiveError::Source(read_json(&mut entry, ERROR_PATH).await?)),
-            _ => {}
+/// Reads the manifest and checks it as it is parsed, record by record
+/// ([`manifest::read_checked`]), against the preamble and the files we hold:
+/// every entry held, at the size and BLAKE3 the source sent. The manifest
+/// is never held whole (it has a record per file). The parse runs on a
+/// blocking thread, which `preamble` and `held` go to and come back from;
+/// `held` is left empty only if that thread panics or this future is
+/// dropped (the transfer is then over anyway).
+async fn check_manifest<R: AsyncRead + Unpin>(
+    entry: &mut tokio_tar::Entry<R>,
+    preamble: Preamble,
+    held: &mut Held,
+) -> Result<(Preamble, bool), ReceiveError> {
+    let declared = entry.effective_size();
+    if declared > MAX_CONTROL_ENTRY {
+        return refused(format!("{MANIFEST_PATH} is {declared} bytes, at most {MAX_CONTROL_ENTRY}"));
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let ours = std::mem::take(held);
+    let parse = tokio::task::spawn_blocking(move || {
+        let checked = manifest::read_checked(ChannelRead { rx, chunk: Bytes::new() }, &preamble, |r| verify(r, &ours));
+        (preamble, ours, checked)
+    });
+    // Fed in pieces; if the parse stops early, its answer says why.
+    let mut fed = 0u64;
+    let read = loop {
+        let mut piece = vec![0; 64 << 10];
+        match entry.read(&mut piece).await {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                fed += n as u64;
+                if fed > MAX_CONTROL_ENTRY {
+                    break refused(format!("{MANIFEST_PATH} is larger than {MAX_CONTROL_ENTRY} bytes"));
+                }
+                piece.truncate(n);
+                if tx.send(Bytes::from(piece)).await.is_err() {
+                    break Ok(());
+                }
+            }
+            Err(e) => break Err(interrupted(e)),
         }
-        let kind = entry.header().entry_type();
-        if kind != EntryType::Regular {
-            return refused(format!("entry {path:?} is a {}, not a regular file", kind_name(kind)));
-        }
-        let path = RelPath::new(&path).map_err(|e| ReceiveError::Refused(format!("entry {e}")))?;
-        let Some(&size) = announced.get(&path) else {
-            return refused(format!("entry {path} was not announced in the preamble"));
-        };
-        if skipped.contains(&path) {
-            return refused(format!("entry {path} was announced as skipped"));
-        }
-        if !seen.insert(path.clone()) {
-            return refused(format!("entry {path} appears twice"));
-        }
-        // The size the reader will deliver (PAX `size` overrides included).
-        let header_size = entry.effective_size();
-        if header_size != size {
-            return refused(format!("entry {path} is {header_size} bytes, the preamble said {size}"));
-        }
-        copy_entry(&mut entry, &path, size, writer, rate, &read_err).await?;
     };
+    drop(tx);
+    let (preamble, ours, checked) =
+        parse.await.map_err(|e| ReceiveError::Local(format!("checking the manifest: {e}")))?;
+    *held = ours;
+    read?;
+    match checked {
+        Ok(fuzzy) => Ok((preamble, fuzzy)),
+        Err(Checked::Bad(why)) => Err(ReceiveError::Refused(why)),
+        Err(Checked::Failed(e)) => Err(e),
+    }
+}
 
-    // 3. Nothing may follow the manifest.
-    if let Some(next) = entries.next().await {
-        return match next {
-            Ok(entry) => refused(format!("entry {:?} follows the manifest", entry_path(&entry)?)),
-            Err(e) => Err(read_err(e)),
-        };
+/// A blocking reader of the pieces a channel brings.
+struct ChannelRead {
+    rx: mpsc::Receiver<Bytes>,
+    chunk: Bytes,
+}
+
+impl io::Read for ChannelRead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.chunk = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk.advance(n);
+        Ok(n)
     }
-    if manifest.format != ARCHIVE_FORMAT
-        || manifest.snapshot_id != preamble.snapshot_id
-        || manifest.meta != preamble.meta
-    {
-        return refused("the manifest does not describe the announced snapshot");
-    }
-    let listed: Vec<(&RelPath, u64)> = manifest.entries.iter().map(|r| (&r.path, r.size)).collect();
-    let expected: Vec<(&RelPath, u64)> = preamble.entries.iter().map(|e| (&e.path, e.size)).collect();
-    if listed != expected {
-        return refused("the manifest lists other entries than the preamble");
-    }
-    if seen.len() + skipped.len() != preamble.entries.len() {
-        return refused(format!(
-            "the archive holds {} of {} announced entries",
-            seen.len() + skipped.len(),
-            preamble.entries.len()
-        ));
-    }
-    Ok((preamble, manifest))
 }
 
 /// Copies one data entry of `size` bytes from the archive to `writer`, at
@@ -390,6 +539,7 @@ async fn unpack(
 pub(crate) async fn copy_entry<E: From<ReceiveError>>(
     entry: &mut (impl AsyncRead + Unpin),
     path: &RelPath,
+    at: usize,
     size: u64,
     writer: &mut FileWriter,
     rate: &RateLimiter,
@@ -397,7 +547,7 @@ pub(crate) async fn copy_entry<E: From<ReceiveError>>(
 ) -> Result<(), E> {
     let whole = size <= CHUNK as u64;
     if !whole {
-        writer.begin(path.clone(), size).await?;
+        writer.begin(path.clone(), at, size).await?;
     }
     let mut left = size;
     loop {
@@ -416,7 +566,7 @@ pub(crate) async fn copy_entry<E: From<ReceiveError>>(
         left -= buf.len() as u64;
         rate.acquire(buf.len() as u64).await;
         if whole {
-            writer.whole(path.clone(), buf).await?;
+            writer.whole(path.clone(), at, buf).await?;
             return Ok(());
         }
         writer.data(buf).await?;
@@ -427,24 +577,19 @@ pub(crate) async fn copy_entry<E: From<ReceiveError>>(
     }
 }
 
-/// Every file we hold must match the source's checksum.
-fn verify(manifest: &Manifest, held: &Held) -> Result<(), ReceiveError> {
-    for record in &manifest.entries {
-        match held.files.get(&record.path) {
-            Some(ours) if ours.size == record.size && ours.blake3 == record.blake3 => {}
-            Some(ours) => {
-                return Err(ReceiveError::Mismatch(format!(
-                    "{}: received {} bytes with BLAKE3 {}, the source sent {} bytes with {}",
-                    record.path, ours.size, ours.blake3, record.size, record.blake3
-                )));
-            }
-            None => return Err(ReceiveError::Mismatch(format!("{} was never received", record.path))),
-        }
+/// A file the manifest lists must be held, as the source sent it.
+fn verify(record: &FileRecord, held: &Held) -> Result<(), ReceiveError> {
+    match held.files.get(&record.path) {
+        Some(ours) if ours.size == record.size && ours.blake3 == record.blake3 => Ok(()),
+        Some(ours) => Err(ReceiveError::Mismatch(format!(
+            "{}: received {} bytes with BLAKE3 {}, the source sent {} bytes with {}",
+            record.path, ours.size, ours.blake3, record.size, record.blake3
+        ))),
+        None => Err(ReceiveError::Mismatch(format!("{} was never received", record.path))),
     }
-    Ok(())
 }
 
-fn check_preamble(p: &Preamble, engine: &str, shard: &str) -> Result<HashMap<RelPath, u64>, ReceiveError> {
+fn check_preamble(p: &Preamble, engine: &str, shard: &str) -> Result<Announced, ReceiveError> {
     if p.format != ARCHIVE_FORMAT {
         return refused(format!("archive format {} is not supported (want {ARCHIVE_FORMAT})", p.format));
     }
@@ -454,21 +599,23 @@ fn check_preamble(p: &Preamble, engine: &str, shard: &str) -> Result<HashMap<Rel
     if p.entries.len() > MAX_PLAN_ENTRIES {
         return refused(format!("{} entries, at most {MAX_PLAN_ENTRIES}", p.entries.len()));
     }
-    let mut announced = HashMap::with_capacity(p.entries.len());
-    for entry in &p.entries {
-        if entry.path.as_str().starts_with(".ferry/") || entry.path.as_str() == ".ferry" {
-            return refused(format!("entry {} is in Ferry's own namespace", entry.path));
-        }
-        if announced.insert(entry.path.clone(), entry.size).is_some() {
-            return refused(format!("entry {} is announced twice", entry.path));
-        }
+    if let Some(entry) =
+        p.entries.iter().find(|e| e.path.as_str().starts_with(".ferry/") || e.path.as_str() == ".ferry")
+    {
+        return refused(format!("entry {} is in Ferry's own namespace", entry.path));
     }
+    let mut by_path: Vec<u32> = (0..p.entries.len() as u32).collect();
+    by_path.sort_unstable_by(|&a, &b| p.entries[a as usize].path.cmp(&p.entries[b as usize].path));
+    if let Some(pair) = by_path.windows(2).find(|w| p.entries[w[0] as usize].path == p.entries[w[1] as usize].path) {
+        return refused(format!("entry {} is announced twice", p.entries[pair[0] as usize].path));
+    }
+    let announced = Announced { by_path, slots: vec![Slot::Expected; p.entries.len()] };
     for entry in &p.entries {
-        if let Some(parent) = entry.path.parents().find(|p| announced.contains_key(*p)) {
+        if let Some(parent) = entry.path.parents().find(|parent| announced.find(&p.entries, parent).is_some()) {
             return refused(format!("entry {} is inside file {parent}", entry.path));
         }
     }
-    if let Some(unknown) = p.skipped.iter().find(|s| !announced.contains_key(*s)) {
+    if let Some(unknown) = p.skipped.iter().find(|s| announced.find(&p.entries, s.as_str()).is_none()) {
         return refused(format!("skipped entry {unknown} was not announced"));
     }
     Ok(announced)
@@ -588,11 +735,12 @@ impl<R: AsyncRead + Unpin> AsyncRead for TransportWatch<R> {
 }
 
 enum WriteMsg {
-    Begin(RelPath, u64),
+    /// A file's path, its position among the announced entries, its size.
+    Begin(RelPath, usize, u64),
     Data(ChunkBuf),
     End,
     /// A whole file in one chunk: begin, data and end.
-    Whole(RelPath, ChunkBuf),
+    Whole(RelPath, usize, ChunkBuf),
 }
 
 pub(crate) struct WriterOutcome {
@@ -637,16 +785,16 @@ impl FileWriter {
         tx.send(msg).await.map_err(|_| ReceiveError::Local("the writer stopped".into()))
     }
 
-    pub(crate) async fn begin(&self, path: RelPath, size: u64) -> Result<(), ReceiveError> {
-        self.send(WriteMsg::Begin(path, size)).await
+    pub(crate) async fn begin(&self, path: RelPath, at: usize, size: u64) -> Result<(), ReceiveError> {
+        self.send(WriteMsg::Begin(path, at, size)).await
     }
 
     pub(crate) async fn data(&self, bytes: ChunkBuf) -> Result<(), ReceiveError> {
         self.send(WriteMsg::Data(bytes)).await
     }
 
-    pub(crate) async fn whole(&self, path: RelPath, bytes: ChunkBuf) -> Result<(), ReceiveError> {
-        self.send(WriteMsg::Whole(path, bytes)).await
+    pub(crate) async fn whole(&self, path: RelPath, at: usize, bytes: ChunkBuf) -> Result<(), ReceiveError> {
+        self.send(WriteMsg::Whole(path, at, bytes)).await
     }
 
     pub(crate) async fn end(&self) -> Result<(), ReceiveError> {
@@ -654,10 +802,10 @@ impl FileWriter {
     }
 
     /// Stops the thread (a file not yet ended is removed) and collects what
-    /// it completed.
+    /// it completed; nothing more once it has stopped.
     pub(crate) async fn finish(&mut self) -> WriterOutcome {
         self.tx.take();
-        let thread = self.thread.take().expect("finish is called once");
+        let Some(thread) = self.thread.take() else { return WriterOutcome { records: Vec::new(), error: None } };
         tokio::task::spawn_blocking(move || thread.join())
             .await
             .ok()
@@ -706,11 +854,11 @@ fn write_files(
             Err(mpsc::error::TryRecvError::Disconnected) => break,
         };
         let step = match msg {
-            WriteMsg::Begin(path, size) => writer.begin(path, size),
+            WriteMsg::Begin(path, at, size) => writer.begin(path, at, size),
             WriteMsg::Data(bytes) => writer.data(bytes),
             WriteMsg::End => writer.end(),
-            WriteMsg::Whole(path, bytes) => {
-                writer.begin(path, bytes.len() as u64).and_then(|()| writer.data(bytes)).and_then(|()| writer.end())
+            WriteMsg::Whole(path, at, bytes) => {
+                writer.begin(path, at, bytes.len() as u64).and_then(|()| writer.data(bytes)).and_then(|()| writer.end())
             }
         };
         if let Err(e) = step {
@@ -720,8 +868,8 @@ fn write_files(
     }
     writer.flush_journal();
     // A file begun but not ended is incomplete: it must not stay.
-    if let Some((path, ..)) = writer.current.take() {
-        let _ = fs::remove_file(path.join_to(dir));
+    if let Some(open) = writer.current.take() {
+        let _ = fs::remove_file(open.path.join_to(dir));
     }
     WriterOutcome { records: writer.records, error }
 }
@@ -738,14 +886,14 @@ struct Writer<'a> {
     /// them; each is re-verified when loaded.
     journal: Option<io::BufWriter<File>>,
     records: Vec<FileRecord>,
-    current: Option<(RelPath, u64, File, blake3::Hasher, u64)>,
+    current: Option<OpenFile>,
     /// The last directory created, so a flat snapshot does not ask for its
     /// directory once per file.
     made: Option<PathBuf>,
 }
 
 impl Writer<'_> {
-    fn begin(&mut self, path: RelPath, size: u64) -> Result<(), String> {
+    fn begin(&mut self, path: RelPath, at: usize, size: u64) -> Result<(), String> {
         let target = path.join_to(self.dir);
         if let Some(parent) = target.parent()
             && self.made.as_deref() != Some(parent)
@@ -754,12 +902,12 @@ impl Writer<'_> {
             self.made = Some(parent.to_owned());
         }
         let file = create_new(&target).map_err(|e| format!("{path}: {e}"))?;
-        self.current = Some((path, size, file, blake3::Hasher::new(), 0));
+        self.current = Some(OpenFile { path, at, size, file, hasher: blake3::Hasher::new(), written: 0 });
         Ok(())
     }
 
     fn data(&mut self, bytes: ChunkBuf) -> Result<(), String> {
-        let (path, _, file, hasher, written) = self.current.as_mut().expect("data follows begin");
+        let OpenFile { path, file, hasher, written, .. } = self.current.as_mut().expect("data follows begin");
         let wrote = file.write_all(&bytes).map_err(|e| format!("{path}: {e}"));
         if wrote.is_ok() {
             hasher.update(&bytes);
@@ -773,7 +921,7 @@ impl Writer<'_> {
     }
 
     fn end(&mut self) -> Result<(), String> {
-        let (path, size, _file, hasher, written) = self.current.take().expect("end follows begin");
+        let OpenFile { path, at, size, hasher, written, .. } = self.current.take().expect("end follows begin");
         debug_assert_eq!(size, written);
         let record = FileRecord { path, size, blake3: Checksum::of(&hasher) };
         if self.journal.is_none() {
@@ -787,7 +935,7 @@ impl Writer<'_> {
             let _ = journal.write_all(&line);
         }
         if let Some(arrivals) = &self.arrivals {
-            let _ = arrivals.send(Arrived::File(record.path.clone()));
+            let _ = arrivals.send(Arrived::File { at, path: record.path.clone() });
         }
         self.records.push(record);
         self.progress.files_done.fetch_add(1, Ordering::Relaxed);
@@ -802,6 +950,17 @@ impl Writer<'_> {
     }
 }
 
+/// The file the writer is writing.
+struct OpenFile {
+    path: RelPath,
+    /// Its position among the announced entries.
+    at: usize,
+    size: u64,
+    file: File,
+    hasher: blake3::Hasher,
+    written: u64,
+}
+
 /// Creates the file at `target`, never through a link (staging never holds
 /// one). A file already there is a leftover of an earlier attempt (torn by a
 /// crash, or never verified): it is removed, then the file is created new.
@@ -813,5 +972,49 @@ fn create_new(target: &Path) -> io::Result<File> {
             create()
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_files_load_from_new_and_older_held_json_and_journal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (staging, data) = (tmp.path(), tmp.path().join("data"));
+        fs::create_dir_all(&data).unwrap();
+        for (name, bytes) in [("a", &b"abc"[..]), ("b", b"defg"), ("torn", b"xy"), ("j", b"journaled")] {
+            fs::write(data.join(name), bytes).unwrap();
+        }
+        let sum = |bytes: &[u8]| Checksum(*blake3::hash(bytes).as_bytes());
+        // An older held.json kept whole records; "torn" lost a byte since.
+        let older = format!(
+            r#"{{"snapshot_id":"s1","files":{{"a":{{"path":"a","size":3,"blake3":"{}"}},"torn":{{"size":3,"blake3":"{}"}}}}}}"#,
+            sum(b"abc"),
+            sum(b"xyz")
+        );
+        fs::write(staging.join(Held::FILE), older).unwrap();
+        let line = |path: &str, bytes: &[u8]| {
+            let record = FileRecord { path: RelPath::new(path).unwrap(), size: bytes.len() as u64, blake3: sum(bytes) };
+            serde_json::to_string(&record).unwrap() + "\n"
+        };
+        fs::write(staging.join(Held::JOURNAL), line("j", b"journaled") + &line("b", b"other")).unwrap();
+
+        let held = Held::load(staging, &data);
+        assert_eq!(held.snapshot_id.as_deref(), Some("s1"));
+        let mut names: Vec<&str> = held.files.keys().map(RelPath::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["a", "j"], "torn and mismatched files are not held");
+        assert_eq!(held.files[&RelPath::new("a").unwrap()], HeldFile { size: 3, blake3: sum(b"abc") });
+
+        // Saved in the new form, it loads the same.
+        fs::remove_file(staging.join(Held::JOURNAL)).unwrap();
+        held.save(staging).unwrap();
+        let again = Held::load(staging, &data);
+        assert_eq!(again.files, held.files);
+        let mut records = again.records();
+        records.sort_by(|x, y| x.path.cmp(&y.path));
+        assert_eq!(records[1], FileRecord { path: RelPath::new("j").unwrap(), size: 9, blake3: sum(b"journaled") });
     }
 }

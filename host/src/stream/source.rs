@@ -24,8 +24,8 @@ use tokio::sync::mpsc;
 
 use super::buffer::BufferPool;
 use super::manifest::{
-    ARCHIVE_FORMAT, Checksum, ERROR_PATH, EntryInfo, FileRecord, IdEntry, MANIFEST_PATH, Manifest, PREAMBLE_PATH,
-    Preamble, ResumeRequest, SourceFailure, snapshot_id,
+    ARCHIVE_FORMAT, Checksum, ERROR_PATH, EntryInfo, FileRecord, FileRecordRef, IdEntry, MANIFEST_PATH, ManifestRef,
+    PREAMBLE_PATH, Preamble, ResumeRequest, SourceFailure, snapshot_id,
 };
 use super::ratelimit::RateLimiter;
 use super::tar;
@@ -43,9 +43,10 @@ pub(super) enum Planned {
         path: RelPath,
         contents: Bytes,
     },
+    /// Bytes `[offset, offset + size)` of `root/path`.
     File {
         path: RelPath,
-        source: PathBuf,
+        root: Root,
         offset: u64,
         size: u64,
     },
@@ -53,11 +54,16 @@ pub(super) enum Planned {
     /// as one entry (a block diff's differing blocks); `size` is their sum.
     Ranges {
         path: RelPath,
-        source: PathBuf,
+        root: Root,
         ranges: Vec<(u64, u64)>,
         size: u64,
     },
 }
+
+/// The resolved shard directory a plan's files are in: one copy shared by
+/// all of them (a plan has up to 100,000), each file's own path joined to
+/// it only when the file is opened.
+pub(super) type Root = Arc<Path>;
 
 impl Planned {
     pub(super) fn path(&self) -> &RelPath {
@@ -144,7 +150,7 @@ pub async fn prepare(
 /// the way, checked per directory rather than by resolving every path) and
 /// fixes its size.
 pub(super) fn resolve(dir: &Path, plan: Vec<PlanEntry>) -> Result<Vec<Planned>, SourceFailure> {
-    let root = dir.canonicalize().map_err(|e| failure("plan", format!("{}: {e}", dir.display())))?;
+    let root: Root = dir.canonicalize().map_err(|e| failure("plan", format!("{}: {e}", dir.display())))?.into();
     let mut out = Vec::with_capacity(plan.len());
     // Directories already found to be real directories (not symlinks), each
     // checked once however many files it holds.
@@ -191,7 +197,7 @@ pub(super) fn resolve(dir: &Path, plan: Vec<PlanEntry>) -> Result<Vec<Planned>, 
                         format!("{path}: range {offset}+{size} is past the file's {len} bytes"),
                     ));
                 }
-                Planned::File { path, source, offset, size }
+                Planned::File { path, root: root.clone(), offset, size }
             }
         });
     }
@@ -209,8 +215,8 @@ async fn checksum(entry: &Planned) -> Result<Checksum, SourceFailure> {
     match entry {
         Planned::Inline { contents, .. } => Ok(Checksum(*blake3::hash(contents).as_bytes())),
         Planned::Ranges { path, .. } => Err(failure("resume", format!("{path}: block ranges are not resumed"))),
-        Planned::File { path, source, offset, size } => {
-            let (source, offset, size, path) = (source.clone(), *offset, *size, path.clone());
+        Planned::File { path, root, offset, size } => {
+            let (source, offset, size, path) = (path.join_to(root), *offset, *size, path.clone());
             tokio::task::spawn_blocking(move || {
                 let mut file = open_range(&source, offset)?;
                 let mut hasher = blake3::Hasher::new();
@@ -346,9 +352,8 @@ pub(super) async fn send_entry(
 
 async fn produce(tx: &Out, prepared: PreparedSnapshot, ctx: &StreamContext) -> Result<(), Produce> {
     let PreparedSnapshot { preamble, entries, skipped } = prepared;
-    let json = serde_json::to_vec(&preamble).expect("preamble serializes");
-    send_entry(tx, PREAMBLE_PATH, Bytes::from(json), None).await?;
-    let records = send_entries(tx, entries, &skipped, ctx).await?;
+    send_entry(tx, PREAMBLE_PATH, Bytes::from(json_exact(&preamble)), None).await?;
+    let checksums = send_entries(tx, entries, &skipped, ctx).await?;
 
     // The last data entry is out; the archive is not finished. If the term
     // moved, the snapshot is void and the receiver must not get a manifest,
@@ -362,27 +367,61 @@ async fn produce(tx: &Out, prepared: PreparedSnapshot, ctx: &StreamContext) -> R
         Err(e) => return Err(failure("term-check", e.to_string()).into()),
     };
 
-    let manifest = Manifest {
+    let records = preamble.entries.iter().zip(&checksums).map(|(e, &blake3)| FileRecordRef {
+        path: &e.path,
+        size: e.size,
+        blake3,
+    });
+    let manifest = ManifestRef {
         format: ARCHIVE_FORMAT,
-        snapshot_id: preamble.snapshot_id,
-        meta: preamble.meta,
-        entries: records,
+        snapshot_id: &preamble.snapshot_id,
+        meta: &preamble.meta,
+        entries: Records(records),
         fuzzy,
     };
-    let json = serde_json::to_vec(&manifest).expect("manifest serializes");
-    send_entry(tx, MANIFEST_PATH, Bytes::from(json), None).await?;
+    send_entry(tx, MANIFEST_PATH, Bytes::from(json_exact(&manifest)), None).await?;
     send(tx, tar::end()).await
 }
 
+/// Serializes an iterator of records as a JSON list (each time from the start).
+struct Records<I>(I);
+
+impl<'a, I: Iterator<Item = FileRecordRef<'a>> + Clone> serde::Serialize for Records<I> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.clone())
+    }
+}
+
+/// The JSON of `value` in a buffer of exactly its size (a preamble or a
+/// manifest has an item per file: growing a buffer by doubling would hold
+/// up to twice that).
+pub(super) fn json_exact(value: &impl serde::Serialize) -> Vec<u8> {
+    struct Count(usize);
+    impl io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).expect("control entries serialize");
+    let mut json = Vec::with_capacity(count.0);
+    serde_json::to_writer(&mut json, value).expect("control entries serialize");
+    json
+}
+
 /// Sends the data entries in order (those in `skipped` only recorded), each
-/// hashed on the way; returns their records for the manifest. What was sent
-/// is counted in the engine's `ferry_stream_sent_*` metrics.
+/// hashed on the way; returns their checksums for the manifest, in order.
+/// What was sent is counted in the engine's `ferry_stream_sent_*` metrics.
 pub(super) async fn send_entries(
     tx: &Out,
     entries: Vec<Planned>,
     skipped: &HashMap<RelPath, FileRecord>,
     ctx: &StreamContext,
-) -> Result<Vec<FileRecord>, Produce> {
+) -> Result<Vec<Checksum>, Produce> {
     let rate = &*ctx.rate;
     let metrics = crate::metrics::global();
     let engine = crate::metrics::Metrics::engine(&ctx.plugin.name());
@@ -390,11 +429,11 @@ pub(super) async fn send_entries(
         (metrics.sent_bytes.get_or_create_owned(&engine), metrics.sent_files.get_or_create_owned(&engine));
     // Chunks in the channel, one being read, and a few the HTTP layer holds.
     let buffers = BufferPool::new(CHUNK, IN_FLIGHT + 4);
-    let mut records = Vec::with_capacity(entries.len());
+    let mut checksums = Vec::with_capacity(entries.len());
     let mut entries = entries.into_iter().peekable();
     while let Some(entry) = entries.next() {
         if let Some(record) = skipped.get(entry.path()) {
-            records.push(record.clone());
+            checksums.push(record.blake3);
             continue;
         }
         if is_small_file(&entry) {
@@ -410,12 +449,12 @@ pub(super) async fn send_entries(
                 bytes += next.size();
                 batch.push(next);
             }
-            let (piece, batch_records) = read_batch(batch).await?;
+            let (piece, batch_checksums) = read_batch(batch).await?;
             rate.acquire(bytes).await;
             send(tx, piece).await?;
             sent_bytes.inc_by(bytes);
-            sent_files.inc_by(batch_records.len() as u64);
-            records.extend(batch_records);
+            sent_files.inc_by(batch_checksums.len() as u64);
+            checksums.extend(batch_checksums);
             continue;
         }
         let size = entry.size();
@@ -427,20 +466,20 @@ pub(super) async fn send_entries(
                 sent_bytes.inc_by(size);
                 Checksum(*blake3::hash(contents).as_bytes())
             }
-            Planned::File { path, source, offset, .. } => {
-                send_file(tx, path, source, &[(*offset, size)], rate, &buffers, &sent_bytes).await?
+            Planned::File { path, root, offset, .. } => {
+                send_file(tx, path, path.join_to(root), &[(*offset, size)], rate, &buffers, &sent_bytes).await?
             }
-            Planned::Ranges { path, source, ranges, .. } => {
-                send_file(tx, path, source, ranges, rate, &buffers, &sent_bytes).await?
+            Planned::Ranges { path, root, ranges, .. } => {
+                send_file(tx, path, path.join_to(root), ranges, rate, &buffers, &sent_bytes).await?
             }
         };
         if let Some(pad) = tar::padding(size) {
             send(tx, pad).await?;
         }
         sent_files.inc();
-        records.push(FileRecord { path: entry.path().clone(), size, blake3 });
+        checksums.push(blake3);
     }
-    Ok(records)
+    Ok(checksums)
 }
 
 /// Files up to this size are read in batches.
@@ -459,13 +498,13 @@ fn is_small_file(entry: &Planned) -> bool {
 /// thread. Every file is opened and announced to the kernel first
 /// (`POSIX_FADV_WILLNEED`), so their reads are in flight together instead
 /// of one disk round trip after another.
-async fn read_batch(batch: Vec<Planned>) -> Result<(Bytes, Vec<FileRecord>), Produce> {
+async fn read_batch(batch: Vec<Planned>) -> Result<(Bytes, Vec<Checksum>), Produce> {
     tokio::task::spawn_blocking(move || {
         let mut opened = Vec::with_capacity(batch.len());
         let mut capacity = 0;
         for entry in &batch {
-            let Planned::File { path, source, offset, size } = entry else { unreachable!("batches hold files") };
-            let file = open_range(source, *offset).map_err(|e| failure("read", format!("{path}: {e}")))?;
+            let Planned::File { path, root, offset, size } = entry else { unreachable!("batches hold files") };
+            let file = open_range(&path.join_to(root), *offset).map_err(|e| failure("read", format!("{path}: {e}")))?;
             // SAFETY: `file` is an open descriptor for the duration of the call.
             unsafe { libc::posix_fadvise(file.as_raw_fd(), *offset as i64, *size as i64, libc::POSIX_FADV_WILLNEED) };
             let header = tar::header(path, *size);
@@ -473,7 +512,7 @@ async fn read_batch(batch: Vec<Planned>) -> Result<(Bytes, Vec<FileRecord>), Pro
             opened.push((path, header, file, *size));
         }
         let mut piece = Vec::with_capacity(capacity);
-        let mut records = Vec::with_capacity(batch.len());
+        let mut checksums = Vec::with_capacity(batch.len());
         for (path, header, mut file, size) in opened {
             piece.extend_from_slice(&header);
             let start = piece.len();
@@ -486,14 +525,10 @@ async fn read_batch(batch: Vec<Planned>) -> Result<(Bytes, Vec<FileRecord>), Pro
                 }
                 Err(e) => return Err(failure("read", format!("{path}: {e}"))),
             }
-            records.push(FileRecord {
-                path: path.clone(),
-                size,
-                blake3: Checksum(*blake3::hash(&piece[start..]).as_bytes()),
-            });
+            checksums.push(Checksum(*blake3::hash(&piece[start..]).as_bytes()));
             piece.resize(piece.len() + tar::padding_len(size) as usize, 0);
         }
-        Ok((Bytes::from(piece), records))
+        Ok((Bytes::from(piece), checksums))
     })
     .await
     .map_err(|e| failure("read", e.to_string()))?
@@ -504,14 +539,13 @@ async fn read_batch(batch: Vec<Planned>) -> Result<(Bytes, Vec<FileRecord>), Pro
 async fn send_file(
     tx: &Out,
     path: &RelPath,
-    source: &Path,
+    source: PathBuf,
     ranges: &[(u64, u64)],
     rate: &RateLimiter,
     buffers: &BufferPool,
     sent_bytes: &prometheus_client::metrics::counter::Counter,
 ) -> Result<Checksum, Produce> {
     let read_failed = |e: io::Error| Produce::Failed(failure("read", format!("{path}: {e}")));
-    let source = source.to_owned();
     let file = tokio::task::spawn_blocking(move || open_range(&source, 0))
         .await
         .map_err(|e| read_failed(io::Error::other(e)))?
@@ -618,38 +652,39 @@ mod tests {
         use tokio::io::AsyncReadExt;
 
         let tmp = tempfile::tempdir().unwrap();
+        let root: Root = tmp.path().into();
         let contents: [&[u8]; 3] = [b"first", b"", &[9u8; 1000]];
         let mut batch = Vec::new();
         for (i, data) in contents.iter().enumerate() {
-            let source = tmp.path().join(format!("f{i}"));
-            std::fs::write(&source, data).unwrap();
+            std::fs::create_dir_all(tmp.path().join("dir")).unwrap();
+            std::fs::write(tmp.path().join(format!("dir/f{i}")), data).unwrap();
             let path = RelPath::new(&format!("dir/f{i}")).unwrap();
-            batch.push(Planned::File { path, source, offset: 0, size: data.len() as u64 });
+            batch.push(Planned::File { path, root: root.clone(), offset: 0, size: data.len() as u64 });
         }
         // A range of a file, as a plan may ask.
         std::fs::write(tmp.path().join("ranged"), b"0123456789").unwrap();
         let path = RelPath::new("ranged").unwrap();
-        batch.push(Planned::File { path, source: tmp.path().join("ranged"), offset: 3, size: 4 });
+        batch.push(Planned::File { path, root: root.clone(), offset: 3, size: 4 });
 
-        let (piece, records) = read_batch(batch).await.ok().unwrap();
+        let paths: Vec<RelPath> = batch.iter().map(|e| e.path().clone()).collect();
+        let (piece, checksums) = read_batch(batch).await.ok().unwrap();
         let mut archive = piece.to_vec();
         archive.extend_from_slice(&tar::end());
         let mut reader = tokio_tar::Archive::new(&archive[..]);
         let mut entries = reader.entries().unwrap();
         let expected: Vec<&[u8]> = vec![b"first", b"", &[9u8; 1000], b"3456"];
-        for (want, record) in expected.iter().zip(&records) {
+        assert_eq!(checksums.len(), expected.len());
+        for ((want, path), checksum) in expected.iter().zip(&paths).zip(&checksums) {
             let mut entry = entries.next().await.unwrap().unwrap();
-            assert_eq!(&*entry.path_bytes().unwrap(), record.path.as_str().as_bytes());
+            assert_eq!(&*entry.path_bytes().unwrap(), path.as_str().as_bytes());
             let mut got = Vec::new();
             entry.read_to_end(&mut got).await.unwrap();
             assert_eq!(&got, want);
-            assert_eq!(record.size, want.len() as u64);
-            assert_eq!(record.blake3, Checksum(*blake3::hash(want).as_bytes()));
+            assert_eq!(*checksum, Checksum(*blake3::hash(want).as_bytes()));
         }
         assert!(entries.next().await.is_none());
 
-        let gone =
-            Planned::File { path: RelPath::new("gone").unwrap(), source: tmp.path().join("gone"), offset: 0, size: 1 };
+        let gone = Planned::File { path: RelPath::new("gone").unwrap(), root, offset: 0, size: 1 };
         match read_batch(vec![gone]).await {
             Err(Produce::Failed(f)) => assert!(f.to_string().contains("gone"), "{f}"),
             _ => panic!("a missing file fails the batch"),

@@ -417,7 +417,7 @@ async fn unpack(
         if header_size != size {
             return refused(format!("entry {path} is {header_size} bytes, the preamble said {size}"));
         }
-        copy_entry(&mut entry, &path, size, writer, rate, &read_err).await?;
+        copy_entry(&mut entry, &path, seen.len() - 1, size, writer, rate, &read_err).await?;
     };
 
     if let Some(next) = entries.next().await {

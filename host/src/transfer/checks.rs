@@ -23,7 +23,6 @@
 //! and never slow it down. Once the last byte is in, they stop, and what
 //! is left runs at full priority in [`FileChecks::finish`].
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
@@ -32,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::plugin::{MAX_CHECK_PATHS, Plugin, SnapshotMeta};
 use crate::relpath::RelPath;
+use crate::stream::manifest::EntryInfo;
 use crate::stream::receive::{Arrivals, Arrived};
 
 /// The checks of one transfer, across its attempts.
@@ -42,7 +42,9 @@ pub(super) struct FileChecks {
     /// The snapshot the files belong to: checks of another snapshot's files
     /// do not count.
     snapshot: Option<(String, SnapshotMeta)>,
-    checked: HashSet<RelPath>,
+    /// By position among the snapshot's entries: one byte a file, not a
+    /// copy of its path.
+    checked: Vec<bool>,
     /// Set after a failed batch: the rest waits for the end.
     stalled: bool,
 }
@@ -65,7 +67,7 @@ impl FileChecks {
             shard: shard.to_owned(),
             data_dir,
             snapshot: None,
-            checked: HashSet::new(),
+            checked: Vec::new(),
             stalled: false,
         };
         Some((checks, tx, rx))
@@ -78,7 +80,7 @@ impl FileChecks {
     /// Cancel safe: a check dropped mid-call only reads, and its file is
     /// simply not counted as checked.
     pub(super) async fn run(&mut self, mut arrivals: mpsc::UnboundedReceiver<Arrived>, stop: &CancellationToken) {
-        let mut batch: Vec<RelPath> = Vec::new();
+        let mut batch: Vec<(usize, RelPath)> = Vec::new();
         loop {
             let first = tokio::select! {
                 next = arrivals.recv() => next,
@@ -100,7 +102,7 @@ impl FileChecks {
                 batch.clear();
                 continue;
             };
-            let paths: Vec<String> = batch.iter().map(|p| p.as_str().to_owned()).collect();
+            let paths: Vec<String> = batch.iter().map(|(_, p)| p.as_str().to_owned()).collect();
             let (plugin, shard, dir, meta) =
                 (self.plugin.clone(), self.shard.clone(), self.data_dir.clone(), meta.clone());
             let mut call = Background(background().spawn(async move {
@@ -111,7 +113,11 @@ impl FileChecks {
                 _ = stop.cancelled() => return,
             };
             match checked {
-                Ok(()) => self.checked.extend(batch.drain(..)),
+                Ok(()) => {
+                    for (at, _) in batch.drain(..) {
+                        self.checked[at] = true;
+                    }
+                }
                 Err(e) => {
                     tracing::info!(shard = %self.shard, "checking files while streaming failed, left for the end: {e}");
                     self.stalled = true;
@@ -121,38 +127,49 @@ impl FileChecks {
         }
     }
 
-    fn take(&mut self, arrived: Arrived, batch: &mut Vec<RelPath>) {
+    fn take(&mut self, arrived: Arrived, batch: &mut Vec<(usize, RelPath)>) {
         match arrived {
-            Arrived::Snapshot { id, meta } => {
-                if self.snapshot.as_ref().is_none_or(|(held, m)| *held != id || *m != meta) {
-                    self.checked.clear();
+            Arrived::Snapshot { id, meta, entries } => {
+                if self.snapshot.as_ref().is_none_or(|(held, m)| *held != id || *m != meta)
+                    || self.checked.len() != entries
+                {
+                    self.checked = vec![false; entries];
                     batch.clear();
                     self.snapshot = Some((id, meta));
                 }
             }
-            Arrived::File(path) => {
+            Arrived::File { at, path } if at < self.checked.len() => {
                 // Arrived again: sent anew, so its earlier check is void.
-                self.checked.remove(&path);
-                batch.push(path);
+                self.checked[at] = false;
+                batch.push((at, path));
             }
+            // Not of the snapshot announced (never sent by the receiver).
+            Arrived::File { .. } => {}
         }
     }
 
     /// After the archive verified: checks, with the archive's `meta`, every
-    /// path of `paths` not checked while streaming (for this snapshot).
+    /// one of the snapshot's `entries` not checked while streaming. Returns
+    /// how many that was.
     pub(super) async fn finish(
         &self,
         snapshot_id: &str,
         meta: &SnapshotMeta,
-        paths: impl Iterator<Item = &RelPath>,
+        entries: &[EntryInfo],
     ) -> Result<usize, crate::plugin::HookError> {
-        let same = self.snapshot.as_ref().is_some_and(|(id, m)| id == snapshot_id && m == meta);
-        let left: Vec<String> =
-            paths.filter(|p| !same || !self.checked.contains(*p)).map(|p| p.as_str().to_owned()).collect();
-        for batch in left.chunks(MAX_CHECK_PATHS) {
-            self.plugin.check_files(&self.shard, &self.data_dir, meta, batch).await?;
+        let same = self.snapshot.as_ref().is_some_and(|(id, m)| id == snapshot_id && m == meta)
+            && self.checked.len() == entries.len();
+        let mut left = entries.iter().enumerate().filter(|(at, _)| !same || !self.checked[*at]).map(|(_, e)| &e.path);
+        let mut done = 0;
+        loop {
+            // A batch of paths at a time, not all of them at once.
+            let batch: Vec<String> = left.by_ref().take(MAX_CHECK_PATHS).map(|p| p.as_str().to_owned()).collect();
+            if batch.is_empty() {
+                return Ok(done);
+            }
+            self.plugin.check_files(&self.shard, &self.data_dir, meta, &batch).await?;
+            done += batch.len();
         }
-        Ok(left.len())
     }
 }
 

@@ -15,9 +15,9 @@ use super::{Fencing, Shared, TransferRequest};
 use crate::http::{TRANSFER_EPOCH_HEADER, TRANSFER_ID_HEADER};
 use crate::install::sync::syncfs;
 use crate::install::{check_tree, publish};
+use crate::stream::ResumeRequest;
 use crate::stream::client::{FetchError, fetch_snapshot};
 use crate::stream::receive::{Arrivals, Complete, Destination, Held, Progress, ReceiveError, receive};
-use crate::stream::{FileRecord, ResumeRequest};
 
 pub struct Transfer {
     pub id: String,
@@ -319,10 +319,7 @@ async fn stream(
     loop {
         transfer.set_stage(Stage::Connecting);
         transfer.inner().attempts += 1;
-        let resume = ResumeRequest {
-            snapshot_id: held.snapshot_id.clone(),
-            have: held.files.values().cloned().collect::<Vec<FileRecord>>(),
-        };
+        let resume = ResumeRequest { snapshot_id: held.snapshot_id.clone(), have: held.records() };
         let headers: Vec<(&str, String)> = match &transfer.fencing {
             Some(f) => vec![(TRANSFER_ID_HEADER, transfer.id.clone()), (TRANSFER_EPOCH_HEADER, f.epoch.to_string())],
             None => Vec::new(),
@@ -423,7 +420,7 @@ async fn check(
     // A fuzzy snapshot (written to while it was read) is only a live move's
     // first copy: its rounds, the last under the fence, make it exact, and
     // the plugin checks it then. Anything else refuses it.
-    let fuzzy = complete.manifest.fuzzy;
+    let fuzzy = complete.fuzzy;
     if fuzzy && (transfer.fencing.is_none() || !plugin.contract().has(crate::plugin::Hook::ApplyChanges)) {
         return Err(Ended::Failed(
             "verifying: the source sent a fuzzy snapshot (the shard was written to during the copy), \
@@ -445,8 +442,7 @@ async fn check(
             return Ok(());
         }
         if let Some(checks) = checks {
-            let paths = complete.manifest.entries.iter().map(|r| &r.path);
-            let left = checks.finish(&complete.preamble.snapshot_id, meta, paths).await?;
+            let left = checks.finish(&complete.preamble.snapshot_id, meta, &complete.preamble.entries).await?;
             tracing::debug!(transfer = %transfer.id, left, "files checked after the last byte");
         }
         plugin.validate(&request.shard, data_dir, meta).await.map(drop)
@@ -469,7 +465,7 @@ async fn install(
     complete: &Complete,
 ) -> Result<(), Ended> {
     let (request, cancel, meta) = (&transfer.request, &transfer.cancel, &complete.preamble.meta);
-    if !complete.manifest.fuzzy {
+    if !complete.fuzzy {
         transfer.set_stage(Stage::Applying);
         let applied = tokio::select! {
             r = plugin.apply(&request.shard, data_dir, meta) => r,
