@@ -27,6 +27,17 @@ pub struct RelPathError {
 
 impl RelPath {
     pub fn new(path: &str) -> Result<RelPath, RelPathError> {
+        Self::check(path)?;
+        Ok(RelPath(path.to_owned()))
+    }
+
+    /// As [`RelPath::new`], keeping `path`'s allocation.
+    pub fn from_string(path: String) -> Result<RelPath, RelPathError> {
+        Self::check(&path)?;
+        Ok(RelPath(path))
+    }
+
+    fn check(path: &str) -> Result<(), RelPathError> {
         let refuse = |reason| Err(RelPathError { path: path.chars().take(200).collect(), reason });
         if path.is_empty() {
             return refuse("is empty");
@@ -52,7 +63,7 @@ impl RelPath {
                 _ => {}
             }
         }
-        Ok(RelPath(path.to_owned()))
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {
@@ -85,14 +96,66 @@ impl std::borrow::Borrow<str> for RelPath {
 
 impl<'de> serde::Deserialize<'de> for RelPath {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        RelPath::new(&s).map_err(serde::de::Error::custom)
+        RelPath::from_string(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The positions of a list's paths, sorted by path: finds an entry of a
+/// list by its path without a map that holds a second copy of every path
+/// (a plan or a preamble has up to 100,000). `path(i)` is the list's i-th
+/// path, the same function for every call on one index.
+pub struct PathIndex(Vec<u32>);
+
+impl PathIndex {
+    /// Indexes the `len` paths `path(0..len)` (`len` fits in a `u32`).
+    pub fn new<'a>(len: usize, path: impl Fn(usize) -> &'a RelPath) -> PathIndex {
+        let mut sorted: Vec<u32> = (0..len as u32).collect();
+        sorted.sort_unstable_by(|&a, &b| path(a as usize).cmp(path(b as usize)));
+        PathIndex(sorted)
+    }
+
+    /// The position of `wanted`.
+    pub fn find<'a>(&self, path: impl Fn(usize) -> &'a RelPath, wanted: &str) -> Option<usize> {
+        let found = self.0.binary_search_by(|&at| path(at as usize).as_str().cmp(wanted)).ok()?;
+        Some(self.0[found] as usize)
+    }
+
+    /// A path the list holds twice.
+    pub fn duplicate<'a>(&self, path: impl Fn(usize) -> &'a RelPath) -> Option<&'a RelPath> {
+        let pair = self.0.windows(2).find(|w| path(w[0] as usize) == path(w[1] as usize))?;
+        Some(path(pair[0] as usize))
+    }
+
+    /// A path inside another path of the list (a file cannot also be a
+    /// directory): the inner path and the outer one.
+    pub fn nested<'a>(&self, path: impl Fn(usize) -> &'a RelPath + Copy) -> Option<(&'a RelPath, &'a str)> {
+        self.0.iter().map(|&at| path(at as usize)).find_map(|inner| {
+            inner.parents().find(|outer| self.find(path, outer).is_some()).map(|outer| (inner, outer))
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_index_finds_paths_duplicates_and_files_used_as_directories() {
+        let paths: Vec<RelPath> = ["b/c", "a", "b/d", "e"].iter().map(|p| RelPath::new(p).unwrap()).collect();
+        let at = |i: usize| &paths[i];
+        let index = PathIndex::new(paths.len(), at);
+        assert_eq!(index.find(at, "b/d"), Some(2));
+        assert_eq!(index.find(at, "a"), Some(1));
+        assert_eq!(index.find(at, "b"), None);
+        assert_eq!(index.duplicate(at), None);
+        assert_eq!(index.nested(at), None);
+        let mut more = paths.clone();
+        more.extend([RelPath::new("a").unwrap(), RelPath::new("e/f").unwrap()]);
+        let at = |i: usize| &more[i];
+        let index = PathIndex::new(more.len(), at);
+        assert_eq!(index.duplicate(at).map(RelPath::as_str), Some("a"));
+        assert_eq!(index.nested(at).map(|(inner, outer)| (inner.as_str(), outer)), Some(("e/f", "e")));
+    }
 
     #[test]
     fn accepts_normal_paths() {

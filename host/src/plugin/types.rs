@@ -5,12 +5,11 @@
 //! everything a guest could get wrong (a guest's reply is untrusted input).
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::relpath::RelPath;
+use crate::relpath::{PathIndex, RelPath};
 
 /// Most entries one snapshot plan may have.
 pub const MAX_PLAN_ENTRIES: usize = 100_000;
@@ -216,13 +215,12 @@ impl SnapshotPlan {
         if raw.len() > MAX_PLAN_ENTRIES {
             return refuse(format!("plan has {} entries, at most {MAX_PLAN_ENTRIES}", raw.len()));
         }
-        let mut seen = HashSet::with_capacity(raw.len());
         let mut inline_total = 0usize;
         let mut entries = Vec::with_capacity(raw.len());
         for entry in raw {
             let entry = match entry {
                 RawEntry::File { path, offset, length } => {
-                    let path = RelPath::new(&path).map_err(|e| ReplyError(format!("plan entry {e}")))?;
+                    let path = RelPath::from_string(path).map_err(|e| ReplyError(format!("plan entry {e}")))?;
                     if let Some(len) = length
                         && offset.checked_add(len).is_none()
                     {
@@ -231,7 +229,7 @@ impl SnapshotPlan {
                     PlanEntry::File { path, offset, length }
                 }
                 RawEntry::Inline { path, contents } => {
-                    let path = RelPath::new(&path).map_err(|e| ReplyError(format!("plan entry {e}")))?;
+                    let path = RelPath::from_string(path).map_err(|e| ReplyError(format!("plan entry {e}")))?;
                     if contents.len() > MAX_INLINE_ENTRY {
                         return refuse(format!(
                             "plan entry {path}: inline entry of {} bytes, at most {MAX_INLINE_ENTRY}",
@@ -245,17 +243,18 @@ impl SnapshotPlan {
                     PlanEntry::Inline { path, contents }
                 }
             };
-            if !seen.insert(entry.path().clone()) {
-                return refuse(format!("plan names {} twice", entry.path()));
-            }
             entries.push(entry);
         }
-        // A file and a directory of the same name cannot both exist.
-        for entry in &entries {
-            if let Some(parent) = entry.path().parents().find(|p| seen.contains(*p as &str)) {
-                return refuse(format!("plan entry {} is inside file {parent}", entry.path()));
-            }
+        let path = |at: usize| entries[at].path();
+        let index = PathIndex::new(entries.len(), path);
+        if let Some(twice) = index.duplicate(path) {
+            return refuse(format!("plan names {twice} twice"));
         }
+        // A file and a directory of the same name cannot both exist.
+        if let Some((inner, file)) = index.nested(path) {
+            return refuse(format!("plan entry {inner} is inside file {file}"));
+        }
+        drop(index);
         Ok(SnapshotPlan { meta, entries })
     }
 }
@@ -339,8 +338,7 @@ impl DeltaPlan {
         if raw.len() > MAX_PLAN_ENTRIES {
             return refuse(format!("delta plan has {} entries, at most {MAX_PLAN_ENTRIES}", raw.len()));
         }
-        let path = |p: String| RelPath::new(&p).map_err(|e| ReplyError(format!("delta entry {e}")));
-        let mut seen = HashSet::with_capacity(raw.len());
+        let path = |p: String| RelPath::from_string(p).map_err(|e| ReplyError(format!("delta entry {e}")));
         let mut inline_total = 0usize;
         let mut entries = Vec::with_capacity(raw.len());
         for entry in raw {
@@ -384,16 +382,17 @@ impl DeltaPlan {
                 }
                 RawDeltaEntry::Remove { path: p } => DeltaEntry::Remove { path: path(p)? },
             };
-            if !seen.insert(entry.path().clone()) {
-                return refuse(format!("delta plan names {} twice", entry.path()));
-            }
             entries.push(entry);
         }
-        for entry in &entries {
-            if let Some(parent) = entry.path().parents().find(|p| seen.contains(*p as &str)) {
-                return refuse(format!("delta entry {} is inside file {parent}", entry.path()));
-            }
+        let path = |at: usize| entries[at].path();
+        let index = PathIndex::new(entries.len(), path);
+        if let Some(twice) = index.duplicate(path) {
+            return refuse(format!("delta plan names {twice} twice"));
         }
+        if let Some((inner, file)) = index.nested(path) {
+            return refuse(format!("delta entry {inner} is inside file {file}"));
+        }
+        drop(index);
         Ok(DeltaPlan { meta, entries })
     }
 }

@@ -49,7 +49,7 @@ use super::manifest::{
 };
 use super::ratelimit::RateLimiter;
 use crate::plugin::types::MAX_PLAN_ENTRIES;
-use crate::relpath::RelPath;
+use crate::relpath::{PathIndex, RelPath};
 
 pub(crate) const CHUNK: usize = 1 << 20;
 const WRITE_QUEUE: usize = 8;
@@ -390,17 +390,16 @@ enum Slot {
     Received,
 }
 
-/// The preamble's entries found by path without a second copy of any path:
-/// their positions sorted by path, and where each stands.
+/// The preamble's entries, found by path through a [`PathIndex`], and
+/// where each stands.
 struct Announced {
-    by_path: Vec<u32>,
+    index: PathIndex,
     slots: Vec<Slot>,
 }
 
 impl Announced {
     fn find(&self, entries: &[EntryInfo], path: &str) -> Option<usize> {
-        let found = self.by_path.binary_search_by(|&at| entries[at as usize].path.as_str().cmp(path)).ok()?;
-        Some(self.by_path[found] as usize)
+        self.index.find(|at| &entries[at].path, path)
     }
 
     fn count(&self, slot: Slot) -> usize {
@@ -604,17 +603,15 @@ fn check_preamble(p: &Preamble, engine: &str, shard: &str) -> Result<Announced, 
     {
         return refused(format!("entry {} is in Ferry's own namespace", entry.path));
     }
-    let mut by_path: Vec<u32> = (0..p.entries.len() as u32).collect();
-    by_path.sort_unstable_by(|&a, &b| p.entries[a as usize].path.cmp(&p.entries[b as usize].path));
-    if let Some(pair) = by_path.windows(2).find(|w| p.entries[w[0] as usize].path == p.entries[w[1] as usize].path) {
-        return refused(format!("entry {} is announced twice", p.entries[pair[0] as usize].path));
+    let path = |at: usize| &p.entries[at].path;
+    let index = PathIndex::new(p.entries.len(), path);
+    if let Some(twice) = index.duplicate(path) {
+        return refused(format!("entry {twice} is announced twice"));
     }
-    let announced = Announced { by_path, slots: vec![Slot::Expected; p.entries.len()] };
-    for entry in &p.entries {
-        if let Some(parent) = entry.path.parents().find(|parent| announced.find(&p.entries, parent).is_some()) {
-            return refused(format!("entry {} is inside file {parent}", entry.path));
-        }
+    if let Some((inner, file)) = index.nested(path) {
+        return refused(format!("entry {inner} is inside file {file}"));
     }
+    let announced = Announced { index, slots: vec![Slot::Expected; p.entries.len()] };
     if let Some(unknown) = p.skipped.iter().find(|s| announced.find(&p.entries, s.as_str()).is_none()) {
         return refused(format!("skipped entry {unknown} was not announced"));
     }
