@@ -245,16 +245,7 @@ impl SnapshotPlan {
             };
             entries.push(entry);
         }
-        let path = |at: usize| entries[at].path();
-        let index = PathIndex::new(entries.len(), path);
-        if let Some(twice) = index.duplicate(path) {
-            return refuse(format!("plan names {twice} twice"));
-        }
-        // A file and a directory of the same name cannot both exist.
-        if let Some((inner, file)) = index.nested(path) {
-            return refuse(format!("plan entry {inner} is inside file {file}"));
-        }
-        drop(index);
+        unique_paths(entries.len(), |at| entries[at].path(), "plan", "plan entry")?;
         Ok(SnapshotPlan { meta, entries })
     }
 }
@@ -384,15 +375,7 @@ impl DeltaPlan {
             };
             entries.push(entry);
         }
-        let path = |at: usize| entries[at].path();
-        let index = PathIndex::new(entries.len(), path);
-        if let Some(twice) = index.duplicate(path) {
-            return refuse(format!("delta plan names {twice} twice"));
-        }
-        if let Some((inner, file)) = index.nested(path) {
-            return refuse(format!("delta entry {inner} is inside file {file}"));
-        }
-        drop(index);
+        unique_paths(entries.len(), |at| entries[at].path(), "delta plan", "delta entry")?;
         Ok(DeltaPlan { meta, entries })
     }
 }
@@ -449,6 +432,24 @@ impl FenceInfo {
         }
         Ok(FenceInfo { last, locks })
     }
+}
+
+/// Refuses a plan that names a path twice, or a path inside another (a
+/// file and a directory of the same name cannot both exist).
+fn unique_paths<'a>(
+    len: usize,
+    path: impl Fn(usize) -> &'a RelPath + Copy,
+    plan: &str,
+    entry: &str,
+) -> Result<(), ReplyError> {
+    let index = PathIndex::new(len, path);
+    if let Some(twice) = index.duplicate(path) {
+        return refuse(format!("{plan} names {twice} twice"));
+    }
+    if let Some((inner, file)) = index.nested(path) {
+        return refuse(format!("{entry} {inner} is inside file {file}"));
+    }
+    Ok(())
 }
 
 fn check_attributes(attributes: &[(String, String)]) -> Result<(), ReplyError> {
