@@ -352,7 +352,7 @@ pub(super) async fn send_entry(
 
 async fn produce(tx: &Out, prepared: PreparedSnapshot, ctx: &StreamContext) -> Result<(), Produce> {
     let PreparedSnapshot { preamble, entries, skipped } = prepared;
-    send_entry(tx, PREAMBLE_PATH, Bytes::from(json_exact(&preamble)), None).await?;
+    let preamble = send_json(tx, PREAMBLE_PATH, preamble, |p, out| serde_json::to_writer(out, p)).await?;
     let checksums = send_entries(tx, entries, &skipped, ctx).await?;
 
     // The last data entry is out; the archive is not finished. If the term
@@ -367,19 +367,22 @@ async fn produce(tx: &Out, prepared: PreparedSnapshot, ctx: &StreamContext) -> R
         Err(e) => return Err(failure("term-check", e.to_string()).into()),
     };
 
-    let records = preamble.entries.iter().zip(&checksums).map(|(e, &blake3)| FileRecordRef {
-        path: &e.path,
-        size: e.size,
-        blake3,
-    });
-    let manifest = ManifestRef {
-        format: ARCHIVE_FORMAT,
-        snapshot_id: &preamble.snapshot_id,
-        meta: &preamble.meta,
-        entries: Records(records),
-        fuzzy,
-    };
-    send_entry(tx, MANIFEST_PATH, Bytes::from(json_exact(&manifest)), None).await?;
+    send_json(tx, MANIFEST_PATH, (preamble, checksums, fuzzy), |(preamble, checksums, fuzzy), out| {
+        let records = preamble.entries.iter().zip(checksums).map(|(e, &blake3)| FileRecordRef {
+            path: &e.path,
+            size: e.size,
+            blake3,
+        });
+        let manifest = ManifestRef {
+            format: ARCHIVE_FORMAT,
+            snapshot_id: &preamble.snapshot_id,
+            meta: &preamble.meta,
+            entries: Records(records),
+            fuzzy: *fuzzy,
+        };
+        serde_json::to_writer(out, &manifest)
+    })
+    .await?;
     send(tx, tar::end()).await
 }
 
@@ -392,25 +395,86 @@ impl<'a, I: Iterator<Item = FileRecordRef<'a>> + Clone> serde::Serialize for Rec
     }
 }
 
-/// The JSON of `value` in a buffer of exactly its size (a preamble or a
-/// manifest has an item per file: growing a buffer by doubling would hold
-/// up to twice that).
-pub(super) fn json_exact(value: &impl serde::Serialize) -> Vec<u8> {
-    struct Count(usize);
-    impl io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
+/// Sends the JSON that `write` makes of `state` as the entry `path`, in
+/// pieces as it is made: a preamble or a manifest has an item per file and
+/// is never whole in memory. `write` runs twice on a blocking thread, first
+/// to size the entry's header; `state` goes there and comes back.
+async fn send_json<S: Send + 'static>(
+    tx: &Out,
+    path: &str,
+    state: S,
+    write: fn(&S, &mut dyn io::Write) -> serde_json::Result<()>,
+) -> Result<S, Produce> {
+    let (size_tx, size_rx) = tokio::sync::oneshot::channel();
+    let (pieces_tx, mut pieces) = mpsc::channel::<Bytes>(2);
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut count = Count(0);
+        write(&state, &mut count).expect("control entries serialize");
+        if size_tx.send(count.0).is_ok() {
+            let mut out = Pieces { tx: pieces_tx, piece: Vec::with_capacity(JSON_PIECE) };
+            // Fails only when the reader below is gone, which says why.
+            let _ = write(&state, &mut out).map_err(io::Error::from).and_then(|()| io::Write::flush(&mut out));
         }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
+        state
+    });
+    let failed = |why: String| Produce::Failed(failure("send", format!("{path}: {why}")));
+    let size = size_rx.await.map_err(|_| failed("serializing failed".into()))? as u64;
+    let entry = RelPath::new(path).expect("control entry paths are valid");
+    send(tx, tar::header(&entry, size)).await?;
+    let mut sent = 0;
+    while let Some(piece) = pieces.recv().await {
+        sent += piece.len() as u64;
+        send(tx, piece).await?;
     }
-    let mut count = Count(0);
-    serde_json::to_writer(&mut count, value).expect("control entries serialize");
-    let mut json = Vec::with_capacity(count.0);
-    serde_json::to_writer(&mut json, value).expect("control entries serialize");
-    json
+    let state = writer.await.map_err(|e| failed(e.to_string()))?;
+    if sent != size {
+        return Err(failed(format!("serialized {sent} bytes of the {size} announced")));
+    }
+    if let Some(pad) = tar::padding(size) {
+        send(tx, pad).await?;
+    }
+    Ok(state)
+}
+
+/// Bytes of JSON per piece of archive.
+const JSON_PIECE: usize = 64 << 10;
+
+/// Counts what is written.
+struct Count(usize);
+
+impl io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Hands what is written to a channel, [`JSON_PIECE`] bytes at a time.
+struct Pieces {
+    tx: mpsc::Sender<Bytes>,
+    piece: Vec<u8>,
+}
+
+impl io::Write for Pieces {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.piece.extend_from_slice(buf);
+        if self.piece.len() >= JSON_PIECE {
+            self.flush()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.piece.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::replace(&mut self.piece, Vec::with_capacity(JSON_PIECE));
+        self.tx.blocking_send(Bytes::from(piece)).map_err(|_| io::Error::other("the archive's reader is gone"))
+    }
 }
 
 /// Sends the data entries in order (those in `skipped` only recorded), each
@@ -644,6 +708,41 @@ mod tests {
         assert!(resolved(&shard, vec![file("missing")]).is_err());
         let range = PlanEntry::File { path: RelPath::new("a/two").unwrap(), offset: 1, length: Some(5) };
         assert!(resolved(&shard, vec![range]).unwrap_err().contains("past the file"));
+    }
+
+    #[tokio::test]
+    async fn json_entries_go_in_pieces_exactly_as_announced() {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncReadExt;
+
+        let (tx, mut rx) = mpsc::channel(IN_FLIGHT);
+        let out = Out { tx, stall: Duration::from_secs(10) };
+        let reader = tokio::spawn(async move {
+            let (mut archive, mut pieces) = (Vec::new(), 0);
+            while let Some(chunk) = rx.recv().await {
+                archive.extend_from_slice(&chunk.unwrap());
+                pieces += 1;
+            }
+            (archive, pieces)
+        });
+        // Several pieces' worth of JSON.
+        let value: Vec<u64> = (0..60_000).collect();
+        let expected = serde_json::to_vec(&value).unwrap();
+        let back = send_json(&out, "big.json", value, |v, w| serde_json::to_writer(w, v)).await.ok().unwrap();
+        assert_eq!(back.len(), 60_000, "the state comes back");
+        drop(out);
+        let (mut archive, pieces) = reader.await.unwrap();
+        assert!(pieces > expected.len() / JSON_PIECE, "{pieces} pieces");
+        archive.extend_from_slice(&tar::end());
+        let mut reader = tokio_tar::Archive::new(&archive[..]);
+        let mut entries = reader.entries().unwrap();
+        let mut entry = entries.next().await.unwrap().unwrap();
+        assert_eq!(&*entry.path_bytes().unwrap(), b"big.json");
+        let mut got = Vec::new();
+        entry.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, expected);
+        drop(entry);
+        assert!(entries.next().await.is_none());
     }
 
     #[tokio::test]
