@@ -176,7 +176,7 @@ impl Held {
     }
 
     /// Takes in a file the writer completed.
-    pub fn add(&mut self, record: FileRecord) {
+    fn add(&mut self, record: FileRecord) {
         self.files.insert(record.path, HeldFile { size: record.size, blake3: record.blake3 });
     }
 
@@ -470,10 +470,7 @@ async fn check_manifest<R: AsyncRead + Unpin>(
     preamble: Preamble,
     held: &mut Held,
 ) -> Result<(Preamble, bool), ReceiveError> {
-    let declared = entry.effective_size();
-    if declared > MAX_CONTROL_ENTRY {
-        return refused(format!("{MANIFEST_PATH} is {declared} bytes, at most {MAX_CONTROL_ENTRY}"));
-    }
+    let mut body = control_entry(entry, MANIFEST_PATH)?;
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let ours = std::mem::take(held);
     let parse = tokio::task::spawn_blocking(move || {
@@ -483,16 +480,15 @@ async fn check_manifest<R: AsyncRead + Unpin>(
     // Fed in pieces; if the parse stops early, its answer says why.
     let mut fed = 0u64;
     let read = loop {
-        let mut piece = vec![0; 64 << 10];
-        match entry.read(&mut piece).await {
+        let mut piece = bytes::BytesMut::with_capacity(64 << 10);
+        match body.read_buf(&mut piece).await {
             Ok(0) => break Ok(()),
             Ok(n) => {
                 fed += n as u64;
                 if fed > MAX_CONTROL_ENTRY {
-                    break refused(format!("{MANIFEST_PATH} is larger than {MAX_CONTROL_ENTRY} bytes"));
+                    break Err(too_large(MANIFEST_PATH));
                 }
-                piece.truncate(n);
-                if tx.send(Bytes::from(piece)).await.is_err() {
+                if tx.send(piece.freeze()).await.is_err() {
                     break Ok(());
                 }
             }
@@ -627,18 +623,31 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned, R: AsyncRead + Unp
     entry: &mut tokio_tar::Entry<R>,
     name: &str,
 ) -> Result<T, ReceiveError> {
-    // Refused by its header before a byte is read; the bound on reading
-    // holds even if the header lied.
+    let mut buf = Vec::new();
+    let n = control_entry(entry, name)?.read_to_end(&mut buf).await.map_err(interrupted)?;
+    if n as u64 > MAX_CONTROL_ENTRY {
+        return Err(too_large(name));
+    }
+    serde_json::from_slice(&buf).map_err(|e| ReceiveError::Refused(format!("{name}: {e}")))
+}
+
+/// The bytes of the control entry `name`: refused by its header before a
+/// byte is read if it declares more than [`MAX_CONTROL_ENTRY`], and read at
+/// most one byte past that bound, so that the bound holds even if the header
+/// lied (a reader that gets past it refuses the entry with [`too_large`]).
+fn control_entry<'e, R: AsyncRead + Unpin>(
+    entry: &'e mut tokio_tar::Entry<R>,
+    name: &str,
+) -> Result<tokio::io::Take<&'e mut tokio_tar::Entry<R>>, ReceiveError> {
     let declared = entry.effective_size();
     if declared > MAX_CONTROL_ENTRY {
         return refused(format!("{name} is {declared} bytes, at most {MAX_CONTROL_ENTRY}"));
     }
-    let mut buf = Vec::new();
-    let n = entry.take(MAX_CONTROL_ENTRY + 1).read_to_end(&mut buf).await.map_err(interrupted)?;
-    if n as u64 > MAX_CONTROL_ENTRY {
-        return refused(format!("{name} is larger than {MAX_CONTROL_ENTRY} bytes"));
-    }
-    serde_json::from_slice(&buf).map_err(|e| ReceiveError::Refused(format!("{name}: {e}")))
+    Ok(entry.take(MAX_CONTROL_ENTRY + 1))
+}
+
+fn too_large(name: &str) -> ReceiveError {
+    ReceiveError::Refused(format!("{name} is larger than {MAX_CONTROL_ENTRY} bytes"))
 }
 
 pub(crate) fn kind_name(kind: EntryType) -> &'static str {
